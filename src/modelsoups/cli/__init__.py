@@ -1,0 +1,73 @@
+"""The `soup` command line: parses options, calls the Python API, prints one-line errors.
+
+Every subcommand lives in a module of this package and registers itself on `app`. The
+library raises `SoupError`s; only `main` turns them into `soup: error: ...` and exit code 1
+(2 for usage errors, 130 for Ctrl-C). `--debug` anywhere on the line shows tracebacks.
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+from typing import NoReturn
+
+import click
+import typer
+
+from ..errors import SoupError
+from . import core
+from .common import STATE
+
+app = typer.Typer(
+    name="soup",
+    help="Model soups: average fine-tuned checkpoints into one better model.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+for module in (core,):
+    module.register(app)
+
+
+@app.callback()
+def _options(
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars or summaries."),
+    debug: bool = typer.Option(False, "--debug", help="Show tracebacks on errors."),
+) -> None:
+    STATE["quiet"] = STATE["quiet"] or quiet
+    STATE["debug"] = STATE["debug"] or debug
+
+
+def _interrupt(signum: int, frame: object) -> NoReturn:
+    raise KeyboardInterrupt  # so that SIGTERM cleans up temporaries like Ctrl-C does
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `soup` console script; returns the process exit code."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    for flag in ("--debug", "--quiet", "-q"):  # global flags are accepted anywhere
+        if flag in args:
+            args.remove(flag)
+            STATE["debug" if flag == "--debug" else "quiet"] = True
+    signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        code = typer.main.get_command(app).main(args=args, prog_name="soup", standalone_mode=False)
+        return code if isinstance(code, int) else 0
+    except SoupError as e:
+        if STATE["debug"]:
+            raise
+        print(f"soup: error: {e}".splitlines()[0], file=sys.stderr)
+        return 1
+    except click.exceptions.Exit as e:
+        return e.exit_code
+    except click.ClickException as e:
+        e.show()
+        return e.exit_code
+    except (KeyboardInterrupt, click.exceptions.Abort):
+        print("soup: interrupted; nothing was written", file=sys.stderr)
+        return 130
+
+
+def run() -> NoReturn:
+    sys.exit(main())

@@ -1,0 +1,158 @@
+"""`soup inspect`, `soup uniform`, `soup weighted`."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from .common import (
+    STATE,
+    Accumulate,
+    AllowNonfinite,
+    Dtype,
+    Inputs,
+    Key,
+    MaxShardSize,
+    NonFloat,
+    Output,
+    Overwrite,
+    Quiet,
+    UnsafePickle,
+    parse_dtype,
+    parse_floats,
+    parse_size,
+    progress_bar,
+    report_result,
+)
+
+
+def inspect(inputs: Inputs, key: Key = None, unsafe_pickle: UnsafePickle = False) -> None:
+    """Show format, tensors, parameters, dtypes and size of each checkpoint, and whether
+    the set can be souped (exit code 1 if not)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from ..errors import IncompatibleError
+    from ..inspect import human_bytes, inspect_checkpoints
+    from ..io import expand_inputs
+
+    report = inspect_checkpoints(expand_inputs(inputs), key=key, unsafe_pickle=unsafe_pickle)
+    table = Table("checkpoint", "format", "tensors", "parameters", "dtypes", "on disk")
+    for s in report.checkpoints:
+        dtypes = ", ".join(f"{d}×{n}" for d, n in s.dtypes.items())
+        table.add_row(
+            str(s.path),
+            s.format,
+            str(s.tensors),
+            f"{s.parameters:,}",
+            dtypes,
+            human_bytes(s.size_on_disk),
+        )
+    console = Console()
+    console.print(table)
+    for s in report.checkpoints:
+        for note in s.notes:
+            console.print(f"{s.path}: {note}", markup=False)
+    if not report.compatible:
+        raise IncompatibleError(report.verdict.removeprefix("incompatible: "))
+    console.print(report.verdict, markup=False)
+
+
+def _average(
+    inputs: list[str],
+    output: typer.models.OptionInfo | object,
+    weights: list[float] | None,
+    recipe: str,
+    **options: object,
+) -> None:
+    from ..io import expand_inputs
+    from ..stream import average_checkpoints
+
+    options["dtype"] = parse_dtype(options.pop("dtype_name"))  # type: ignore[arg-type]
+    options["max_shard_size"] = parse_size(options["max_shard_size"])  # type: ignore[arg-type]
+    with progress_bar(f"{recipe} soup") as bar:
+        result = average_checkpoints(
+            expand_inputs(inputs),
+            output,  # type: ignore[arg-type]
+            weights=weights,
+            recipe=recipe,
+            progress=bar,
+            **options,  # type: ignore[arg-type]
+        )
+    report_result(result)
+
+
+def uniform(
+    inputs: Inputs,
+    output: Output,
+    key: Key = None,
+    unsafe_pickle: UnsafePickle = False,
+    dtype: Dtype = None,
+    accumulate: Accumulate = "float32",
+    non_float: NonFloat = "error",
+    allow_nonfinite: AllowNonfinite = False,
+    max_shard_size: MaxShardSize = None,
+    overwrite: Overwrite = False,
+    quiet: Quiet = False,
+) -> None:
+    """Uniform soup: the plain mean of all checkpoints (streamed, one tensor at a time)."""
+    STATE["quiet"] = STATE["quiet"] or quiet
+    _average(
+        inputs,
+        output,
+        None,
+        "uniform",
+        key=key,
+        unsafe_pickle=unsafe_pickle,
+        dtype_name=dtype,
+        accumulate=accumulate,
+        non_float=non_float,
+        allow_nonfinite=allow_nonfinite,
+        max_shard_size=max_shard_size,
+        overwrite=overwrite,
+    )
+
+
+def weighted(
+    inputs: Inputs,
+    output: Output,
+    weights: Annotated[str, typer.Option(help="One weight per input: 0.5,0.3,0.2")],
+    normalize: Annotated[bool, typer.Option(help="Scale weights to sum to one.")] = True,
+    allow_negative: Annotated[
+        bool, typer.Option("--allow-negative", help="Allow negative weights.")
+    ] = False,
+    key: Key = None,
+    unsafe_pickle: UnsafePickle = False,
+    dtype: Dtype = None,
+    accumulate: Accumulate = "float32",
+    non_float: NonFloat = "error",
+    allow_nonfinite: AllowNonfinite = False,
+    max_shard_size: MaxShardSize = None,
+    overwrite: Overwrite = False,
+    quiet: Quiet = False,
+) -> None:
+    """Weighted soup: Σ wᵢ·θᵢ with your weights (normalised to sum 1 unless --no-normalize)."""
+    STATE["quiet"] = STATE["quiet"] or quiet
+    _average(
+        inputs,
+        output,
+        parse_floats(weights, "weights"),
+        "weighted",
+        normalize=normalize,
+        allow_negative=allow_negative,
+        key=key,
+        unsafe_pickle=unsafe_pickle,
+        dtype_name=dtype,
+        accumulate=accumulate,
+        non_float=non_float,
+        allow_nonfinite=allow_nonfinite,
+        max_shard_size=max_shard_size,
+        overwrite=overwrite,
+    )
+
+
+def register(app: typer.Typer) -> None:
+    app.command()(inspect)
+    app.command()(uniform)
+    app.command()(weighted)

@@ -1,0 +1,91 @@
+"""`soup inspect`: what each checkpoint holds and whether the set can be souped."""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .check import check_compatible
+from .errors import SoupError
+from .stream import open_all
+from .types import PathLike
+
+__all__ = ["CheckpointSummary", "InspectReport", "inspect_checkpoints"]
+
+
+@dataclass
+class CheckpointSummary:
+    """One checkpoint as its headers describe it."""
+
+    path: Path
+    format: str
+    tensors: int
+    parameters: int
+    dtypes: dict[str, int]
+    size_on_disk: int
+    notes: list[str]
+    metadata: dict[str, str]
+
+
+@dataclass
+class InspectReport:
+    """Summaries of every checkpoint plus the compatibility verdict for the set."""
+
+    checkpoints: list[CheckpointSummary]
+    compatible: bool
+    verdict: str
+    extra: dict[str, object] = field(default_factory=dict)
+
+
+def _disk_size(p: Path) -> int:
+    if p.is_file():
+        return p.stat().st_size
+    return sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
+
+
+def inspect_checkpoints(
+    inputs: Sequence[PathLike], *, key: str | None = None, unsafe_pickle: bool = False
+) -> InspectReport:
+    """Read the headers of `inputs` and say whether they can be souped together.
+
+    Unreadable inputs raise (`CheckpointError`); an incompatible set is reported in
+    `verdict` with `compatible=False`, since seeing why is the point of inspecting.
+    """
+    ckpts = open_all(inputs, key=key, unsafe_pickle=unsafe_pickle)
+    try:
+        summaries = [
+            CheckpointSummary(
+                path=c.path,
+                format=c.format,
+                tensors=len(c.infos),
+                parameters=sum(i.numel for i in c.infos.values() if i.is_float),
+                dtypes=dict(Counter(str(i.dtype).removeprefix("torch.") for i in c.infos.values())),
+                size_on_disk=_disk_size(c.path),
+                notes=list(c.notes),
+                metadata=dict(c.metadata),
+            )
+            for c in ckpts
+        ]
+        try:
+            check_compatible(ckpts)
+            verdict, ok = f"compatible: {len(ckpts)} checkpoint(s) can be souped", True
+        except SoupError as e:
+            verdict, ok = f"incompatible: {e}", False
+    finally:
+        for c in ckpts:
+            c.close()
+    return InspectReport(summaries, ok, verdict)
+
+
+def human_bytes(n: float) -> str:
+    """1536 -> '1.5 KB' (decimal units, as disks are sold)."""
+    for unit in ("B", "KB", "MB", "GB"):
+        if abs(n) < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} GB"
+
+
+__all__ += ["human_bytes"]

@@ -1,0 +1,104 @@
+"""The reader interface every checkpoint format implements, and key normalisation."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from ..errors import CheckpointError
+
+if TYPE_CHECKING:
+    import torch
+
+__all__ = ["Checkpoint", "TensorInfo", "normalise_keys"]
+
+# Prefixes that wrappers add to every parameter name: DDP (`module.`) and torch.compile
+# (`_orig_mod.`). The same weights saved with or without a wrapper must soup together.
+WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """What a header says about one tensor, known before any data is read."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    file: Path
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * self.dtype.itemsize
+
+    @property
+    def is_float(self) -> bool:
+        return self.dtype.is_floating_point
+
+
+def normalise_keys(raw_keys: list[str], path: Path) -> tuple[dict[str, str], list[str]]:
+    """Map normalised names to raw names, stripping wrapper prefixes.
+
+    Returns the mapping (in the raw order) and human-readable notes on what was stripped.
+    """
+    mapping: dict[str, str] = {}
+    stripped: dict[str, int] = {}
+    for raw in raw_keys:
+        name = raw
+        changed = True
+        while changed:
+            changed = False
+            for prefix in WRAPPER_PREFIXES:
+                if name.startswith(prefix):
+                    name = name[len(prefix) :]
+                    stripped[prefix] = stripped.get(prefix, 0) + 1
+                    changed = True
+        if name in mapping:
+            raise CheckpointError(
+                f"{path}: keys {mapping[name]!r} and {raw!r} both become {name!r} after "
+                "stripping wrapper prefixes; the checkpoint mixes wrapped and unwrapped weights"
+            )
+        mapping[name] = raw
+    notes = [f"stripped prefix {p!r} from {n} keys" for p, n in stripped.items()]
+    return mapping, notes
+
+
+@dataclass
+class Checkpoint:
+    """A lazily read checkpoint: names, shapes and dtypes first, tensors one at a time.
+
+    Subclasses fill `infos` (normalised name -> TensorInfo, in file order) and implement
+    `get`. `get` returns a tensor that may be a view of a memory map: treat it as read-only.
+    """
+
+    path: Path
+    format: str
+    infos: dict[str, TensorInfo] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    metadata: dict[str, str] = field(default_factory=dict)
+
+    def keys(self) -> list[str]:
+        return list(self.infos)
+
+    def get(self, name: str) -> torch.Tensor:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Release file handles and memory maps."""
+
+    @property
+    def nbytes(self) -> int:
+        return sum(i.nbytes for i in self.infos.values())
+
+    def __enter__(self) -> Checkpoint:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

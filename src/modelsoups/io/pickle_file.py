@@ -1,0 +1,133 @@
+"""PyTorch pickle checkpoints (`.pt`, `.pth`, `.bin`), loaded safely and memory-mapped.
+
+`torch.load(weights_only=True)` refuses anything but tensors and plain containers, so a
+malicious pickle cannot run code; `unsafe_pickle=True` is the explicit opt-out. Training
+checkpoints often nest the weights (`{"epoch": 3, "state_dict": {...}}`): `key` picks the
+nested dict, and the only nested dict of tensors is picked when that is unambiguous.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import CheckpointError, UnsafePickleError
+from .base import Checkpoint, TensorInfo, normalise_keys
+
+__all__ = ["PickleFile", "load_pickle"]
+
+
+def load_pickle(path: Path, *, unsafe_pickle: bool = False) -> Any:
+    """`torch.load` on CPU with mmap where the format allows it; errors name the file."""
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such file")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"{path}: empty file (0 bytes), not a checkpoint")
+    for use_mmap in (True, False):
+        try:
+            return torch.load(
+                path, map_location="cpu", mmap=use_mmap, weights_only=not unsafe_pickle
+            )
+        except pickle.UnpicklingError as e:
+            if "Weights only load failed" in str(e) and "Unsupported" in str(e):
+                raise UnsafePickleError(
+                    f"{path}: refusing to load a pickle that needs code execution "
+                    "(weights_only=True rejected it); pass --unsafe-pickle only if you trust "
+                    "this file"
+                ) from None
+            raise CheckpointError(f"{path}: not a PyTorch checkpoint ({_first_line(e)})") from None
+        except RuntimeError as e:
+            if use_mmap and "mmap" in str(e):  # legacy (non-zip) format: no mmap possible
+                continue
+            raise CheckpointError(
+                f"{path}: not a readable PyTorch checkpoint ({_first_line(e)})"
+            ) from None
+        except (EOFError, ValueError, OSError, KeyError, AttributeError, TypeError) as e:
+            raise CheckpointError(
+                f"{path}: not a readable PyTorch checkpoint ({_first_line(e)})"
+            ) from None
+    raise AssertionError("unreachable")
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return text[0][:200] if text else type(e).__name__
+
+
+def _is_state_dict(obj: Any) -> bool:
+    return (
+        isinstance(obj, Mapping)
+        and len(obj) > 0
+        and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items())
+    )
+
+
+def select_state_dict(obj: Any, path: Path, key: str | None) -> tuple[Mapping[str, Any], str]:
+    """Find the weights inside a loaded pickle; returns them and a note on where they were."""
+    if not isinstance(obj, Mapping):
+        raise CheckpointError(
+            f"{path}: contains a {type(obj).__name__}, not a dict of tensors (state dict)"
+        )
+    if key is not None:
+        node: Any = obj
+        for part in key.split("/"):
+            if not isinstance(node, Mapping) or part not in node:
+                options = ", ".join(repr(k) for k in node) if isinstance(node, Mapping) else ""
+                raise CheckpointError(f"{path}: no key {key!r} (top-level keys: {options})")
+            node = node[part]
+        if not isinstance(node, Mapping):
+            raise CheckpointError(f"{path}: {key!r} is a {type(node).__name__}, not a dict")
+        return node, f"weights taken from key {key!r}"
+    if all(isinstance(v, torch.Tensor) for v in obj.values()):
+        return obj, ""
+    nested = [k for k, v in obj.items() if _is_state_dict(v)]
+    if len(nested) == 1:
+        return obj[nested[0]], f"weights taken from nested key {nested[0]!r}"
+    if nested:
+        raise CheckpointError(
+            f"{path}: holds several state dicts ({', '.join(map(repr, nested))}); "
+            "pick one with --key"
+        )
+    bad = next(k for k, v in obj.items() if not isinstance(v, torch.Tensor))
+    raise CheckpointError(
+        f"{path}: entry {bad!r} is a {type(obj[bad]).__name__}, not a tensor, and no nested "
+        "state dict was found; pick the weights with --key"
+    )
+
+
+class PickleFile(Checkpoint):
+    """A `torch.save`d state dict (possibly nested in a training checkpoint)."""
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        key: str | None = None,
+        unsafe_pickle: bool = False,
+        obj: Any = None,
+    ) -> None:
+        super().__init__(Path(path), "pytorch pickle")
+        loaded = load_pickle(self.path, unsafe_pickle=unsafe_pickle) if obj is None else obj
+        sd, note = select_state_dict(loaded, self.path, key)
+        for name, value in sd.items():
+            if not isinstance(value, torch.Tensor):
+                raise CheckpointError(
+                    f"{self.path}: tensor {name!r} is a {type(value).__name__}, not a tensor"
+                )
+        names, self.notes = normalise_keys(list(sd), self.path)
+        if note:
+            self.notes.insert(0, note)
+        self._tensors = {name: sd[raw] for name, raw in names.items()}
+        for name, t in self._tensors.items():
+            self.infos[name] = TensorInfo(name, tuple(t.shape), t.dtype, self.path)
+
+    def get(self, name: str) -> torch.Tensor:
+        return self._tensors[name]
+
+    def close(self) -> None:
+        self._tensors = {}

@@ -1,0 +1,154 @@
+"""A safetensors reader that validates the header and maps tensors without copying.
+
+The format (https://github.com/huggingface/safetensors): 8 bytes little-endian header
+length, a JSON header {name: {dtype, shape, data_offsets}, "__metadata__": {...}}, then the
+data. Every offset is checked against the file size before anything is read, so a truncated
+or corrupt file is a clear `CheckpointError`, never a crash or a huge allocation.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import mmap
+import os
+import struct
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import CheckpointError
+from .base import Checkpoint, TensorInfo, normalise_keys
+
+__all__ = ["DTYPES", "DTYPE_NAMES", "SafetensorsFile"]
+
+DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U64": torch.uint64,
+    "U32": torch.uint32,
+    "U16": torch.uint16,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+DTYPE_NAMES: dict[torch.dtype, str] = {v: k for k, v in DTYPES.items()}
+MAX_HEADER = 100 * 1024 * 1024  # the reference implementation's own limit
+
+
+def _parse_header(path: Path, size: int, head: bytes) -> tuple[int, dict[str, Any]]:
+    if size < 8:
+        raise CheckpointError(f"{path}: {size} bytes is too small to be a safetensors file")
+    (n,) = struct.unpack("<Q", head[:8])
+    if n > size - 8:
+        raise CheckpointError(
+            f"{path}: header length {n} is larger than the file ({size} bytes); "
+            "the file is truncated or not safetensors"
+        )
+    if n > MAX_HEADER:
+        raise CheckpointError(f"{path}: header length {n} exceeds {MAX_HEADER} bytes")
+    try:
+        header = json.loads(head[8 : 8 + n])
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path}: invalid JSON in safetensors header ({e})") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: safetensors header is not a JSON object")
+    return n, header
+
+
+def _tensor_info(path: Path, name: str, entry: Any, data_size: int) -> tuple[TensorInfo, int]:
+    """Validate one header entry; return its info and start offset in the data section."""
+    if not isinstance(entry, dict):
+        raise CheckpointError(f"{path}: tensor {name!r}: header entry is not an object")
+    dtype = DTYPES.get(entry.get("dtype"))  # type: ignore[arg-type]
+    if dtype is None:
+        raise CheckpointError(f"{path}: tensor {name!r}: unknown dtype {entry.get('dtype')!r}")
+    shape, offsets = entry.get("shape"), entry.get("data_offsets")
+    if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
+        raise CheckpointError(f"{path}: tensor {name!r}: invalid shape {shape!r}")
+    if (
+        not isinstance(offsets, list)
+        or len(offsets) != 2
+        or not all(isinstance(o, int) and o >= 0 for o in offsets)
+        or offsets[0] > offsets[1]
+    ):
+        raise CheckpointError(f"{path}: tensor {name!r}: invalid data_offsets {offsets!r}")
+    info = TensorInfo(name, tuple(shape), dtype, path)
+    begin, end = offsets
+    if end - begin != info.nbytes:
+        raise CheckpointError(
+            f"{path}: tensor {name!r}: data_offsets span {end - begin} bytes but shape "
+            f"{list(shape)} of {entry['dtype']} needs {info.nbytes}"
+        )
+    if end > data_size:
+        raise CheckpointError(
+            f"{path}: tensor {name!r} ends at byte {end} of a {data_size}-byte data section; "
+            "the file is truncated"
+        )
+    return info, begin
+
+
+class SafetensorsFile(Checkpoint):
+    """One `.safetensors` file, memory-mapped; `get` returns zero-copy views."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        super().__init__(Path(path), "safetensors")
+        try:
+            fd = os.open(self.path, os.O_RDONLY)
+        except OSError as e:
+            raise CheckpointError(f"{self.path}: cannot open ({e.strerror})") from None
+        try:
+            size = os.fstat(fd).st_size
+            head = os.pread(fd, min(size, 8 + MAX_HEADER), 0) if size >= 8 else b""
+            n, header = _parse_header(self.path, size, head)
+            # ACCESS_COPY: a private mapping gives torch a writable buffer without any
+            # possibility of writing back to the file.
+            self._mm = mmap.mmap(fd, 0, access=mmap.ACCESS_COPY)
+        finally:
+            os.close(fd)
+        self._data_start = 8 + n
+        meta = header.pop("__metadata__", None) or {}
+        if not isinstance(meta, dict):
+            raise CheckpointError(f"{self.path}: __metadata__ is not a JSON object")
+        self.metadata = {str(k): str(v) for k, v in meta.items()}
+        spans: list[tuple[int, int, str]] = []
+        raw: dict[str, tuple[TensorInfo, int]] = {}
+        for name, entry in header.items():
+            info, begin = _tensor_info(self.path, name, entry, size - self._data_start)
+            raw[name] = (info, begin)
+            spans.append((begin, begin + info.nbytes, name))
+        spans.sort()
+        for (_, end_a, a), (begin_b, end_b, b) in itertools.pairwise(spans):
+            if begin_b < end_a and end_b > begin_b:
+                raise CheckpointError(f"{self.path}: tensors {a!r} and {b!r} overlap in the file")
+        self._names, self.notes = normalise_keys(list(raw), self.path)
+        self._offsets: dict[str, int] = {}
+        for name, raw_name in self._names.items():
+            info, begin = raw[raw_name]
+            self.infos[name] = TensorInfo(name, info.shape, info.dtype, self.path)
+            self._offsets[name] = self._data_start + begin
+
+    def get(self, name: str) -> torch.Tensor:
+        info, start = self.infos[name], self._offsets[name]
+        if info.numel == 0:
+            return torch.empty(info.shape, dtype=info.dtype)
+        if start % info.dtype.itemsize:  # unaligned: torch needs aligned storage
+            buf = bytearray(self._mm[start : start + info.nbytes])
+            return torch.frombuffer(buf, dtype=info.dtype).reshape(info.shape)
+        flat = torch.frombuffer(self._mm, dtype=info.dtype, count=info.numel, offset=start)
+        return flat.reshape(info.shape)
+
+    def raw_name(self, name: str) -> str:
+        return self._names[name]
+
+    def close(self) -> None:
+        # Tensors handed out may still view the map; let the GC unmap when they die.
+        self._mm = None  # type: ignore[assignment]

@@ -1,0 +1,232 @@
+"""Streaming, atomic safetensors output: one file or a sharded Hugging Face folder.
+
+The header is computed from names, shapes and dtypes before any data exists, so each
+tensor can be averaged and written straight away: peak memory is one tensor, not a model.
+Everything is written under a temporary name next to the destination (`.NAME.soup-partial-PID`),
+fsynced, then renamed; on any error or interrupt the temporary is removed, so the final
+name either holds a complete checkpoint or does not exist.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import os
+import shutil
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+import torch
+
+from ..errors import OutputError
+from .safetensors_file import DTYPE_NAMES
+
+__all__ = ["OutputPlan", "ShardedWriter", "atomic_path", "remove_stale_partials"]
+
+PARTIAL = ".soup-partial-"
+
+
+@dataclass(frozen=True)
+class Entry:
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        n = self.dtype.itemsize
+        for d in self.shape:
+            n *= d
+        return n
+
+
+class _FileWriter:
+    """Writes one safetensors file whose entries are known up front, in order."""
+
+    def __init__(self, f: BinaryIO, entries: list[Entry], metadata: dict[str, str]) -> None:
+        header: dict[str, object] = {"__metadata__": metadata} if metadata else {}
+        offset = 0
+        for e in entries:
+            header[e.name] = {
+                "dtype": DTYPE_NAMES[e.dtype],
+                "shape": list(e.shape),
+                "data_offsets": [offset, offset + e.nbytes],
+            }
+            offset += e.nbytes
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)  # align the data section to 8 bytes
+        f.write(len(raw).to_bytes(8, "little"))
+        f.write(raw)
+        self._f, self._pending = f, list(reversed(entries))
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        expected = self._pending.pop()
+        if expected.name != name or tuple(tensor.shape) != expected.shape:
+            raise RuntimeError(f"writer expected {expected}, got {name} {tuple(tensor.shape)}")
+        tensor = tensor.to(expected.dtype).contiguous()
+        if tensor.numel():
+            self._f.write(tensor.reshape(-1).view(torch.uint8).numpy().data)
+
+    def close(self) -> None:
+        if self._pending:
+            raise RuntimeError(f"writer closed with {len(self._pending)} tensors missing")
+
+
+def plan_shards(entries: list[Entry], max_shard_size: int | None) -> list[list[Entry]]:
+    """Split entries, in order, into shards of at most `max_shard_size` bytes (one tensor
+    larger than the limit gets a shard of its own, as `save_pretrained` does)."""
+    if not max_shard_size:
+        return [entries]
+    shards: list[list[Entry]] = [[]]
+    size = 0
+    for e in entries:
+        if shards[-1] and size + e.nbytes > max_shard_size:
+            shards.append([])
+            size = 0
+        shards[-1].append(e)
+        size += e.nbytes
+    return shards
+
+
+@dataclass
+class OutputPlan:
+    """Where and how the soup is written: one file, or a folder of one or more shards."""
+
+    path: Path
+    entries: list[Entry]
+    metadata: dict[str, str]
+    folder: bool
+    max_shard_size: int | None = None
+
+
+class ShardedWriter:
+    """Writes an `OutputPlan` into an (already temporary) destination, tensor by tensor."""
+
+    def __init__(self, target: Path, plan: OutputPlan) -> None:
+        self._shards = plan_shards(plan.entries, plan.max_shard_size if plan.folder else None)
+        n = len(self._shards)
+        if plan.folder:
+            names = (
+                ["model.safetensors"]
+                if n == 1
+                else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+            )
+            self._paths = [target / name for name in names]
+        else:
+            self._paths = [target]
+        self._metadata, self._index = plan.metadata, 0
+        self._writer: _FileWriter | None = None
+        self._file: BinaryIO | None = None
+        self._remaining = [len(s) for s in self._shards]  # shards are never empty...
+        if n > 1:
+            weight_map = {
+                e.name: p.name for s, p in zip(self._shards, self._paths, strict=True) for e in s
+            }
+            index = {
+                "metadata": {"total_size": sum(e.nbytes for e in plan.entries), **plan.metadata},
+                "weight_map": weight_map,
+            }
+            (target / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        if self._writer is None:
+            self._file = open(self._paths[self._index], "wb")  # noqa: SIM115
+            self._writer = _FileWriter(self._file, self._shards[self._index], self._metadata)
+        self._writer.write(name, tensor)
+        self._remaining[self._index] -= 1
+        if self._remaining[self._index] == 0:
+            self._finish_file()
+            self._index += 1
+
+    def _finish_file(self) -> None:
+        assert self._writer is not None and self._file is not None
+        self._writer.close()
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._file.close()
+        self._writer = self._file = None
+
+    def close(self) -> None:
+        if any(self._remaining):
+            raise RuntimeError("soup output closed before every tensor was written")
+        if not self._shards[0]:  # ...except for a checkpoint with no tensors at all
+            with open(self._paths[0], "wb") as f:
+                _FileWriter(f, [], self._metadata).close()
+
+    def abort(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._writer = self._file = None
+
+
+def remove_stale_partials(dest: Path) -> None:
+    """Remove temporaries of earlier runs for the same destination whose process is gone."""
+    for p in dest.parent.glob(f".{dest.name}{PARTIAL}*"):
+        pid = p.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+@contextlib.contextmanager
+def atomic_path(dest: Path, *, folder: bool, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary path next to `dest`; rename it to `dest` only if the block succeeds."""
+    if not dest.parent.is_dir():
+        raise OutputError(f"{dest}: output folder {dest.parent} does not exist")
+    if dest.exists() and not overwrite:
+        raise OutputError(f"{dest}: already exists; choose another name or pass --overwrite")
+    remove_stale_partials(dest)
+    tmp = dest.parent / f".{dest.name}{PARTIAL}{os.getpid()}"
+    try:
+        if folder:
+            tmp.mkdir()
+        else:
+            tmp.touch()
+    except OSError as e:
+        raise OutputError(f"{dest}: cannot write in {dest.parent} ({e.strerror})") from None
+    try:
+        yield tmp
+        _fsync_dir(tmp) if folder else None
+        if dest.exists():  # overwrite: move the old one aside first, delete after the swap
+            old = dest.parent / f".{dest.name}.soup-old-{os.getpid()}"
+            os.replace(dest, old)
+            os.replace(tmp, dest)
+            shutil.rmtree(old) if old.is_dir() else old.unlink()
+        else:
+            os.replace(tmp, dest)
+        _fsync_dir(dest.parent)
+    except OSError as e:
+        _remove(tmp)
+        if e.errno == errno.ENOSPC:
+            raise OutputError(f"{dest}: disk full while writing; nothing was kept") from None
+        raise OutputError(f"{dest}: write failed ({e.strerror or e}); nothing was kept") from None
+    except BaseException:
+        _remove(tmp)
+        raise
+
+
+def _remove(p: Path) -> None:
+    if p.is_dir():
+        shutil.rmtree(p, ignore_errors=True)
+    else:
+        p.unlink(missing_ok=True)
+
+
+def _fsync_dir(d: Path) -> None:
+    fd = os.open(d, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

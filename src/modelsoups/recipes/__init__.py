@@ -1,0 +1,1 @@
+"""Soup recipes, one file each, each readable next to its paper."""

@@ -1,0 +1,161 @@
+"""Checkpoint files in, checkpoint file out: the streaming weighted mean.
+
+The data path is a straight line: open every input lazily (headers only) → check weights,
+keys, shapes and integer buffers → plan the output header → for each tensor, read it from
+every input (zero-copy views of memory maps), accumulate in float32, write it → rename the
+temporary output into place. Memory holds one accumulated tensor at a time, whatever N is.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from .average import accumulate_dtype, check_finite, weighted_sum
+from .check import check_compatible, check_non_float, resolve_weights
+from .errors import OutputError, SoupError
+from .io import HFFolder, open_checkpoint
+from .io.base import Checkpoint
+from .io.folder import copy_model_files
+from .io.writer import Entry, OutputPlan, ShardedWriter, atomic_path
+from .types import PathLike, Progress, SoupResult
+
+__all__ = ["average_checkpoints", "check_output", "open_all", "provenance"]
+
+
+def check_output(out: Path, inputs: Sequence[Path], *, folder: bool) -> None:
+    """Refuse outputs that could overwrite or live inside an input."""
+    if out.suffix in (".pt", ".pth", ".bin", ".ckpt"):
+        raise OutputError(
+            f"{out}: modelsoups writes safetensors; name the output *.safetensors or a folder"
+        )
+    ro = out.resolve()
+    for p in inputs:
+        rp = p.resolve()
+        same = ro == rp or (out.exists() and p.exists() and os.path.samefile(out, p))
+        if same or ro in rp.parents or (rp.is_dir() and rp in ro.parents):
+            raise OutputError(f"{out}: output path is (or contains, or is inside) input {p}")
+
+
+def open_all(
+    inputs: Sequence[PathLike], *, key: str | None = None, unsafe_pickle: bool = False
+) -> list[Checkpoint]:
+    """Open every input lazily; on any error close those already open and re-raise."""
+    ckpts: list[Checkpoint] = []
+    try:
+        for p in inputs:
+            ckpts.append(open_checkpoint(p, key=key, unsafe_pickle=unsafe_pickle))
+    except BaseException:
+        for c in ckpts:
+            c.close()
+        raise
+    return ckpts
+
+
+def provenance(
+    recipe: str, ckpts: Sequence[Checkpoint], weights: Sequence[float], **extra: object
+) -> dict[str, str]:
+    """Metadata stored in the output header: recipe, inputs, weights, version."""
+    from . import __version__
+
+    meta = {
+        "format": "pt",
+        "modelsoups_version": __version__,
+        "recipe": recipe,
+        "ingredients": json.dumps([{"path": str(c.path), "bytes": c.nbytes} for c in ckpts]),
+        "weights": json.dumps([round(w, 10) for w in weights]),
+    }
+    meta.update({k: v if isinstance(v, str) else json.dumps(v) for k, v in extra.items()})
+    return meta
+
+
+def average_checkpoints(
+    inputs: Sequence[PathLike],
+    out: PathLike,
+    *,
+    weights: Sequence[float] | None = None,
+    normalize: bool = True,
+    allow_negative: bool = False,
+    accumulate: str = "float32",
+    dtype: torch.dtype | None = None,
+    non_float: str = "error",
+    allow_nonfinite: bool = False,
+    max_shard_size: int | None = None,
+    key: str | None = None,
+    unsafe_pickle: bool = False,
+    overwrite: bool = False,
+    recipe: str = "weighted",
+    progress: Progress | None = None,
+) -> SoupResult:
+    """Write the (weighted) mean of checkpoint files, streaming one tensor at a time.
+
+    Args:
+        inputs: safetensors files, HF model folders or PyTorch pickles of one architecture.
+        out: `*.safetensors` for one file; any other name is an HF-style folder (sharded
+            when `max_shard_size` bytes is given), with config/tokenizer files copied from
+            the first input that is a folder.
+        weights: one per input (`None`: uniform); normalised to sum 1 unless told not to.
+        dtype: output dtype of floating tensors (default: the first input's).
+
+    Returns:
+        A `SoupResult`; the output header also carries the recipe, inputs and weights.
+    """
+    started = time.perf_counter()
+    paths, out = [Path(p) for p in inputs], Path(out)
+    folder = out.suffix != ".safetensors"
+    if max_shard_size is not None and not folder:
+        raise OutputError(f"{out}: --max-shard-size writes a folder; drop the .safetensors suffix")
+    if not paths:
+        raise SoupError("no ingredients: give at least one checkpoint")
+    check_output(out, paths, folder=folder)
+    ckpts = open_all(paths, key=key, unsafe_pickle=unsafe_pickle)
+    try:
+        w = resolve_weights(weights, len(ckpts), normalize=normalize, allow_negative=allow_negative)
+        check_compatible(ckpts)
+        check_non_float(ckpts, non_float=non_float)
+        acc_dtype = accumulate_dtype(accumulate)
+        infos = ckpts[0].infos
+        entries = [
+            Entry(n, dtype if (dtype is not None and i.is_float) else i.dtype, i.shape)
+            for n, i in infos.items()
+        ]
+        meta = provenance(recipe, ckpts, w, accumulate=accumulate)
+        plan = OutputPlan(out, entries, meta, folder, max_shard_size)
+        total, done = sum(c.nbytes for c in ckpts), 0
+        with atomic_path(out, folder=folder, overwrite=overwrite) as tmp:
+            writer = ShardedWriter(tmp, plan)
+            try:
+                for name, info in infos.items():
+                    if info.is_float:
+                        acc = weighted_sum([c.get(name) for c in ckpts], w, accumulate=acc_dtype)
+                        if not allow_nonfinite:
+                            check_finite(name, acc, ckpts)
+                        writer.write(name, acc)
+                    else:
+                        writer.write(name, ckpts[0].get(name))
+                    done += sum(c.infos[name].nbytes for c in ckpts)
+                    if progress is not None:
+                        progress(done, total)
+                writer.close()
+            finally:
+                writer.abort()
+            source = next((c for c in ckpts if isinstance(c, HFFolder)), None)
+            copied = copy_model_files(source.path, tmp) if folder and source else []
+    finally:
+        for c in ckpts:
+            c.close()
+    result = SoupResult(out, recipe, paths, w, len(entries), sum(e.nbytes for e in entries))
+    result.seconds = time.perf_counter() - started
+    result.notes = sorted({f"{c.path}: {n}" for c in ckpts for n in c.notes})
+    if copied:
+        result.notes.append(
+            f"copied {len(copied)} model files from {source.path if source else ''}"
+        )
+    if len(ckpts) == 1:
+        result.warnings.append("only one ingredient: the soup is a copy of it")
+    return result
