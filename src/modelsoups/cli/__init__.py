@@ -2,7 +2,7 @@
 
 Every subcommand lives in a module of this package and registers itself on `app`. The
 library raises `SoupError`s; only `main` turns them into `soup: error: ...` and exit code 1
-(2 for usage errors, 130 for Ctrl-C). `--debug` anywhere on the line shows tracebacks.
+(2 for usage errors; Ctrl-C or SIGTERM prints 'Aborted!' and exits 1). `--debug` anywhere on the line shows tracebacks.
 """
 
 from __future__ import annotations
@@ -11,7 +11,6 @@ import signal
 import sys
 from typing import NoReturn
 
-import click
 import typer
 
 from ..errors import SoupError
@@ -52,21 +51,19 @@ def main(argv: list[str] | None = None) -> int:
             STATE["debug" if flag == "--debug" else "quiet"] = True
     signal.signal(signal.SIGTERM, _interrupt)
     try:
-        code = typer.main.get_command(app).main(args=args, prog_name="soup", standalone_mode=False)
-        return code if isinstance(code, int) else 0
+        # standalone mode: click prints usage errors itself (exit 2) and turns Ctrl-C into
+        # "Aborted!" (exit 1); our own errors pass through to the handler below.
+        typer.main.get_command(app).main(args=args, prog_name="soup", standalone_mode=True)
+    except SystemExit as e:
+        return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
     except SoupError as e:
         if STATE["debug"]:
             raise
         print(f"soup: error: {e}".splitlines()[0], file=sys.stderr)
         return 1
-    except click.exceptions.Exit as e:
-        return e.exit_code
-    except click.ClickException as e:
-        e.show()
-        return e.exit_code
-    except (KeyboardInterrupt, click.exceptions.Abort):
-        print("soup: interrupted; nothing was written", file=sys.stderr)
-        return 130
+    finally:
+        STATE.update(quiet=False, debug=False)
+    return 0
 
 
 def run() -> NoReturn:

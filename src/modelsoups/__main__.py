@@ -1,0 +1,5 @@
+"""`python -m modelsoups` is the `soup` command."""
+
+from .cli import run
+
+run()

@@ -1,0 +1,91 @@
+"""The `soup` command: subcommands mirror the Python API; errors are one line + exit code."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import reference_mean, tiny_state_dict
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from modelsoups.cli import main
+
+
+def test_uniform_command_writes_the_mean(make_ingredients, tmp_path, capsys) -> None:
+    paths = make_ingredients(3)
+    out = tmp_path / "soup.safetensors"
+    assert main(["uniform", *map(str, paths), "-o", str(out)]) == 0
+    ref = reference_mean([tiny_state_dict(i) for i in range(3)])
+    torch.testing.assert_close(load_file(out)["fc.weight"].double(), ref["fc.weight"])
+    assert "wrote" in capsys.readouterr().out
+
+
+def test_weighted_command_takes_weights_and_options(make_ingredients, tmp_path) -> None:
+    paths = make_ingredients(2)
+    out = tmp_path / "soup"
+    code = main(
+        ["weighted", *map(str, paths), "--weights", "3,1", "-o", str(out), "--dtype", "bf16",
+         "--max-shard-size", "300B", "--quiet"]
+    )  # fmt: skip
+    assert code == 0
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    first = out / sorted(set(index["weight_map"].values()))[0]
+    with safe_open(first, "pt") as f:
+        assert json.loads(f.metadata()["weights"]) == [0.75, 0.25]
+
+
+def test_negative_weights_need_allow_negative(make_ingredients, tmp_path, capsys) -> None:
+    paths = [str(p) for p in make_ingredients(2)]
+    out = tmp_path / "soup.safetensors"
+    assert main(["weighted", *paths, "--weights", "2,-1", "-o", str(out)]) == 1
+    assert "--allow-negative" in capsys.readouterr().err
+    assert not out.exists()
+    argv = ["weighted", *paths, "--weights", "2,-1", "--no-normalize", "--allow-negative"]
+    assert main([*argv, "-o", str(out)]) == 0
+
+
+def test_inspect_reports_formats_and_verdict(make_ingredients, capsys) -> None:
+    paths = make_ingredients(2, "hf-sharded")
+    assert main(["inspect", *map(str, paths)]) == 0
+    out = capsys.readouterr().out
+    assert "hf folder" in out and "compatible" in out
+
+
+def test_inspect_exits_nonzero_for_an_incompatible_set(tmp_path, capsys) -> None:
+    a, b = tmp_path / "a.pt", tmp_path / "b.pt"
+    torch.save({"w": torch.zeros(2)}, a)
+    torch.save({"w": torch.zeros(3)}, b)
+    assert main(["inspect", str(a), str(b)]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "'w'" in err and str(b) in err
+
+
+def test_errors_are_one_line_and_debug_shows_the_traceback(tmp_path, capsys) -> None:
+    missing = tmp_path / "missing.safetensors"
+    assert main(["uniform", str(missing), "-o", str(tmp_path / "o.safetensors")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("soup: error:") and err.count("\n") == 1 and str(missing) in err
+    with pytest.raises(Exception, match="no such file"):
+        main(["uniform", str(missing), "-o", str(tmp_path / "o.safetensors"), "--debug"])
+
+
+def test_usage_errors_exit_with_2(capsys) -> None:
+    assert main(["uniform"]) == 2
+
+
+def test_console_script_runs_in_a_fresh_process(make_ingredients, tmp_path) -> None:
+    paths = make_ingredients(2, "pt")
+    out = tmp_path / "soup.safetensors"
+    cmd = [sys.executable, "-m", "modelsoups", "uniform", *map(str, paths), "-o", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert out.is_file()
+    help_proc = subprocess.run(
+        [sys.executable, "-c", "import sys, modelsoups.cli; print('torch' in sys.modules)"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert help_proc.stdout.strip() == "False", "the CLI must import torch lazily"
