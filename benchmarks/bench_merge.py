@@ -1,0 +1,248 @@
+"""Benchmark `soup uniform` against the read limit, the compute limit, naive torch and mergekit.
+
+    python benchmarks/bench_merge.py             # full grid (takes ~40 min on 2 cores)
+    python benchmarks/bench_merge.py --quick     # 25M, N=2,4, fp32+bf16, 1 repetition
+    python benchmarks/bench_merge.py --sizes 110M --ns 16 --dtypes fp32 --profile
+
+Every method runs in a fresh process over the same warm-cache inputs, repetitions are
+interleaved across methods, and the median is reported. Results go to
+``benchmarks/results/bench.{json,md,png}`` (``--quick`` writes under ``.cache/quick``).
+See benchmarks/README.md for what each method is and how to read the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+import make_inputs  # noqa: E402
+import measure  # noqa: E402
+import report  # noqa: E402
+import runners  # noqa: E402
+
+ALL_METHODS = ["cat", "memmap", "naive", "mergekit", "soup"]
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--sizes", help="from " + ",".join(make_inputs.SIZES) + " [25M,110M,440M]")
+    p.add_argument("--ns", help="numbers of checkpoints to merge [2,4,8,16]")
+    p.add_argument("--dtypes", help="fp32, bf16, fp16 [fp32,bf16]")
+    p.add_argument("--reps", type=int, help="repetitions per method, median reported [3]")
+    p.add_argument("--methods", default=",".join(ALL_METHODS))
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="defaults become 25M, N=2,4, fp32+bf16, 1 rep (explicit flags win)",
+    )
+    p.add_argument("--out", type=Path, default=None, help="results folder")
+    p.add_argument("--soup", default=None, help="soup executable (default: on PATH)")
+    p.add_argument("--mergekit-venv", type=Path, default=HERE / ".venv-mergekit")
+    p.add_argument(
+        "--max-cache-frac",
+        type=float,
+        default=0.62,
+        help="skip a configuration whose inputs exceed this fraction of RAM: they would "
+        "not stay in the page cache, and a warm-cache benchmark would measure the disk",
+    )
+    p.add_argument("--no-startup", action="store_true", help="skip the start-up timings")
+    p.add_argument("--profile", action="store_true", help="py-spy `soup uniform` afterwards")
+    p.add_argument("--profile-config", default="110M,fp32,16", help="SIZE,DTYPE,N to profile")
+    p.add_argument("--timeout", type=float, default=1800.0, help="per run, seconds")
+    args = p.parse_args(argv)
+    defaults = {"sizes": "25M,110M,440M", "ns": "2,4,8,16", "dtypes": "fp32,bf16", "reps": 3}
+    if args.quick:
+        defaults.update(sizes="25M", ns="2,4", reps=1)
+    for key, value in defaults.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    args.out = args.out or (HERE / ".cache" / "quick" if args.quick else HERE / "results")
+    return args
+
+
+def mem_total() -> int:
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemTotal:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def warm(paths: list[Path]) -> float:
+    """Read every input once so that all methods start from a warm page cache."""
+    t0 = time.perf_counter()
+    for p in paths:
+        with open(p, "rb") as f:
+            while f.read(1 << 24):
+                pass
+    return time.perf_counter() - t0
+
+
+def ensure_inputs(size: str, dtype: str, n: int) -> list[Path]:
+    """Generate missing copies in a subprocess (keeps torch out of the harness)."""
+    dirs = [make_inputs.model_dir(size, dtype, k) for k in range(n)]
+    missing = [d for d in dirs if not (d / "model.safetensors").exists()]
+    if missing:
+        need = len(missing) * make_inputs.expected_bytes(size, dtype)
+        free = shutil.disk_usage(HERE).free
+        if need + (10 << 30) > free:
+            raise SystemExit(
+                f"need {need / 1e9:.1f} GB for {size} {dtype} inputs but only "
+                f"{free / 1e9:.1f} GB is free; pick fewer --sizes/--ns"
+            )
+        cmd = [sys.executable, str(HERE / "make_inputs.py"), "--sizes", size]
+        subprocess.run([*cmd, "--dtypes", dtype, "--n", str(n)], check=True)
+    return dirs
+
+
+def run_config(
+    args: argparse.Namespace,
+    ctx: runners.Context,
+    size: str,
+    dtype: str,
+    n: int,
+    methods: list[str],
+    first_n: bool,
+) -> list[dict[str, object]]:
+    """All methods × reps for one (size, dtype, N); repetitions interleave the methods."""
+    dirs = ensure_inputs(size, dtype, n)
+    files = [d / "model.safetensors" for d in dirs]
+    in_bytes = sum(f.stat().st_size for f in files)
+    shape = make_inputs.SIZES[size]
+    base = {
+        "size": size,
+        "dtype": dtype,
+        "n": n,
+        "params": shape.n_params(),
+        "input_bytes": in_bytes,
+        "largest_tensor_bytes": shape.largest_tensor_numel() * make_inputs.BYTES_PER[dtype],
+    }
+    if in_bytes > args.max_cache_frac * mem_total():
+        note = f"skipped: {in_bytes / 1e9:.1f} GB of inputs does not fit the page cache"
+        print(f"  {size} {dtype} N={n}: {note}", flush=True)
+        return [{**base, "method": m, "skipped": note} for m in methods]
+    warm_s = warm(files)
+    load = os.getloadavg()
+    print(
+        f"== {size} {dtype} N={n}: {in_bytes / 1e9:.2f} GB, warm {warm_s:.1f}s, load {load[0]:.2f}",
+        flush=True,
+    )
+    runs: dict[str, list[measure.Measurement]] = {m: [] for m in methods}
+    notes: dict[str, str] = {}
+    checks: dict[str, object] = {}
+    for rep in range(args.reps):
+        for m in methods:
+            if m in notes:
+                continue
+            cmd, out, note = ctx.command(m, dirs, files, dtype)
+            if note:
+                notes[m] = note
+                continue
+            res = measure.run(cmd, timeout_s=args.timeout)
+            if res.returncode != 0:
+                notes[m] = f"failed rc={res.returncode}: {res.stderr_tail.strip()[-400:]}"
+            elif rep == 0 and first_n and m in ("naive", "mergekit", "soup"):
+                checks[m] = ctx.check(out, files)
+            ctx.cleanup(out)
+            runs[m].append(res)
+            print(
+                f"  rep {rep} {m:9s} {res.wall_s:7.2f}s  "
+                f"{res.peak_anon_bytes / 2**20:8.0f} MiB anon  rc={res.returncode}",
+                flush=True,
+            )
+    rows = []
+    for m in methods:
+        row: dict[str, object] = {**base, "method": m, "loadavg_1m": load[0]}
+        good = [r for r in runs[m] if r.returncode == 0]
+        if m in notes:
+            row["skipped" if not good else "note"] = notes[m]
+        if good:
+            med = statistics.median(r.wall_s for r in good)
+            row.update(
+                times_s=[r.wall_s for r in good],
+                median_s=med,
+                gbps=in_bytes / med / 1e9,
+                peak_anon_bytes=[r.peak_anon_bytes for r in good],
+                median_peak_anon_bytes=statistics.median(r.peak_anon_bytes for r in good),
+            )
+        if m in checks:
+            row["check"] = checks[m]
+        rows.append(row)
+    return rows
+
+
+def meta(args: argparse.Namespace, ctx: runners.Context) -> dict[str, object]:
+    git = subprocess.run(
+        ["git", "-C", str(HERE), "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+    ).stdout.strip()
+    dirty = subprocess.run(
+        ["git", "-C", str(HERE.parent), "status", "--porcelain", "src"],
+        capture_output=True,
+        text=True,
+    ).stdout.split("\n")
+    return {
+        "src_uncommitted": [line.strip() for line in dirty if line.strip()],
+        "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "argv": sys.argv[1:],
+        "git": git,
+        "python": platform.python_version(),
+        "cpus": os.cpu_count(),
+        "mem_total_bytes": mem_total(),
+        "loadavg_start": os.getloadavg(),
+        "versions": ctx.versions(),
+        "reps": args.reps,
+        "sampler_interval_s": measure.SAMPLE_S,
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    methods = [m for m in args.methods.split(",") if m]
+    ctx = runners.Context(args.soup, args.mergekit_venv, HERE / ".cache" / "out")
+    results: dict[str, object] = {"meta": meta(args, ctx), "runs": []}
+    print(f"versions: {results['meta']['versions']}", flush=True)  # type: ignore[index]
+
+    def save() -> None:
+        tmp = args.out / "bench.json.tmp"
+        tmp.write_text(json.dumps(results, indent=1) + "\n")
+        os.replace(tmp, args.out / "bench.json")
+
+    results["baseline"] = ctx.baseline(args.reps)
+    if not args.no_startup:
+        results["startup"] = ctx.startup(ensure_inputs("tiny", "fp32", 2), args.reps)
+        print(f"startup: {results['startup']}", flush=True)
+    results["greedy"] = ctx.greedy_hook()
+    save()
+    ns = sorted(int(x) for x in args.ns.split(","))
+    for size in args.sizes.split(","):
+        for dtype in args.dtypes.split(","):
+            for i, n in enumerate(ns):
+                rows = run_config(args, ctx, size, dtype, n, methods, first_n=i == 0)
+                results["runs"].extend(rows)  # type: ignore[attr-defined]
+                save()
+    results["meta"]["loadavg_end"] = os.getloadavg()  # type: ignore[index]
+    if args.profile:
+        size, dtype, n = args.profile_config.split(",")
+        dirs = ensure_inputs(size, dtype, int(n))
+        results["profile"] = ctx.profile(dirs, args.out, f"{size}-{dtype}-N{n}")
+    save()
+    md = report.markdown(results)
+    (args.out / "bench.md").write_text(md)
+    report.plot(results, args.out / "bench.png")
+    print(md)
+
+
+if __name__ == "__main__":
+    main()
