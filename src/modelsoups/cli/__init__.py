@@ -2,7 +2,8 @@
 
 Every subcommand lives in a module of this package and registers itself on `app`. The
 library raises `SoupError`s; only `main` turns them into `soup: error: ...` and exit code 1
-(2 for usage errors; Ctrl-C or SIGTERM prints 'Aborted!' and exits 1). `--debug` anywhere on the line shows tracebacks.
+(2 for usage errors; Ctrl-C or SIGTERM prints 'Aborted!' and exits 1). `--debug` anywhere
+on the line shows tracebacks.
 """
 
 from __future__ import annotations
