@@ -56,14 +56,27 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="skip a configuration whose inputs exceed this fraction of RAM: they would "
         "not stay in the page cache, and a warm-cache benchmark would measure the disk",
     )
+    p.add_argument(
+        "--max-naive-frac",
+        type=float,
+        default=0.35,
+        help="skip the naive method when the inputs exceed this fraction of RAM",
+    )
     p.add_argument("--no-startup", action="store_true", help="skip the start-up timings")
     p.add_argument("--profile", action="store_true", help="py-spy `soup uniform` afterwards")
     p.add_argument("--profile-config", default="110M,fp32,16", help="SIZE,DTYPE,N to profile")
+    p.add_argument(
+        "--greedy-config",
+        default=None,
+        help="SIZE,DTYPE,N for greedy step vs re-average [110M,fp32,16; --quick: 25M,fp32,4; "
+        "'' to skip]",
+    )
     p.add_argument("--timeout", type=float, default=1800.0, help="per run, seconds")
     args = p.parse_args(argv)
     defaults = {"sizes": "25M,110M,440M", "ns": "2,4,8,16", "dtypes": "fp32,bf16", "reps": 3}
     if args.quick:
         defaults.update(sizes="25M", ns="2,4", reps=1)
+    defaults["greedy_config"] = "25M,fp32,4" if args.quick else "110M,fp32,16"
     for key, value in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
@@ -116,10 +129,9 @@ def run_config(
     first_n: bool,
 ) -> list[dict[str, object]]:
     """All methods × reps for one (size, dtype, N); repetitions interleave the methods."""
-    dirs = ensure_inputs(size, dtype, n)
-    files = [d / "model.safetensors" for d in dirs]
-    in_bytes = sum(f.stat().st_size for f in files)
     shape = make_inputs.SIZES[size]
+    in_bytes = n * make_inputs.expected_bytes(size, dtype)  # exact once the files exist
+    notes: dict[str, str] = {}
     base = {
         "size": size,
         "dtype": dtype,
@@ -132,6 +144,13 @@ def run_config(
         note = f"skipped: {in_bytes / 1e9:.1f} GB of inputs does not fit the page cache"
         print(f"  {size} {dtype} N={n}: {note}", flush=True)
         return [{**base, "method": m, "skipped": note} for m in methods]
+    dirs = ensure_inputs(size, dtype, n)
+    files = [d / "model.safetensors" for d in dirs]
+    in_bytes = base["input_bytes"] = sum(f.stat().st_size for f in files)
+    if "naive" in methods and in_bytes > args.max_naive_frac * mem_total():
+        # naive holds every input in RAM at once: past this it would evict the warm inputs
+        # and could push the other users of this shared machine into the OOM killer.
+        notes["naive"] = f"skipped: would hold {in_bytes / 1e9:.1f} GB in RAM"
     warm_s = warm(files)
     load = os.getloadavg()
     print(
@@ -139,7 +158,6 @@ def run_config(
         flush=True,
     )
     runs: dict[str, list[measure.Measurement]] = {m: [] for m in methods}
-    notes: dict[str, str] = {}
     checks: dict[str, object] = {}
     for rep in range(args.reps):
         for m in methods:
@@ -233,6 +251,12 @@ def main(argv: list[str] | None = None) -> None:
                 results["runs"].extend(rows)  # type: ignore[attr-defined]
                 save()
     results["meta"]["loadavg_end"] = os.getloadavg()  # type: ignore[index]
+    if args.greedy_config:
+        size, dtype, n = args.greedy_config.split(",")
+        results["greedy"] = ctx.greedy(ensure_inputs(size, dtype, int(n)))
+        results["greedy"]["config"] = args.greedy_config  # type: ignore[index]
+        print(f"greedy: {results['greedy']}", flush=True)
+        save()
     if args.profile:
         size, dtype, n = args.profile_config.split(",")
         dirs = ensure_inputs(size, dtype, int(n))

@@ -125,7 +125,7 @@ def ensure_models(size: str, dtype: str, n: int, *, log: bool = True) -> list[Pa
             print(f"  generating {size} {dtype} copy {k} -> {dirs[k]}", flush=True)
         gen = torch.Generator().manual_seed(1000 + k)
         tensors = {
-            name: (t + 0.01 * torch.randn(t.shape, generator=gen)).to(torch_dtype)
+            name: torch.add(t, torch.randn(t.shape, generator=gen), alpha=0.01).to(torch_dtype)
             for name, t in base.items()
         }
         dirs[k].mkdir(parents=True, exist_ok=True)

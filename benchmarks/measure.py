@@ -26,6 +26,7 @@ class Measurement:
     returncode: int
     samples: int
     stderr_tail: str = ""
+    stdout: str = ""
     extra: dict[str, object] = field(default_factory=dict)
 
 
@@ -101,12 +102,13 @@ def run(
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
     try:
-        _, err = proc.communicate(timeout=timeout_s)
+        out, err = proc.communicate(timeout=timeout_s)
     except subprocess.TimeoutExpired:
         proc.kill()
-        _, err = proc.communicate()
+        out, err = proc.communicate()
     wall = time.perf_counter() - start
     done.set()
     sampler.join()
     tail = err.decode(errors="replace")[-2000:] if err else ""
-    return Measurement(wall, peak, proc.returncode, samples, tail)
+    text = out.decode(errors="replace") if out else ""
+    return Measurement(wall, peak, proc.returncode, samples, tail, text)

@@ -4,6 +4,7 @@
     python benchmarks/methods.py memmap  OUT IN.safetensors…  # compute limit (numpy memmap)
     python benchmarks/methods.py naive   OUT IN.safetensors…  # load all, stack, mean, save
     python benchmarks/methods.py check   OUT IN.safetensors…  # max |OUT - fp64 mean|
+    python benchmarks/methods.py greedy  OUT IN…              # greedy step vs re-average
 
 ``memmap`` is the compute lower bound of issue 5: one pass over memory-mapped inputs,
 float32 accumulation, single thread, no output written. ``naive`` is what a user would
@@ -12,6 +13,7 @@ write first with safetensors + torch.
 
 from __future__ import annotations
 
+import itertools
 import json
 import struct
 import sys
@@ -35,7 +37,8 @@ def _views(path: str) -> dict[str, tuple[str, np.ndarray]]:
     mm = np.memmap(path, dtype=np.uint8, mode="r")
     out = {}
     for name, info in header.items():
-        begin, end = info["data_offsets"]  # type: ignore[misc]
+        offsets: list[int] = info["data_offsets"]  # type: ignore[assignment]
+        begin, end = offsets
         out[name] = (str(info["dtype"]), mm[start + begin : start + end])
     return out
 
@@ -99,6 +102,52 @@ def check(out: str, paths: list[str]) -> None:
     print(json.dumps({"max_abs_err": worst, "worst_tensor": worst_name}))
 
 
+def greedy(out: str, paths: list[str]) -> None:
+    """Print JSON: one greedy-soup step (incremental candidate) vs a re-average from scratch.
+
+    Every candidate is accepted (the evaluator's score only grows), so the loop runs all
+    N-1 steps; a step is the time between two evaluator calls: add the last ingredient to
+    the running sum, build and materialise the next candidate. The re-average is the
+    library's `uniform` over all N inputs in the same process (no start-up cost).
+    """
+    import importlib
+
+    from modelsoups import uniform
+
+    greedy_soup = None
+    for mod_name in ("modelsoups", "modelsoups.recipes.greedy", "modelsoups.greedy"):
+        try:
+            greedy_soup = getattr(importlib.import_module(mod_name), "greedy_soup", None)
+        except ImportError:
+            continue
+        if greedy_soup is not None:
+            break
+    if greedy_soup is None:
+        print(json.dumps({"status": "missing"}))
+        return
+    stamps: list[float] = []
+
+    def score(state_dict: dict[str, object]) -> float:
+        stamps.append(time.perf_counter())
+        return float(len(stamps))
+
+    names = [f"m{k:02d}" for k in range(len(paths))]
+    given = {name: 1.0 - 1e-3 * k for k, name in enumerate(names)}  # keeps input order
+    t0 = time.perf_counter()
+    result = greedy_soup(paths, score, names=names, scores=given)
+    total = time.perf_counter() - t0
+    steps = [b - a for a, b in itertools.pairwise(stamps)]
+    t1 = time.perf_counter()
+    uniform(paths, out)
+    reaverage = time.perf_counter() - t1
+    step = sorted(steps)[len(steps) // 2] if steps else float("nan")
+    print(json.dumps({
+        "status": "timed", "n": len(paths), "selected": len(result.selected),
+        "greedy_total_s": total, "step_median_s": step, "steps_s": steps,
+        "reaverage_s": reaverage, "reaverage_over_step": reaverage / step,
+    }))  # fmt: skip
+
+
 def baseline() -> None:
     import safetensors.torch  # noqa: F401
     import torch  # noqa: F401
@@ -111,7 +160,7 @@ def main() -> None:
     if cmd == "baseline":
         baseline()
         return
-    funcs = {"memmap": memmap_sum, "naive": naive, "check": check}
+    funcs = {"memmap": memmap_sum, "naive": naive, "check": check, "greedy": greedy}
     funcs[cmd](sys.argv[2], sys.argv[3:])
 
 

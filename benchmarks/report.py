@@ -151,10 +151,17 @@ def targets(res: dict[str, Any]) -> str:
         f"{_verdict(None if t is None else t < 2)}"
     )
     g = res.get("greedy", {})
-    out.append(
-        f"- greedy step ≥ N/2× cheaper than re-averaging: {g.get('status', '—')} "
-        f"({g.get('api') or ', '.join(g.get('looked_for', []))})"
-    )
+    if "reaverage_over_step" in g:
+        r, half = float(g["reaverage_over_step"]), int(g["n"]) / 2
+        out.append(
+            f"- greedy step ≥ N/2× cheaper than re-averaging ({g.get('config')}, "
+            f"{g.get('api')}): step {g['step_median_s']:.2f} s, re-average "
+            f"{g['reaverage_s']:.2f} s → {r:.1f}× vs {half:.0f}× → {_verdict(r >= half)}"
+        )
+    else:
+        where = g.get("api") or ", ".join(g.get("looked_for", []))
+        out.append(f"- greedy step ≥ N/2× cheaper than re-averaging: {g.get('status', '—')} "
+                   f"({where})")  # fmt: skip
     return "\n".join(out)
 
 
@@ -182,9 +189,11 @@ def profile_section(res: dict[str, Any]) -> str:
         return f"\n## Profile\n\n{p}\n"
     rows = "\n".join(f"| {f} | {s * 100:.1f}% |" for f, s in p["self"])
     incl = "\n".join(f"| {f} | {s * 100:.1f}% |" for f, s in p["inclusive"])
+    by_line = "\n".join(f"| {f} | {s * 100:.1f}% |" for f, s in p.get("self_lines", []))
     return (
         f"\n## py-spy profile of `soup uniform` ({p['samples']} samples, "
         f"raw stacks in {p['raw']})\n\nSelf time:\n\n| frame | share |\n|---|---|\n{rows}\n"
+        f"\nSelf time by line:\n\n| line | share |\n|---|---|\n{by_line}\n"
         f"\nInclusive:\n\n| frame | share |\n|---|---|\n{incl}\n"
     )
 

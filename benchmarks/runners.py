@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import collections
 import json
+import re
 import shutil
 import statistics
 import subprocess
@@ -93,7 +94,8 @@ class Context:
             text=True,
         )
         try:
-            return json.loads(r.stdout.strip().splitlines()[-1])  # type: ignore[no-any-return]
+            parsed: dict[str, object] = json.loads(r.stdout.strip().splitlines()[-1])
+            return parsed
         except (IndexError, json.JSONDecodeError):
             return {"error": r.stderr[-400:]}
 
@@ -177,6 +179,22 @@ class Context:
             return {"status": "missing", "looked_for": GREEDY_CANDIDATES}
         return {"status": "found, not yet timed", "api": found}
 
+    def greedy(self, dirs: list[Path]) -> dict[str, object]:
+        """Time one greedy step against a re-average (`methods.py greedy`, own process)."""
+        hook = self.greedy_hook()
+        if hook["status"] == "missing":
+            return hook
+        out = self.out_dir / "greedy.safetensors"
+        self.cleanup(out)
+        cmd = [sys.executable, METHODS_PY, "greedy", str(out), *map(str, dirs)]
+        r = measure.run(cmd, stdout_devnull=False)
+        self.cleanup(out)
+        try:
+            timed: dict[str, object] = json.loads(r.stdout.strip().splitlines()[-1])
+        except (IndexError, json.JSONDecodeError):
+            return {**hook, "status": f"failed: {r.stderr_tail[-400:]}"}
+        return {**hook, **timed, "peak_anon_bytes": r.peak_anon_bytes}
+
     def profile(self, dirs: list[Path], out_dir: Path, tag: str) -> dict[str, object]:
         """py-spy `soup uniform` once; keep the collapsed stacks and a hot-spot summary."""
         spy = shutil.which("py-spy")
@@ -212,19 +230,31 @@ def summarize_collapsed(path: Path, top: int = 12) -> dict[str, object]:
     """Self and inclusive sample shares per function from py-spy's collapsed stacks."""
     self_c: collections.Counter[str] = collections.Counter()
     incl: collections.Counter[str] = collections.Counter()
+    lines: collections.Counter[str] = collections.Counter()  # self time per source line
     total = 0
-    for line in path.read_text().splitlines():
-        stack, _, count = line.rpartition(" ")
+    for text in path.read_text().splitlines():
+        stack, _, count = text.rpartition(" ")
         if not stack or not count.isdigit():
             continue
         n = int(count)
         total += n
-        frames = stack.split(";")
+        # "func (path/file.py:123)" -> "func (file.py)": aggregate per function, not line;
+        # drop py-spy's "process N:..." root frames added by --subprocesses.
+        raw_frames = [f for f in stack.split(";") if not f.startswith("process ")]
+        if not raw_frames:
+            continue
+        frames = [re.sub(r"\((?:[^()]*/)?([^/():]+):\d+\)$", r"(\1)", f) for f in raw_frames]
         self_c[frames[-1]] += n
+        lines[re.sub(r"\((?:[^()]*/)?([^/()]+)\)$", r"(\1)", raw_frames[-1])] += n
         for f in set(frames):
             incl[f] += n
 
     def share(c: collections.Counter[str]) -> list[tuple[str, float]]:
         return [(f, round(v / total, 3)) for f, v in c.most_common(top)]
 
-    return {"samples": total, "self": share(self_c), "inclusive": share(incl)}
+    return {
+        "samples": total,
+        "self": share(self_c),
+        "self_lines": share(lines),
+        "inclusive": share(incl),
+    }
