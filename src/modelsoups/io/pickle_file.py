@@ -47,7 +47,7 @@ def load_pickle(path: Path, *, unsafe_pickle: bool = False) -> Any:
             raise CheckpointError(
                 f"{path}: not a readable PyTorch checkpoint ({_first_line(e)})"
             ) from None
-        except (EOFError, ValueError, OSError, KeyError, AttributeError, TypeError) as e:
+        except Exception as e:  # corrupt input makes the unpickler raise almost anything
             raise CheckpointError(
                 f"{path}: not a readable PyTorch checkpoint ({_first_line(e)})"
             ) from None
