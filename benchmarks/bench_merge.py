@@ -71,9 +71,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="SIZE,DTYPE,N for greedy step vs re-average [110M,fp32,16; --quick: 25M,fp32,4; "
         "'' to skip]",
     )
+    p.add_argument(
+        "--deadline",
+        default=None,
+        help="UTC HH:MM after which no new configuration starts (the rest is marked skipped, "
+        "the report is still written)",
+    )
     p.add_argument("--timeout", type=float, default=1800.0, help="per run, seconds")
     args = p.parse_args(argv)
-    defaults = {"sizes": "25M,110M,440M", "ns": "2,4,8,16", "dtypes": "fp32,bf16", "reps": 3}
+    # 110M first: the targets are stated there, so a run cut short by --deadline has them.
+    defaults = {"sizes": "110M,25M,440M", "ns": "2,4,8,16", "dtypes": "fp32,bf16", "reps": 3}
     if args.quick:
         defaults.update(sizes="25M", ns="2,4", reps=1)
     defaults["greedy_config"] = "25M,fp32,4" if args.quick else "110M,fp32,16"
@@ -119,6 +126,19 @@ def ensure_inputs(size: str, dtype: str, n: int) -> list[Path]:
     return dirs
 
 
+def config_base(size: str, dtype: str, n: int) -> dict[str, object]:
+    """The fields every result row of one configuration shares."""
+    shape = make_inputs.SIZES[size]
+    return {
+        "size": size,
+        "dtype": dtype,
+        "n": n,
+        "params": shape.n_params(),
+        "input_bytes": n * make_inputs.expected_bytes(size, dtype),  # exact once files exist
+        "largest_tensor_bytes": shape.largest_tensor_numel() * make_inputs.BYTES_PER[dtype],
+    }
+
+
 def run_config(
     args: argparse.Namespace,
     ctx: runners.Context,
@@ -129,17 +149,9 @@ def run_config(
     first_n: bool,
 ) -> list[dict[str, object]]:
     """All methods × reps for one (size, dtype, N); repetitions interleave the methods."""
-    shape = make_inputs.SIZES[size]
-    in_bytes = n * make_inputs.expected_bytes(size, dtype)  # exact once the files exist
+    base = config_base(size, dtype, n)
+    in_bytes = n * make_inputs.expected_bytes(size, dtype)
     notes: dict[str, str] = {}
-    base = {
-        "size": size,
-        "dtype": dtype,
-        "n": n,
-        "params": shape.n_params(),
-        "input_bytes": in_bytes,
-        "largest_tensor_bytes": shape.largest_tensor_numel() * make_inputs.BYTES_PER[dtype],
-    }
     if in_bytes > args.max_cache_frac * mem_total():
         note = f"skipped: {in_bytes / 1e9:.1f} GB of inputs does not fit the page cache"
         print(f"  {size} {dtype} N={n}: {note}", flush=True)
@@ -200,6 +212,15 @@ def run_config(
     return rows
 
 
+def past(deadline: str | None) -> bool:
+    """True once the UTC wall clock is past HH:MM today."""
+    if not deadline:
+        return False
+    hh, mm = (int(x) for x in deadline.split(":"))
+    now = time.gmtime()
+    return (now.tm_hour, now.tm_min) >= (hh, mm)
+
+
 def meta(args: argparse.Namespace, ctx: runners.Context) -> dict[str, object]:
     git = subprocess.run(
         ["git", "-C", str(HERE), "rev-parse", "--short", "HEAD"], capture_output=True, text=True
@@ -247,7 +268,12 @@ def main(argv: list[str] | None = None) -> None:
     for size in args.sizes.split(","):
         for dtype in args.dtypes.split(","):
             for i, n in enumerate(ns):
-                rows = run_config(args, ctx, size, dtype, n, methods, first_n=i == 0)
+                if past(args.deadline):
+                    note = f"skipped: past --deadline {args.deadline} UTC"
+                    base = config_base(size, dtype, n)
+                    rows = [{**base, "method": m, "skipped": note} for m in methods]
+                else:
+                    rows = run_config(args, ctx, size, dtype, n, methods, first_n=i == 0)
                 results["runs"].extend(rows)  # type: ignore[attr-defined]
                 save()
     results["meta"]["loadavg_end"] = os.getloadavg()  # type: ignore[index]

@@ -14,13 +14,16 @@ from typing import Any
 MiB = 2**20
 METHOD_ORDER = ["cat", "memmap", "naive", "mergekit", "soup"]
 TARGET = ("110M", "fp32", 16)
+SIZE_ORDER = ["tiny", "25M", "110M", "440M"]
 
 
 def _index(res: dict[str, Any]) -> dict[tuple[str, str, int], dict[str, dict[str, Any]]]:
     table: dict[tuple[str, str, int], dict[str, dict[str, Any]]] = defaultdict(dict)
     for row in res["runs"]:
         table[(row["size"], row["dtype"], row["n"])][row["method"]] = row
-    return table
+    order = {s: i for i, s in enumerate(SIZE_ORDER)}
+    keys = sorted(table, key=lambda k: (order.get(k[0], 99), k[1] != "fp32", k[1], k[2]))
+    return {k: table[k] for k in keys}
 
 
 def _t(row: dict[str, Any] | None) -> str:
@@ -245,12 +248,17 @@ def plot(res: dict[str, Any], path: Path) -> None:
                 axes[0][col].plot(*zip(*t, strict=True), marker="o", label=method)
             if mem and method != "cat":
                 axes[1][col].plot(*zip(*mem, strict=True), marker="o", label=method)
+        any_row = next(iter(idx[(size, dtype, ns[0])].values()))
+        budget = budget_bytes(res, any_row) / MiB
+        axes[1][col].axhline(budget, color="grey", ls="--", lw=1, label="budget")
+        axes[1][col].set_ylim(bottom=0)
         axes[0][col].set_title(f"{size} {dtype}")
         axes[0][col].set_yscale("log")
         axes[0][col].set_ylabel("wall time, s (log)")
         axes[1][col].set_ylabel("peak anon MiB")
         for ax in axes[:, col]:
             ax.set_xscale("log", base=2)
+            ax.set_xticks(ns, [str(n) for n in ns])
             ax.set_xlabel("N checkpoints")
             ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=8)
