@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 import mmap
 import os
 import struct
@@ -57,7 +58,7 @@ def _parse_header(path: Path, size: int, head: bytes) -> tuple[int, dict[str, An
         raise CheckpointError(f"{path}: header length {n} exceeds {MAX_HEADER} bytes")
     try:
         header = json.loads(head[8 : 8 + n])
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (ValueError, RecursionError) as e:  # bad UTF-8/JSON, 5000-digit ints, [[[[...
         raise CheckpointError(f"{path}: invalid JSON in safetensors header ({e})") from None
     if not isinstance(header, dict):
         raise CheckpointError(f"{path}: safetensors header is not a JSON object")
@@ -68,16 +69,21 @@ def _tensor_info(path: Path, name: str, entry: Any, data_size: int) -> tuple[Ten
     """Validate one header entry; return its info and start offset in the data section."""
     if not isinstance(entry, dict):
         raise CheckpointError(f"{path}: tensor {name!r}: header entry is not an object")
-    dtype = DTYPES.get(entry.get("dtype"))  # type: ignore[arg-type]
+    dtype = DTYPES.get(entry["dtype"]) if isinstance(entry.get("dtype"), str) else None
     if dtype is None:
         raise CheckpointError(f"{path}: tensor {name!r}: unknown dtype {entry.get('dtype')!r}")
     shape, offsets = entry.get("shape"), entry.get("data_offsets")
-    if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
+    if (
+        not isinstance(shape, list)
+        or len(shape) > 64  # torch's own limit on dimensions
+        or not all(type(d) is int and d >= 0 for d in shape)  # bool is an int: refuse it
+        or math.prod(max(d, 1) for d in shape) >= 2**63  # torch's strides must fit int64
+    ):
         raise CheckpointError(f"{path}: tensor {name!r}: invalid shape {shape!r}")
     if (
         not isinstance(offsets, list)
         or len(offsets) != 2
-        or not all(isinstance(o, int) and o >= 0 for o in offsets)
+        or not all(type(o) is int and o >= 0 for o in offsets)
         or offsets[0] > offsets[1]
     ):
         raise CheckpointError(f"{path}: tensor {name!r}: invalid data_offsets {offsets!r}")
@@ -107,7 +113,10 @@ class SafetensorsFile(Checkpoint):
             raise CheckpointError(f"{self.path}: cannot open ({e.strerror})") from None
         try:
             size = os.fstat(fd).st_size
-            head = os.pread(fd, min(size, 8 + MAX_HEADER), 0) if size >= 8 else b""
+            head = os.pread(fd, 8, 0) if size >= 8 else b""
+            if len(head) == 8:  # read exactly the header, never more
+                n_claimed = int.from_bytes(head, "little")
+                head += os.pread(fd, min(n_claimed, size - 8, MAX_HEADER), 8)
             n, header = _parse_header(self.path, size, head)
             # ACCESS_COPY: a private mapping gives torch a writable buffer without any
             # possibility of writing back to the file.
