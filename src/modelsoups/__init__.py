@@ -35,6 +35,25 @@ _EXPORTS: dict[str, str] = {
     "weighted_sum": "average",
     "load_soup": "average",
     "inspect_checkpoints": "inspect",
+    "Evaluator": "evaluate",
+    "CommandEvaluator": "evaluate",
+    "FunctionEvaluator": "evaluate",
+    "ModuleEvaluator": "evaluate",
+    "Score": "evaluate",
+    "load_scores": "evaluate",
+    "LocalExecutor": "executor",
+    "greedy_soup": "recipes.greedy",
+    "learned_soup": "recipes.learned",
+    "ensemble_logits": "recipes.ensemble",
+    "greedy_ensemble": "recipes.ensemble",
+    "predict": "recipes.ensemble",
+    "wise_ft": "recipes.wise_ft",
+    "wise_ft_sweep": "recipes.wise_ft",
+    "model_stock": "recipes.stock",
+    "task_arithmetic": "recipes.task_arithmetic",
+    "task_arithmetic_sweep": "recipes.task_arithmetic",
+    "recalibrate_bn": "recipes.bn",
+    "similarity_report": "similarity",
 }
 
 __all__ = ["__version__", *_EXPORTS]
@@ -51,12 +70,31 @@ if TYPE_CHECKING:
     from .errors import OutputError as OutputError
     from .errors import SoupError as SoupError
     from .errors import UnsafePickleError as UnsafePickleError
+    from .evaluate import CommandEvaluator as CommandEvaluator
+    from .evaluate import Evaluator as Evaluator
+    from .evaluate import FunctionEvaluator as FunctionEvaluator
+    from .evaluate import ModuleEvaluator as ModuleEvaluator
+    from .evaluate import Score as Score
+    from .evaluate import load_scores as load_scores
+    from .executor import LocalExecutor as LocalExecutor
     from .inspect import inspect_checkpoints as inspect_checkpoints
     from .io import Checkpoint as Checkpoint
     from .io import expand_inputs as expand_inputs
     from .io import open_checkpoint as open_checkpoint
+    from .recipes.bn import recalibrate_bn as recalibrate_bn
+    from .recipes.ensemble import ensemble_logits as ensemble_logits
+    from .recipes.ensemble import greedy_ensemble as greedy_ensemble
+    from .recipes.ensemble import predict as predict
+    from .recipes.greedy import greedy_soup as greedy_soup
+    from .recipes.learned import learned_soup as learned_soup
+    from .recipes.stock import model_stock as model_stock
+    from .recipes.task_arithmetic import task_arithmetic as task_arithmetic
+    from .recipes.task_arithmetic import task_arithmetic_sweep as task_arithmetic_sweep
     from .recipes.uniform import uniform as uniform
     from .recipes.uniform import weighted as weighted
+    from .recipes.wise_ft import wise_ft as wise_ft
+    from .recipes.wise_ft import wise_ft_sweep as wise_ft_sweep
+    from .similarity import similarity_report as similarity_report
     from .stream import average_checkpoints as average_checkpoints
     from .types import SoupResult as SoupResult
     from .types import StateDict as StateDict

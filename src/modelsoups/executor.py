@@ -1,0 +1,70 @@
+"""Where independent jobs run: the executor abstraction.
+
+Scoring N ingredients on held-out data, an α sweep or fine-tuning N ingredients are N
+independent jobs. Recipes hand them to an `Executor`, whose whole API is
+
+    executor.map(fn, items) -> [fn(item) for item in items]    # same order as `items`
+
+`LocalExecutor(workers)` runs them in a pool of local processes (spawn context: no forked
+torch/OpenMP state, same behaviour on Linux, macOS and Windows); `workers=1` runs them inline,
+in this process, which is also what the tests use. A Ray implementation (issue 7) has the same
+shape. With more than one worker, `fn` and every item are pickled to the workers: `fn` must
+be a module-level function (or a `functools.partial` of one) and items should be small —
+pass checkpoint *paths* rather than tensors when you can. Exceptions raised by `fn` are
+re-raised in the caller (the first one, in item order).
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+from collections.abc import Callable, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from typing import Protocol, TypeVar
+
+from .errors import SoupError
+
+__all__ = ["Executor", "LocalExecutor", "get_executor"]
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+class Executor(Protocol):
+    """Runs `fn` on every item, possibly in parallel, and returns results in item order."""
+
+    def map(self, fn: Callable[[T], R], items: Sequence[T]) -> list[R]: ...
+
+
+class LocalExecutor:
+    """A pool of `workers` local processes (spawn context); `workers=1` runs inline.
+
+    Example:
+        >>> LocalExecutor(2).map(abs, [-1, -2, 3])
+        [1, 2, 3]
+    """
+
+    def __init__(self, workers: int = 1) -> None:
+        if workers < 1:
+            raise SoupError(f"workers must be at least 1, got {workers}")
+        self.workers = workers
+
+    def map(self, fn: Callable[[T], R], items: Sequence[T]) -> list[R]:
+        items = list(items)
+        if self.workers == 1 or len(items) <= 1:
+            return [fn(x) for x in items]
+        context = multiprocessing.get_context("spawn")
+        workers = min(self.workers, len(items))
+        with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
+            return list(pool.map(fn, items))
+
+    def __repr__(self) -> str:
+        return f"LocalExecutor(workers={self.workers})"
+
+
+def get_executor(executor: Executor | int | None) -> Executor:
+    """`None` → inline, an int → `LocalExecutor(n)`, an executor → itself."""
+    if executor is None:
+        return LocalExecutor(1)
+    if isinstance(executor, int):
+        return LocalExecutor(executor)
+    return executor

@@ -1,0 +1,199 @@
+"""Greedy soup (Wortsman et al. 2022, https://arxiv.org/abs/2203.05482, Recipe 1).
+
+    sort ingredients by held-out score, best first
+    soup ← {best}
+    for each next ingredient θ:
+        if score(mean(soup ∪ {θ})) ≥ score(mean(soup)):   # paper: ≥; official code: >
+            soup ← soup ∪ {θ}
+
+Incremental: a float32 running sum of the soup is kept, so a candidate (sum + θ)/(k+1) is
+computed tensor by tensor while it is scored — one pass over the weights, never a
+re-average. Selection only ever sees the held-out `evaluator`; `test_evaluator`, if given,
+scores the final soup once, after selection. Every evaluation is logged to `history`
+(JSON lines); `resume=True` replays it after a crash without evaluating anything again.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ..check import check_compatible, check_non_float
+from ..errors import EvaluationError, SoupError
+from ..evaluate import (
+    Evaluator,
+    History,
+    Ingredient,
+    LazyCheckpoint,
+    Score,
+    acceptance,
+    as_evaluator,
+    close_all,
+    ingredient_sources,
+    open_ingredients,
+    score_ingredients,
+)
+from ..io.base import Checkpoint
+from ..similarity import init_warning
+
+__all__ = ["GreedyResult", "greedy_soup"]
+
+
+@dataclass
+class GreedyResult:
+    """The greedy soup: which ingredients, their held-out scores, and the log."""
+
+    names: list[str]  # every ingredient, input order
+    selected: list[str]  # soup ingredients, in the order they were added
+    weights: list[float]  # per ingredient, input order: 1/len(selected) or 0
+    score: float  # held-out score of the soup
+    ingredient_scores: dict[str, float]
+    history: list[dict[str, Any]]  # JSON lines: ingredient scores, then one per greedy step
+    soup: Checkpoint  # the soup, computed from the running sum when read
+    warnings: list[str] = field(default_factory=list)
+    test: Score | None = None  # the final soup on test data: reported, never used to choose
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The soup as a state dict (in the ingredients' dtypes)."""
+        return {k: self.soup.get(k).to(i.dtype) for k, i in self.soup.infos.items()}
+
+
+class _RunningSum:
+    """Σθ over the soup's ingredients in float32; integer tensors from the first."""
+
+    def __init__(self, first: Checkpoint) -> None:
+        self.infos, self.size = first.infos, 1
+        self.sums = {  # copies: the inputs are never modified
+            k: first.get(k).to(torch.float32 if i.is_float else None, copy=True)
+            for k, i in self.infos.items()
+        }
+
+    def add(self, c: Checkpoint) -> None:
+        for k, i in self.infos.items():
+            if i.is_float:
+                self.sums[k].add_(c.get(k))
+        self.size += 1
+
+    def candidate(self, label: str, extra: Checkpoint | None = None) -> LazyCheckpoint:
+        n = self.size + (extra is not None)
+
+        def compute(k: str) -> torch.Tensor:
+            if not self.infos[k].is_float:
+                return self.sums[k]
+            return (self.sums[k] if extra is None else self.sums[k] + extra.get(k)) / n
+
+        return LazyCheckpoint(label, self.infos, compute)
+
+
+def greedy_soup(
+    ingredients: Sequence[Ingredient],
+    evaluator: Evaluator | Callable[[dict[str, torch.Tensor]], object],
+    *,
+    names: Sequence[str] | None = None,
+    scores: Mapping[str, float] | None = None,
+    accept: str = "ge",
+    tolerance: float = 0.0,
+    dataset: str = "held_out",
+    history: str | None = None,
+    resume: bool = False,
+    executor: Any = None,
+    test_evaluator: Evaluator | None = None,
+    key: str | None = None,
+    unsafe_pickle: bool = False,
+) -> GreedyResult:
+    """Greedy soup of `ingredients` chosen by `evaluator` on held-out data.
+
+    Args:
+        ingredients: checkpoint paths, state dicts or modules of one architecture.
+        evaluator: scores a candidate on HELD-OUT data (`Evaluator`, or `fn(state_dict)`).
+        names: one per ingredient (default: file stems, or `ingredient_i`).
+        scores: held-out scores already known (name → score), e.g. from `load_scores`;
+            the ingredients not in it are evaluated, through `executor` (int = workers).
+        accept: "ge" keeps an ingredient on ties (paper), "gt" only on a strict gain.
+        tolerance: accept candidates scoring up to this much below the soup.
+        dataset: name of the held-out metric in the history records.
+        history: JSON-lines log path; `resume=True` continues one after a crash.
+        test_evaluator: scores the final soup on test data, after selection.
+
+    Example:
+        >>> r = greedy_soup([sd1, sd2, sd3], held_out_accuracy)  # doctest: +SKIP
+        >>> model.load_state_dict(r.state_dict())  # doctest: +SKIP
+    """
+    ev, better = as_evaluator(evaluator), acceptance(accept, tolerance)
+    all_names, ckpts = open_ingredients(ingredients, names, key=key, unsafe_pickle=unsafe_pickle)
+    try:
+        check_compatible(ckpts)
+        check_non_float(ckpts)
+        warning = init_warning(ckpts)
+        log = History(history, resume=resume)
+        todo = ingredient_sources(ingredients, all_names)
+        opts = {"executor": executor, "key": key, "unsafe_pickle": unsafe_pickle}
+        known = _score_ingredients(ev, todo, log, dataset, scores or {}, opts)
+        order = sorted(range(len(ckpts)), key=lambda i: -known[all_names[i]])
+        soup = _RunningSum(ckpts[order[0]])
+        selected, best = [all_names[order[0]]], known[all_names[order[0]]]
+        steps = [r for r in log.records if r.get("kind") == "greedy"]
+        if not steps:
+            log.append({"kind": "greedy", "model_name": selected[0], dataset: best,
+                        "accepted": True, "soup_size": 1})  # fmt: skip
+            steps = [log.records[-1]]
+        for j, i in enumerate(order[1:], start=1):
+            name = all_names[i]
+            if j < len(steps):  # replay a step logged before the crash
+                if steps[j].get("model_name") != name:
+                    raise SoupError(
+                        f"{history}: logged step {j} is {steps[j].get('model_name')!r}"
+                        f", expected {name!r}; the ingredients or scores changed"
+                    )
+                ok, s = bool(steps[j]["accepted"]), Score(float(steps[j][dataset]))
+            else:
+                cand = soup.candidate(f"<greedy soup + {name}>", ckpts[i])
+                s = ev.evaluate(cand, name=f"greedy soup of {soup.size} + {name}")
+                ok = better(s.score, best)
+                log.append({"kind": "greedy", "model_name": name, dataset: s.score, **s.metrics,
+                            "accepted": ok, "soup_size": soup.size + ok})  # fmt: skip
+            if ok:
+                soup.add(ckpts[i])
+                selected.append(name)
+                best = s.score
+        final = soup.candidate("<greedy soup>")
+        test = test_evaluator.evaluate(final, name="greedy soup (test)") if test_evaluator else None
+    finally:
+        close_all(ckpts)
+    weights = [1.0 / len(selected) if n in selected else 0.0 for n in all_names]
+    return GreedyResult(all_names, selected, weights, best, known, log.records, final,
+                        [warning] if warning else [], test)  # fmt: skip
+
+
+def _score_ingredients(
+    ev: Evaluator,
+    todo: list[tuple[str, object]],
+    log: History,
+    dataset: str,
+    given: Mapping[str, float],
+    opts: dict[str, Any],
+) -> dict[str, float]:
+    """Held-out score of every ingredient: logged, given, or evaluated (and logged) now."""
+    names = [n for n, _ in todo]
+    unknown = [n for n in given if n not in names]
+    if unknown:
+        raise SoupError(f"scores given for unknown ingredient(s) {unknown[:3]}; not in {names}")
+    known = {str(r["model_name"]): float(r[dataset]) for r in log.records
+             if r.get("kind") == "ingredient" and dataset in r}  # fmt: skip
+    for n, s in given.items():
+        if n not in known:
+            known[n] = float(s)
+            log.append({"kind": "ingredient", "model_name": n, dataset: float(s), "given": True})
+    todo = [(n, s) for n, s in todo if n not in known]
+    results = score_ingredients(ev, todo, **opts)
+    for (n, _), r in zip(todo, results, strict=True):
+        if isinstance(r, Score):
+            log.append({"kind": "ingredient", "model_name": n, dataset: r.score, **r.metrics})
+            known[n] = r.score
+    errors = [r for r in results if isinstance(r, EvaluationError)]
+    if errors:
+        raise errors[0]  # the others' scores are logged: --resume will not redo them
+    return known
