@@ -1,0 +1,254 @@
+"""Fuzzing the checkpoint readers: hostile bytes get a `CheckpointError`, nothing else.
+
+Whatever a file holds — random bytes, a valid safetensors file with flipped bytes, cut
+short, its header length or header fields replaced by arbitrary JSON — opening it and
+reading every tensor must:
+
+- raise nothing but the project's own `SoupError` subclasses (no traceback for users),
+- finish quickly (an alarm turns a hang into a failure),
+- allocate no more than the file size suggests: Python allocations stay within a small
+  multiple of the file size (tracemalloc), and the tensors handed out never add up to
+  more bytes than the file holds.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import signal
+import struct
+import tempfile
+import tracemalloc
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from modelsoups.errors import CheckpointError, SoupError
+from modelsoups.io import open_checkpoint
+from modelsoups.io.safetensors_file import DTYPES
+
+SECONDS = 2  # per example: generous for a file of a few hundred bytes
+FUZZ = settings(
+    max_examples=150,
+    deadline=None,  # the alarm below is the real limit; deadlines flake on a busy CI
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+    derandomize=True,  # same examples every run: CI stays reproducible
+)
+
+
+@pytest.fixture(scope="module")
+def workdir() -> Iterator[Path]:
+    with tempfile.TemporaryDirectory(prefix="soup-fuzz-") as d:
+        yield Path(d)
+
+
+class Hang(Exception):
+    pass
+
+
+def _alarm(signum: int, frame: object) -> None:
+    raise Hang(f"reader still busy after {SECONDS} s")
+
+
+def read_everything(path: Path) -> SoupError | None:
+    """Open `path` and read every tensor, under the three rules of this module; return the
+    error it raised, if any."""
+    size = path.stat().st_size
+    old = signal.signal(signal.SIGALRM, _alarm)
+    signal.setitimer(signal.ITIMER_REAL, SECONDS)
+    tracemalloc.start()
+    handed_out = 0
+    error = None
+    try:
+        with open_checkpoint(path) as ckpt:
+            for name in list(ckpt.infos):
+                t = ckpt.get(name)
+                assert tuple(t.shape) == ckpt.infos[name].shape
+                assert t.dtype == ckpt.infos[name].dtype
+                handed_out += t.numel() * t.element_size()
+                # What the soup does next: widen to float32 (must not blow up either).
+                t.to(torch.float32 if t.dtype.is_floating_point else t.dtype).sum()
+    except SoupError as e:
+        assert str(path) in str(e), f"error does not name the file: {e}"
+        assert "\n" not in str(e)
+        error = e
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+        _, peak = tracemalloc.get_traced_memory()
+        tracemalloc.stop()
+    assert handed_out <= size, f"{handed_out} tensor bytes from a {size}-byte file"
+    assert peak <= 1024 * 1024 + 64 * size, f"peak Python allocation {peak} B for {size} B"
+    return error
+
+
+# ---------------------------------------------------------------------------------------
+# Building safetensors files, valid and not.
+
+
+def pack(header: Any, data: bytes, length: int | None = None) -> bytes:
+    h = header if isinstance(header, bytes) else json.dumps(header).encode()
+    return struct.pack("<Q", len(h) if length is None else length) + h + data
+
+
+@st.composite
+def valid_safetensors(draw: st.DrawFn) -> tuple[dict[str, Any], bytes]:
+    """A small, valid file: a few tensors of any supported dtype, packed in any order."""
+    names = draw(st.lists(st.sampled_from(["a", "b.weight", "module.c", "d", "é"]), max_size=4))
+    header: dict[str, Any] = {}
+    data = b""
+    for name in dict.fromkeys(names):
+        dtype = draw(st.sampled_from(sorted(DTYPES)))
+        shape = draw(st.lists(st.integers(0, 4), max_size=3))
+        n = DTYPES[dtype].itemsize
+        for d in shape:
+            n *= d
+        header[name] = {"dtype": dtype, "shape": shape, "data_offsets": [len(data), len(data) + n]}
+        data += draw(st.binary(min_size=n, max_size=n))
+    if draw(st.booleans()):
+        header["__metadata__"] = {"format": "pt"}
+    return header, data
+
+
+json_values = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**70), 2**70)
+    | st.sampled_from([0, 1, 4, 2**31, 2**63 - 1, 2**63, 2**64, -1])
+    | st.floats(allow_nan=False)
+    | st.text(max_size=8)
+    | st.sampled_from(sorted(DTYPES)),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=4), inner),
+    max_leaves=8,
+)
+
+
+@st.composite
+def mutated_header(draw: st.DrawFn) -> bytes:
+    """A valid file whose header has one field replaced, removed or an entry added."""
+    header, data = draw(valid_safetensors())
+    names = [k for k in header if k != "__metadata__"]
+    kind = draw(st.sampled_from(["field", "drop", "entry", "metadata", "raw"]))
+    if kind == "field" and names:
+        name = draw(st.sampled_from(names))
+        field = draw(st.sampled_from(["dtype", "shape", "data_offsets"]))
+        header[name][field] = draw(json_values)
+    elif kind == "drop" and names:
+        name = draw(st.sampled_from(names))
+        del header[name][draw(st.sampled_from(["dtype", "shape", "data_offsets"]))]
+    elif kind == "entry":
+        header[draw(st.text(max_size=6))] = draw(json_values)
+    elif kind == "metadata":
+        header["__metadata__"] = draw(json_values)
+    elif kind == "raw":
+        return pack(draw(json_values), data)
+    return pack(header, data)
+
+
+@st.composite
+def mutated_bytes(draw: st.DrawFn) -> bytes:
+    """A valid file with bytes overwritten, cut short, or its length field replaced."""
+    raw = bytearray(pack(*draw(valid_safetensors())))
+    kind = draw(st.sampled_from(["flip", "truncate", "length", "append"]))
+    if kind == "flip":
+        for _ in range(draw(st.integers(1, 8))):
+            raw[draw(st.integers(0, len(raw) - 1))] = draw(st.integers(0, 255))
+    elif kind == "truncate":
+        del raw[draw(st.integers(0, len(raw))) :]
+    elif kind == "length":
+        raw[:8] = struct.pack("<Q", draw(st.integers(0, 2**64 - 1)))
+    else:
+        raw += draw(st.binary(min_size=1, max_size=64))
+    return bytes(raw)
+
+
+def write(workdir: Path, raw: bytes, suffix: str = ".safetensors") -> Path:
+    path = workdir / f"fuzz{suffix}"
+    path.write_bytes(raw)
+    return path
+
+
+@FUZZ
+@given(raw=st.binary(max_size=512))
+def test_random_bytes(workdir: Path, raw: bytes) -> None:
+    read_everything(write(workdir, raw))
+
+
+@FUZZ
+@given(raw=mutated_header())
+def test_mutated_headers(workdir: Path, raw: bytes) -> None:
+    read_everything(write(workdir, raw))
+
+
+@FUZZ
+@given(raw=mutated_bytes())
+def test_mutated_bodies(workdir: Path, raw: bytes) -> None:
+    read_everything(write(workdir, raw))
+
+
+@FUZZ
+@given(file=valid_safetensors())
+def test_valid_files_round_trip(workdir: Path, file: tuple[dict[str, Any], bytes]) -> None:
+    """The generator itself makes readable files: the mutations start from valid ones."""
+    header, data = file
+    path = write(workdir, pack(header, data))
+    with open_checkpoint(path) as ckpt:
+        assert len(ckpt.keys()) == len([k for k in header if k != "__metadata__"])
+        for name in list(ckpt.infos):
+            raw_name = ckpt.raw_name(name)  # type: ignore[attr-defined]
+            begin, end = header[raw_name]["data_offsets"]
+            t = ckpt.get(name)
+            assert t.reshape(-1).view(torch.uint8).numpy().tobytes() == data[begin:end]
+
+
+def test_known_crashers(workdir: Path) -> None:
+    """Inputs that once escaped as TypeError/RuntimeError/ValueError/RecursionError."""
+    entry = {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}
+    crashers = [
+        {"a": {**entry, "dtype": [1]}},  # unhashable dtype
+        {"a": {**entry, "dtype": {}}},
+        {"a": {**entry, "shape": [True]}},  # bool is an int to isinstance
+        {"a": {**entry, "shape": [0, 2**64], "data_offsets": [0, 0]}},  # empty but huge
+        {"a": {**entry, "shape": [0, 2**40, 2**40], "data_offsets": [0, 0]}},
+        {"a": {**entry, "shape": [1] * 65}},  # more dimensions than torch supports
+    ]
+    raws = [pack(h, b"\0" * 8) for h in crashers]
+    raws += [pack(b"[" * 100_000 + b"]" * 100_000, b""), pack(b"[" + b"1" * 5000 + b"]", b"")]
+    for raw in raws:
+        assert isinstance(read_everything(write(workdir, raw)), CheckpointError)
+
+
+# ---------------------------------------------------------------------------------------
+# Pickles: torch.load(weights_only=True) on hostile bytes must also end in CheckpointError.
+
+
+def _saved_pickle() -> bytes:
+    buf = io.BytesIO()
+    torch.save({"w": torch.arange(6.0).reshape(2, 3), "n": torch.tensor(3)}, buf)
+    return buf.getvalue()
+
+
+SAVED = _saved_pickle()
+
+
+@FUZZ
+@given(
+    flips=st.lists(st.tuples(st.integers(0, len(SAVED) - 1), st.integers(0, 255)), max_size=6),
+    cut=st.integers(0, len(SAVED)),
+)
+def test_mutated_pickles(workdir: Path, flips: list[tuple[int, int]], cut: int) -> None:
+    raw = bytearray(SAVED)
+    for pos, byte in flips:
+        raw[pos] = byte
+    read_everything(write(workdir, bytes(raw[: max(cut, 1)]), ".pt"))
+
+
+@FUZZ
+@given(raw=st.binary(min_size=1, max_size=256))
+def test_random_pickles(workdir: Path, raw: bytes) -> None:
+    read_everything(write(workdir, raw, ".pt"))
