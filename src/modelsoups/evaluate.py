@@ -55,6 +55,7 @@ __all__ = [
     "acceptance",
     "as_evaluator",
     "close_all",
+    "ingredient_names",
     "ingredient_sources",
     "load_candidate",
     "load_scores",
@@ -487,7 +488,8 @@ def score_ingredients(
 Ingredient: TypeAlias = "StateDict | nn.Module | str | os.PathLike[str]"
 
 
-def _default_names(ingredients: Sequence[Ingredient]) -> list[str]:
+def ingredient_names(ingredients: Sequence[Ingredient]) -> list[str]:
+    """File stems (folder names for folders; full paths if those clash), or `ingredient_i`."""
     names = []
     for i, x in enumerate(ingredients):
         if isinstance(x, str | os.PathLike):
@@ -514,7 +516,7 @@ def open_ingredients(
 
     if not ingredients:
         raise SoupError("no ingredients: give at least one checkpoint")
-    out_names = list(names) if names is not None else _default_names(ingredients)
+    out_names = list(names) if names is not None else ingredient_names(ingredients)
     if len(out_names) != len(ingredients) or len(set(out_names)) != len(out_names):
         raise SoupError(f"give one distinct name per ingredient, got {out_names}")
     ckpts: list[Checkpoint] = []

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from .check import check_compatible
 from .errors import SoupError
+from .similarity import similarity_report
 from .stream import open_all
 from .types import PathLike
 
@@ -46,14 +47,22 @@ def _disk_size(p: Path) -> int:
 
 
 def inspect_checkpoints(
-    inputs: Sequence[PathLike], *, key: str | None = None, unsafe_pickle: bool = False
+    inputs: Sequence[PathLike],
+    *,
+    key: str | None = None,
+    unsafe_pickle: bool = False,
+    base: PathLike | None = None,
 ) -> InspectReport:
     """Read the headers of `inputs` and say whether they can be souped together.
 
     Unreadable inputs raise (`CheckpointError`); an incompatible set is reported in
     `verdict` with `compatible=False`, since seeing why is the point of inspecting.
+    A compatible set also gets `extra["similarity"]`: pairwise cosine similarity of the
+    ingredients (and of their deltas from `base`), estimated on a sample of each tensor.
     """
-    ckpts = open_all(inputs, key=key, unsafe_pickle=unsafe_pickle)
+    ckpts = open_all([*inputs, *([base] if base is not None else [])], key=key,
+                     unsafe_pickle=unsafe_pickle)  # fmt: skip
+    base_ckpt = ckpts.pop() if base is not None else None
     try:
         summaries = [
             CheckpointSummary(
@@ -68,15 +77,17 @@ def inspect_checkpoints(
             )
             for c in ckpts
         ]
+        extra: dict[str, object] = {}
         try:
-            check_compatible(ckpts)
+            check_compatible(ckpts + ([base_ckpt] if base_ckpt else []))
             verdict, ok = f"compatible: {len(ckpts)} checkpoint(s) can be souped", True
+            extra["similarity"] = similarity_report(ckpts, base=base_ckpt)
         except SoupError as e:
             verdict, ok = f"incompatible: {e}", False
     finally:
-        for c in ckpts:
+        for c in [*ckpts, *([base_ckpt] if base_ckpt else [])]:
             c.close()
-    return InspectReport(summaries, ok, verdict)
+    return InspectReport(summaries, ok, verdict, extra)
 
 
 def human_bytes(n: float) -> str:

@@ -23,6 +23,7 @@ from .io import HFFolder, open_checkpoint
 from .io.base import Checkpoint
 from .io.folder import copy_model_files
 from .io.writer import Entry, OutputPlan, ShardedWriter, atomic_path
+from .similarity import init_warning
 from .types import PathLike, Progress, SoupResult
 
 __all__ = ["average_checkpoints", "check_output", "open_all", "provenance"]
@@ -118,6 +119,7 @@ def average_checkpoints(
         w = resolve_weights(weights, len(ckpts), normalize=normalize, allow_negative=allow_negative)
         check_compatible(ckpts)
         check_non_float(ckpts, non_float=non_float)
+        different_inits = init_warning(ckpts)  # a fixed sample per tensor, not a pass
         acc_dtype = accumulate_dtype(accumulate)
         infos = ckpts[0].infos
         entries = [
@@ -158,4 +160,6 @@ def average_checkpoints(
         )
     if len(ckpts) == 1:
         result.warnings.append("only one ingredient: the soup is a copy of it")
+    if different_inits:
+        result.warnings.append(different_inits)
     return result

@@ -15,7 +15,7 @@ from typing import NoReturn
 import typer
 
 from ..errors import SoupError
-from . import core
+from . import core, recipes
 from .common import STATE
 
 app = typer.Typer(
@@ -26,7 +26,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
-for module in (core,):
+for module in (core, recipes):
     module.register(app)
 
 

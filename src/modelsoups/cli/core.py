@@ -27,9 +27,16 @@ from .common import (
 )
 
 
-def inspect(inputs: Inputs, key: Key = None, unsafe_pickle: UnsafePickle = False) -> None:
-    """Show format, tensors, parameters, dtypes and size of each checkpoint, and whether
-    the set can be souped (exit code 1 if not)."""
+def inspect(
+    inputs: Inputs,
+    key: Key = None,
+    unsafe_pickle: UnsafePickle = False,
+    base: Annotated[
+        str | None, typer.Option(help="Pretrained checkpoint: also compare deltas from it.")
+    ] = None,
+) -> None:
+    """Show format, tensors, parameters, dtypes and size of each checkpoint, whether the set
+    can be souped (exit code 1 if not), and how similar the ingredients are."""
     from rich.console import Console
     from rich.table import Table
 
@@ -37,7 +44,9 @@ def inspect(inputs: Inputs, key: Key = None, unsafe_pickle: UnsafePickle = False
     from ..inspect import human_bytes, inspect_checkpoints
     from ..io import expand_inputs
 
-    report = inspect_checkpoints(expand_inputs(inputs), key=key, unsafe_pickle=unsafe_pickle)
+    report = inspect_checkpoints(
+        expand_inputs(inputs), key=key, unsafe_pickle=unsafe_pickle, base=base
+    )
     table = Table("checkpoint", "format", "tensors", "parameters", "dtypes", "on disk")
     for s in report.checkpoints:
         dtypes = ", ".join(f"{d}×{n}" for d, n in s.dtypes.items())
@@ -57,6 +66,10 @@ def inspect(inputs: Inputs, key: Key = None, unsafe_pickle: UnsafePickle = False
     if not report.compatible:
         raise IncompatibleError(report.verdict.removeprefix("incompatible: "))
     console.print(report.verdict, markup=False)
+    if "similarity" in report.extra:
+        from .recipes import print_similarity
+
+        print_similarity(console, report.extra["similarity"])
 
 
 def _average(

@@ -37,7 +37,7 @@ def stock_ratio(deltas: torch.Tensor) -> tuple[float, float]:
         unit = deltas / norms[:, None]
         gram = unit @ unit.T
         cos = float((gram.sum() - gram.diagonal().sum()) / (k * (k - 1)))
-    cos = max(min(cos, 1.0), -1.0 / (k - 1) + 1e-12)  # t's denominator stays positive
+    cos = max(min(cos, 1.0), 0.0)  # opposed deltas (cos < 0) fall back to the base: t = 0
     return cos, k * cos / (1 + (k - 1) * cos)
 
 
