@@ -1,0 +1,233 @@
+"""Crash safety: a killed or starved soup never leaves a half-written checkpoint behind.
+
+- SIGKILL in the middle of writing a large output (file and sharded folder): the final
+  name does not exist, only a temporary named `.NAME.soup-partial-PID`, which the next run
+  removes; the inputs are byte-for-byte unchanged.
+- SIGTERM at the same point: the CLI cleans up itself and exits 130.
+- A concurrent run never removes the temporary of a run that is still alive.
+- Disk full (a 1 MiB tmpfs, when mountable) and a file-size limit (RLIMIT_FSIZE): one clear
+  error line, the partial output removed.
+
+The child processes pause at a chosen tensor through a hook on the writer, so the kill
+lands mid-write every time instead of racing the clock.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from modelsoups.cli import main
+from modelsoups.cli.common import STATE
+from modelsoups.io.writer import remove_stale_partials
+
+TENSORS = 8
+NUMEL = 1 << 20  # 8 tensors x 4 MiB: a 32 MiB output, written tensor by tensor
+
+# Runs `soup` in-process after hooking the writer: after PAUSE_AFTER tensors it prints
+# "paused" and sleeps, waiting for the test to kill it.
+CHILD = textwrap.dedent(
+    """
+    import json, sys, time
+    from modelsoups.io import writer
+
+    pause_after, argv = int(sys.argv[1]), json.loads(sys.argv[2])
+    original, written = writer.ShardedWriter.write, []
+
+    def write(self, name, tensor):
+        original(self, name, tensor)
+        written.append(name)
+        if len(written) == pause_after:
+            print("paused", flush=True)
+            time.sleep(120)
+
+    writer.ShardedWriter.write = write
+    from modelsoups.cli import main
+    sys.exit(main(argv))
+    """
+)
+
+
+def big_inputs(tmp: Path, n: int = 2) -> list[Path]:
+    """n fine-tunes of one base (so the soup is meaningful), 32 MiB each."""
+    base = torch.randn(TENSORS, NUMEL, generator=torch.Generator().manual_seed(0))
+    paths = []
+    for i in range(n):
+        g = torch.Generator().manual_seed(1 + i)
+        sd = {
+            f"layer{j}.weight": base[j] + 0.01 * torch.randn(NUMEL, generator=g)
+            for j in range(TENSORS)
+        }
+        path = tmp / f"run{i}.safetensors"
+        save_file(sd, path)
+        paths.append(path)
+    return paths
+
+
+def digests(paths: list[Path]) -> dict[Path, str]:
+    return {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in paths}
+
+
+def partials(folder: Path) -> list[Path]:
+    return sorted(folder.glob(".*.soup-partial-*"))
+
+
+def start_paused(argv: list[str], pause_after: int = TENSORS // 2) -> subprocess.Popen[str]:
+    """Start the soup in a child and return once it is paused mid-write."""
+    import json
+
+    proc = subprocess.Popen(
+        [sys.executable, "-c", CHILD, str(pause_after), json.dumps(argv)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    if line.strip() != "paused":
+        proc.kill()
+        raise AssertionError(f"child did not pause: {line!r} {proc.communicate()[1]}")
+    return proc
+
+
+@pytest.fixture(autouse=True)
+def _fresh_cli_state() -> object:
+    saved = dict(STATE)
+    STATE.update(quiet=True, debug=False)
+    yield
+    STATE.update(saved)
+
+
+@pytest.mark.slow  # a child process importing torch: ~3-5 s on 2 busy cores
+@pytest.mark.parametrize("kind", ["file", "sharded folder"])
+def test_sigkill_mid_write_leaves_no_output(tmp_path: Path, kind: str) -> None:
+    inputs = big_inputs(tmp_path)
+    before = digests(inputs)
+    out = tmp_path / ("soup.safetensors" if kind == "file" else "soup")
+    extra = ["--max-shard-size", "10MB"] if kind != "file" else []
+    argv = ["uniform", *map(str, inputs), "-o", str(out), *extra]
+
+    proc = start_paused(argv)
+    (partial,) = partials(tmp_path)
+    assert partial.name == f".{out.name}.soup-partial-{proc.pid}"  # clearly named
+    written = sum(p.stat().st_size for p in [partial, *partial.rglob("*")] if p.is_file())
+    assert written >= (TENSORS // 2 - 1) * NUMEL * 4, "the kill should land mid-write"
+    remove_stale_partials(out)  # what a concurrent run does: a live run's partial stays
+    assert partial.exists()
+    proc.kill()
+    proc.wait(timeout=10)
+
+    assert proc.returncode == -signal.SIGKILL
+    assert not out.exists()
+    assert partials(tmp_path) == [partial]  # only the clearly named temporary is left
+    assert digests(inputs) == before
+
+    # The next run for the same output removes the dead run's temporary and succeeds.
+    assert main(argv) == 0
+    assert partials(tmp_path) == []
+    assert digests(inputs) == before
+    a, b = load_file(inputs[0]), load_file(inputs[1])
+    soup = load_file(out) if kind == "file" else _load_folder(out)
+    for name in a:
+        torch.testing.assert_close(soup[name], (a[name] + b[name]) / 2)
+
+
+def _load_folder(folder: Path) -> dict[str, torch.Tensor]:
+    shards = sorted(folder.glob("*.safetensors"))
+    assert len(shards) > 1, "the sharded case should write several shards"
+    out: dict[str, torch.Tensor] = {}
+    for shard in shards:
+        out.update(load_file(shard))
+    return out
+
+
+@pytest.mark.slow
+def test_sigterm_mid_write_cleans_up(tmp_path: Path) -> None:
+    inputs = big_inputs(tmp_path)
+    before = digests(inputs)
+    out = tmp_path / "soup.safetensors"
+    proc = start_paused(["uniform", *map(str, inputs), "-o", str(out)])
+    assert partials(tmp_path)
+    proc.terminate()
+    _, stderr = proc.communicate(timeout=30)
+    assert proc.returncode == 130, stderr  # typer turns KeyboardInterrupt into exit 130
+    assert "Traceback" not in stderr
+    assert not out.exists()
+    assert partials(tmp_path) == []
+    assert digests(inputs) == before
+
+
+# ---------------------------------------------------------------------------------------
+# Disk full.
+
+
+@pytest.fixture
+def tiny_disk(tmp_path: Path) -> object:
+    """A 1 MiB tmpfs: writing a soup of a few MiB into it fills it."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mount = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(disk)], capture_output=True
+    )
+    if mount.returncode != 0:
+        pytest.skip("cannot mount a tmpfs here (needs root/CAP_SYS_ADMIN); RLIMIT_FSIZE covers it")
+    yield disk
+    subprocess.run(["umount", str(disk)], check=False)
+
+
+@pytest.mark.parametrize("name", ["soup.safetensors", "soup-folder"])
+def test_disk_full(
+    tmp_path: Path, tiny_disk: Path, name: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    inputs = big_inputs(tmp_path)
+    before = digests(inputs)
+    out = tiny_disk / name
+    extra = ["--max-shard-size", "600KB"] if not name.endswith(".safetensors") else []
+    capsys.readouterr()
+    rc = main(["uniform", *map(str, inputs), "-o", str(out), *extra])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 1
+    assert len(err) == 1 and err[0].startswith("soup: error: "), err
+    assert str(out) in err[0] and "disk full" in err[0]
+    assert list(tiny_disk.iterdir()) == []  # neither the output nor the partial
+    assert digests(inputs) == before
+
+
+@pytest.mark.slow
+def test_file_size_limit(tmp_path: Path) -> None:
+    """RLIMIT_FSIZE (works without privileges): writes past 1 MiB fail with EFBIG."""
+    inputs = big_inputs(tmp_path)
+    before = digests(inputs)
+    out = tmp_path / "soup.safetensors"
+    child = textwrap.dedent(
+        """
+        import resource, signal, sys
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # get EFBIG instead of a core dump
+        resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))
+        from modelsoups.cli import main
+        sys.exit(main(sys.argv[1:]))
+        """
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", child, "uniform", *map(str, inputs), "-o", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    err = proc.stderr.strip().splitlines()
+    assert proc.returncode == 1, proc.stderr
+    assert len(err) == 1 and err[0].startswith("soup: error: "), err
+    assert str(out) in err[0] and "nothing was kept" in err[0]
+    assert not out.exists()
+    assert partials(tmp_path) == []
+    assert digests(inputs) == before
+    assert set(os.listdir(tmp_path)) == {p.name for p in inputs}
