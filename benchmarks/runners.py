@@ -177,7 +177,7 @@ class Context:
         found = json.loads(r.stdout.strip() or "null")
         if not found:
             return {"status": "missing", "looked_for": GREEDY_CANDIDATES}
-        return {"status": "found, not yet timed", "api": found}
+        return {"status": "found, not timed in this run (see --greedy-config)", "api": found}
 
     def greedy(self, dirs: list[Path]) -> dict[str, object]:
         """Time one greedy step against a re-average (`methods.py greedy`, own process)."""
