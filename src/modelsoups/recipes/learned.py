@@ -112,6 +112,7 @@ def learned_soup(
         fixed = {k: ckpts[0].get(k).clone() for k, i in infos.items() if not i.is_float}
     finally:
         close_all(ckpts)
+    buffers = {k for k, _ in model.named_buffers()}  # mixed too, but not learned through
     n = len(names)
     a = torch.zeros((n, len(mixed)) if by_layer else (n,), requires_grad=True)
     log_t = torch.zeros((), requires_grad=True) if temperature else None
@@ -119,8 +120,10 @@ def learned_soup(
 
     def mix() -> StateDict:
         w = torch.softmax(a, dim=0)
-        out = {k: torch.tensordot(w[:, j] if by_layer else w, stacked[k], dims=1)
-               for j, k in enumerate(mixed)}  # fmt: skip
+        out = {}
+        for j, k in enumerate(mixed):
+            wk = w.detach() if k in buffers else w
+            out[k] = torch.tensordot(wk[:, j] if by_layer else wk, stacked[k], dims=1)
         return {**out, **fixed}
 
     model.eval()
@@ -143,7 +146,7 @@ def learned_soup(
     coefs: list[float] | dict[str, list[float]] = (
         {k: w[:, j].tolist() for j, k in enumerate(mixed)} if by_layer else w.tolist()
     )
-    t = float(log_t.exp()) if log_t is not None else None
+    t = float(log_t.detach().exp()) if log_t is not None else None
     result = LearnedSoupResult(sd, coefs, t, losses)
     if coefficients_out is not None:
         _write_json(Path(coefficients_out), {"ingredients": names, "by_layer": by_layer,

@@ -1,0 +1,57 @@
+"""Similarity: same-base fine-tunes look alike, different initialisations are flagged."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from conftest import save_as, tiny_state_dict
+
+from modelsoups import inspect_checkpoints, uniform
+from modelsoups.average import _Memory
+from modelsoups.cli import main
+from modelsoups.similarity import init_warning, sample_vector, similarity_report
+
+
+def _mem(*sds):
+    return [_Memory(i, sd) for i, sd in enumerate(sds)]
+
+
+def test_same_base_finetunes_are_similar_and_not_flagged() -> None:
+    r = similarity_report(_mem(*(tiny_state_dict(i) for i in range(3))))
+    assert min(min(row) for row in r.cosine) > 0.9
+    assert r.warning is None
+
+
+def test_different_initialisations_are_flagged_by_name() -> None:
+    ckpts = _mem(tiny_state_dict(0), tiny_state_dict(1), tiny_state_dict(2, base_seed=5))
+    w = init_warning(ckpts)
+    assert w is not None and "different initialisations" in w and "<state dict 2>" in w
+
+
+def test_delta_cosine_from_a_base() -> None:
+    base = tiny_state_dict(0, noise=0.0)
+    ft = tiny_state_dict(1)
+    r = similarity_report(_mem(ft, ft), base=_Memory(9, base))
+    assert r.delta_cosine is not None
+    assert r.delta_cosine[0][1] == 1.0
+
+
+def test_sample_reads_a_fixed_number_of_elements_per_tensor() -> None:
+    sd = tiny_state_dict(0)
+    v = sample_vector(_Memory(0, sd), per_tensor=4)
+    floats = [t for t in sd.values() if t.is_floating_point()]
+    assert v.numel() == sum(min(4, t.numel()) for t in floats)
+
+
+def test_inspect_and_uniform_report_it(tmp_path: Path, capsys) -> None:
+    a = save_as(tiny_state_dict(0), tmp_path / "a", "safetensors")
+    b = save_as(tiny_state_dict(1, base_seed=3), tmp_path / "b", "safetensors")
+    report = inspect_checkpoints([a, b])
+    assert report.extra["similarity"].warning is not None
+    result = uniform([a, b], tmp_path / "u.safetensors")
+    assert any("different initialisations" in w for w in result.warnings)
+    assert main(["inspect", str(a), str(b), "--base", str(a)]) == 0
+    captured = capsys.readouterr()
+    assert "cosine similarity of weights" in captured.out
+    assert "deltas from the base" in captured.out
+    assert "different initialisations" in captured.err

@@ -1,0 +1,77 @@
+"""WiSE-FT: α=0 and α=1 are the endpoints, the path is linear, sweeps pick the best α."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import save_as, tiny_state_dict
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from modelsoups import wise_ft, wise_ft_sweep
+from modelsoups.cli import main
+from modelsoups.errors import SoupError
+from modelsoups.io import open_checkpoint
+from modelsoups.recipes.wise_ft import parse_alphas
+
+ZS, FT = tiny_state_dict(0, noise=0.0), tiny_state_dict(1, noise=0.05)
+
+
+def test_alpha_endpoints_are_exact() -> None:
+    for alpha, ref in ((0.0, ZS), (1.0, FT)):
+        out = wise_ft(ZS, FT, alpha=alpha)
+        for k, v in ref.items():
+            assert torch.equal(out[k], v), k
+
+
+@settings(max_examples=20, deadline=None)
+@given(alpha=st.floats(0, 1))
+def test_interpolation_is_linear(alpha: float) -> None:
+    out = wise_ft(ZS, FT, alpha=alpha)
+    for k, v in ZS.items():
+        if v.is_floating_point():
+            torch.testing.assert_close(out[k], (1 - alpha) * v + alpha * FT[k])
+
+
+def test_sweep_picks_the_best_alpha() -> None:
+    target = wise_ft(ZS, FT, alpha=0.3)
+
+    def score(sd):
+        return -float((sd["fc.weight"] - target["fc.weight"]).abs().sum())
+
+    r = wise_ft_sweep(ZS, FT, score, alphas=parse_alphas("0:1:0.1"))
+    assert r.best == pytest.approx(0.3)
+    assert len(r.scores) == 11
+    torch.testing.assert_close(r.state_dict["fc.weight"], target["fc.weight"])
+
+
+def test_parse_alphas() -> None:
+    assert parse_alphas("0:1:0.25") == [0.0, 0.25, 0.5, 0.75, 1.0]
+    assert parse_alphas("0.3,0.5") == [0.3, 0.5]
+    for bad in ("0:1:0", "a,b", "1:0:0.1"):
+        with pytest.raises(SoupError):
+            parse_alphas(bad)
+
+
+def test_cli_wise_ft_single_alpha_and_sweep(tmp_path: Path) -> None:
+    zs = save_as(ZS, tmp_path / "zs", "safetensors")
+    ft = save_as(FT, tmp_path / "ft", "safetensors")
+    out = tmp_path / "w.safetensors"
+    assert main(["wise-ft", str(zs), str(ft), "-o", str(out), "--alpha", "0.25", "-q"]) == 0
+    with open_checkpoint(out) as c:
+        torch.testing.assert_close(c.get("fc.weight"), wise_ft(ZS, FT, alpha=0.25)["fc.weight"])
+    script = tmp_path / "ev.py"  # held-out score: peaks at α = 0.5 (file size is constant)
+    script.write_text("import sys, os; a = float(os.environ['SOUP_CANDIDATE'].split('=')[1]);"
+                      " print(-abs(a - 0.5))")  # fmt: skip
+    out2 = tmp_path / "w2.safetensors"
+    cmd = f"{sys.executable} {script} {{ckpt}}"
+    args = ["wise-ft", str(zs), str(ft), "-o", str(out2), "--alphas", "0:1:0.25", "--eval", cmd]
+    assert main([*args, "-q"]) == 0
+    report = json.loads((tmp_path / "w2.report.json").read_text())
+    assert report["alpha"] == 0.5 and len(report["sweep"]) == 5
+    assert len((tmp_path / "w2.history.jsonl").read_text().splitlines()) == 5
+    assert main([*args, "-q"]) == 1  # output and history exist
