@@ -42,6 +42,13 @@ Eval = Annotated[
 ]
 EvalTimeout = Annotated[float | None, typer.Option(help="Seconds before an eval is killed.")]
 Workers = Annotated[int, typer.Option(help="Parallel evaluations of independent candidates.")]
+Ray = Annotated[
+    bool, typer.Option("--ray", help="Evaluate on a local Ray runtime (modelsoups[ray]).")
+]
+RayAddress = Annotated[
+    str | None,
+    typer.Option(help="Evaluate on this Ray cluster; checkpoints go by path (shared disk)."),
+]
 Dataset = Annotated[str, typer.Option(help="Name of the held-out metric in the history.")]
 History = Annotated[Path | None, typer.Option(help="History JSONL [default: SOUP.history.jsonl].")]
 Report = Annotated[Path | None, typer.Option(help="JSON report [default: SOUP.report.json].")]
@@ -103,6 +110,8 @@ def greedy(
         Path | None, typer.Option(help="CSV/JSON of held-out scores: skips N evaluations.")
     ] = None,
     workers: Workers = 1,
+    ray: Ray = False,
+    ray_address: RayAddress = None,
     accept: Annotated[str, typer.Option(help="'ge' keeps ties (paper), 'gt' (code).")] = "ge",
     tolerance: Annotated[float, typer.Option(help="Accept drops up to this much.")] = 0.0,
     dataset: Dataset = "held_out",
@@ -121,7 +130,7 @@ def greedy(
 ) -> None:
     """Greedy soup (paper's Recipe 1): add ingredients, best first, while held-out score holds."""
     from ..evaluate import ingredient_names, load_scores
-    from ..executor import LocalExecutor
+    from ..executor_ray import make_executor
     from ..io import expand_inputs
     from ..recipes.greedy import greedy_soup
 
@@ -144,7 +153,7 @@ def greedy(
         dataset=dataset,
         history=str(hist),
         resume=resume,
-        executor=LocalExecutor(workers),
+        executor=make_executor(workers, ray=ray, ray_address=ray_address),
         test_evaluator=_evaluator(test_eval, eval_timeout, output),
         key=key,
         unsafe_pickle=unsafe_pickle,
@@ -211,7 +220,7 @@ def _sweep(
     """Score each mixing value on held-out data (resumably); return the best and the log."""
     from ..errors import EvaluationError
     from ..evaluate import History, Score
-    from ..executor import LocalExecutor
+    from ..executor_ray import make_executor
 
     dataset = opts["dataset"]
     log = History(_sidecar(output, ".history.jsonl", opts["history"]), resume=opts["resume"])
@@ -221,7 +230,8 @@ def _sweep(
     ev = _evaluator(opts["eval_command"], opts["eval_timeout"], output)
     fn = functools.partial(_score_mix, ev, paths, {"key": opts["key"],
                            "unsafe_pickle": opts["unsafe_pickle"]})  # fmt: skip
-    results = LocalExecutor(opts["workers"]).map(fn, todo)
+    executor = make_executor(opts["workers"], ray=opts["ray"], ray_address=opts["ray_address"])
+    results = executor.map(fn, todo)
     for (name, _), s in zip(todo, results, strict=True):
         if isinstance(s, Score):
             v = values[[f"{recipe}_{what}={x:g}" for x in values].index(name)]
@@ -283,6 +293,8 @@ def wise_ft(
     eval_command: Eval = None,
     eval_timeout: EvalTimeout = None,
     workers: Workers = 1,
+    ray: Ray = False,
+    ray_address: RayAddress = None,
     dataset: Dataset = "held_out",
     history: History = None,
     report: Report = None,
@@ -309,6 +321,8 @@ def task_arithmetic(
     eval_command: Eval = None,
     eval_timeout: EvalTimeout = None,
     workers: Workers = 1,
+    ray: Ray = False,
+    ray_address: RayAddress = None,
     dataset: Dataset = "held_out",
     history: History = None,
     report: Report = None,

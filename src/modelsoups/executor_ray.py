@@ -1,0 +1,223 @@
+"""Run independent jobs on Ray: a local Ray runtime or an existing cluster.
+
+`RayExecutor` has the API of `LocalExecutor` (see `executor.py`):
+`map(fn, items) -> [fn(item) for item in items]`, results in item order, the first error
+(in item order) re-raised in the caller as the exception `fn` raised. Each item is one Ray
+task that asks for `num_cpus_per_task` CPUs (default 1), so a cluster runs as many
+evaluations at once as it has CPUs, and Ray's scheduler does the rest.
+
+How checkpoints reach the workers:
+- By path (the default). Recipes hand executors checkpoint *paths*, never tensors: each
+  worker opens the files itself, lazily, like a local process would. That needs a shared
+  filesystem — the same path must name the same file on every node (NFS, a cluster's
+  shared disk, or simply one machine: `--ray` without `--ray-address`).
+- Through Ray's object store, when there is no shared filesystem and the checkpoints are
+  small: `ship_files=True` (the default when `address` names a remote cluster) reads each
+  `pathlib.Path` found in the items (a file, or a model folder) once on the driver, puts its
+  bytes in the object store (`ray.put`, once per path however many items name it), and each
+  task writes them to a temporary folder on its node and calls `fn` with that local path.
+  Files bigger than `max_ship_bytes` (default 2 GB) are an error: put those on a shared
+  filesystem. Items that are in-memory state dicts always go through the object store (Ray
+  moves any large task argument that way); that is what the Python API does with
+  `greedy_soup([sd1, sd2, ...], ..., executor=RayExecutor())`.
+
+Ray is an optional dependency: `pip install 'modelsoups[ray]'`.
+
+Example:
+    >>> with RayExecutor(num_cpus=2) as ex:  # doctest: +SKIP
+    ...     ex.map(abs, [-1, -2, 3])
+    [1, 2, 3]
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+from .errors import SoupError
+
+__all__ = ["RayExecutor", "import_ray", "make_executor"]
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+INSTALL = "pip install 'modelsoups[ray]'"
+
+
+def import_ray() -> Any:
+    """`import ray`, or a `SoupError` that says how to install it."""
+    try:
+        import ray
+    except ImportError as e:
+        raise SoupError(
+            f"Ray is not installed ({e}); install it with: {INSTALL}  "
+            "(or drop --ray to evaluate with local processes)"
+        ) from None
+    return ray
+
+
+class _Shipped:
+    """Marks a checkpoint path whose bytes travel in the object store (see module doc)."""
+
+    def __init__(self, ref: Any, name: str) -> None:
+        self.ref, self.name = ref, name
+
+
+def _pack(path: Path, limit: int) -> dict[str, bytes]:
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    size = sum(p.stat().st_size for p in files)
+    if size > limit:
+        raise SoupError(
+            f"{path}: {size:,} bytes is more than max_ship_bytes={limit:,} to send through "
+            "Ray's object store; put the checkpoints on a filesystem every node shares and "
+            "use ship_files=False"
+        )
+    root = path.parent if path.is_file() else path
+    return {str(p.relative_to(root)): p.read_bytes() for p in files}
+
+
+def _unpack(item: Any, workdir: Path) -> Any:
+    """Write shipped checkpoints into `workdir`; the item with local paths in their place."""
+    if isinstance(item, _Shipped):
+        import ray
+
+        files: dict[str, bytes] = ray.get(item.ref)
+        target = workdir / f"{len(list(workdir.iterdir()))}"
+        for rel, data in files.items():
+            (target / rel).parent.mkdir(parents=True, exist_ok=True)
+            (target / rel).write_bytes(data)
+        single = len(files) == 1 and next(iter(files)) == item.name
+        return target / item.name if single else target
+    if isinstance(item, tuple):
+        return tuple(_unpack(x, workdir) for x in item)
+    if isinstance(item, list):
+        return [_unpack(x, workdir) for x in item]
+    return item
+
+
+def _run(fn: Callable[[Any], Any], item: Any) -> Any:
+    """The body of one Ray task: materialise shipped files, call `fn`, clean up."""
+    if not _has_shipped(item):
+        return fn(item)
+    workdir = Path(tempfile.mkdtemp(prefix="soup-ray-"))
+    try:
+        return fn(_unpack(item, workdir))
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _has_shipped(item: Any) -> bool:
+    if isinstance(item, _Shipped):
+        return True
+    return isinstance(item, tuple | list) and any(_has_shipped(x) for x in item)
+
+
+class RayExecutor:
+    """Runs `fn` on every item as Ray tasks; results in item order.
+
+    Args:
+        address: an existing cluster (`ray://host:10001`, `host:6379` or `auto`); `None`
+            starts a local Ray runtime on this machine (or reuses the one this process
+            already started).
+        num_cpus: CPUs of the local runtime (`None`: all); ignored with `address`.
+        num_cpus_per_task: CPUs each task reserves (an evaluation that uses 4 threads: 4).
+        ship_files: send `pathlib.Path` items through the object store instead of relying
+            on a shared filesystem; default: only when `address` is given.
+        max_ship_bytes: refuse to ship checkpoints bigger than this.
+    """
+
+    def __init__(
+        self,
+        address: str | None = None,
+        *,
+        num_cpus: int | None = None,
+        num_cpus_per_task: float = 1,
+        ship_files: bool | None = None,
+        max_ship_bytes: int = 2_000_000_000,
+    ) -> None:
+        self.ray = import_ray()
+        self.address, self.num_cpus = address, num_cpus
+        self.num_cpus_per_task = num_cpus_per_task
+        self.ship_files = address is not None if ship_files is None else ship_files
+        self.max_ship_bytes = max_ship_bytes
+        self._started = False
+
+    def _init(self) -> None:
+        if self.ray.is_initialized():
+            return
+        options: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False}
+        if self.address is None:  # a runtime on this machine only listens on loopback
+            options.update(num_cpus=self.num_cpus, _node_ip_address="127.0.0.1")
+        try:
+            self.ray.init(address=self.address, **options)
+        except (ConnectionError, RuntimeError, ValueError) as e:
+            where = self.address or "a local runtime"
+            raise SoupError(f"cannot start Ray on {where}: {str(e).splitlines()[0]}") from None
+        self._started = True
+
+    def _ship(self, item: Any, refs: dict[Path, _Shipped]) -> Any:
+        if isinstance(item, Path) and item.exists():
+            if item not in refs:
+                payload = _pack(item, self.max_ship_bytes)
+                refs[item] = _Shipped(self.ray.put(payload), item.name)
+            return refs[item]
+        if isinstance(item, tuple):
+            return tuple(self._ship(x, refs) for x in item)
+        if isinstance(item, list):
+            return [self._ship(x, refs) for x in item]
+        return item
+
+    def map(self, fn: Callable[[T], R], items: Sequence[T]) -> list[R]:
+        items = list(items)
+        if not items:
+            return []
+        self._init()
+        task = self.ray.remote(num_cpus=self.num_cpus_per_task, max_retries=0)(_run)
+        refs: dict[Path, _Shipped] = {}
+        sent = [self._ship(x, refs) for x in items] if self.ship_files else items
+        fn_ref = self.ray.put(fn)  # one copy of fn (and what it closes over) for all tasks
+        futures = [task.remote(fn_ref, x) for x in sent]
+        results: list[R] = []
+        for future in futures:
+            try:
+                results.append(self.ray.get(future))
+            except self.ray.exceptions.RayTaskError as e:
+                for f in futures:
+                    self.ray.cancel(f)
+                cause = getattr(e, "cause", None)
+                if isinstance(cause, BaseException):
+                    raise cause from None
+                raise SoupError(f"a Ray task failed: {str(e).splitlines()[0]}") from None
+        return results
+
+    def shutdown(self) -> None:
+        """Stop the local runtime if this executor started it (a cluster keeps running)."""
+        if self._started:
+            self.ray.shutdown()
+            self._started = False
+
+    def __enter__(self) -> RayExecutor:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.shutdown()
+
+    def __repr__(self) -> str:
+        where = self.address or f"local, num_cpus={self.num_cpus}"
+        return f"RayExecutor({where})"
+
+
+def make_executor(workers: int = 1, *, ray: bool = False, ray_address: str | None = None) -> Any:
+    """What the CLI's `--workers N`, `--ray` and `--ray-address ADDR` ask for.
+
+    `--ray` starts a local Ray runtime with `workers` CPUs (all CPUs when `workers` is 1);
+    `--ray-address` connects to an existing cluster (and implies `--ray`).
+    """
+    from .executor import LocalExecutor
+
+    if ray or ray_address is not None:
+        return RayExecutor(ray_address, num_cpus=workers if workers > 1 else None)
+    return LocalExecutor(workers)

@@ -1,0 +1,156 @@
+"""Ray executor: a local Ray runtime (2 CPUs, loopback only) gives the local executor's results.
+
+One Ray runtime serves the whole session (started by the first test that needs it, left
+to Ray's exit hook), since starting one costs ~10 s on 2 cores.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import textwrap
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from conftest import save_as, tiny_state_dict
+from safetensors.torch import load_file, save_file
+
+from modelsoups import greedy_soup
+from modelsoups.cli import main
+from modelsoups.errors import SoupError
+from modelsoups.evaluate import CommandEvaluator, FunctionEvaluator
+from modelsoups.executor import LocalExecutor
+
+ray = pytest.importorskip("ray")
+
+from modelsoups.executor_ray import RayExecutor, make_executor  # noqa: E402
+
+EVAL = textwrap.dedent(
+    """
+    import sys
+    import numpy as np
+    from safetensors.numpy import load_file
+
+    from pathlib import Path
+    ckpt = Path(sys.argv[1])
+    if ckpt.is_dir():
+        ckpt = ckpt / "model.safetensors"
+    sd, target = load_file(ckpt), load_file(sys.argv[2])
+    keys = ("fc.weight", "conv.weight")
+    d = sum(float(((sd[k].astype("f8") - target[k]) ** 2).sum()) for k in keys)
+    print(round(-d * 1e4, 3))
+    """
+)
+
+
+@pytest.fixture(scope="module")
+def ray_runtime() -> Iterator[Any]:
+    """A local Ray runtime with 2 CPUs on loopback; kept for the rest of the session."""
+    from ray import cloudpickle
+
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers cannot import tests/
+    if not ray.is_initialized():
+        ray.init(
+            num_cpus=2, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1"
+        )
+    yield ray
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory: pytest.TempPathFactory) -> tuple[list[Path], str]:
+    """Five ingredients as safetensors files and an eval command scoring closeness to a base."""
+    tmp_path = tmp_path_factory.mktemp("sweep")
+    paths = []
+    for i in range(5):
+        sd = tiny_state_dict(i, noise=0.01 * (1 + i % 3))
+        paths.append(save_as(sd, tmp_path / f"run{i}", "safetensors"))
+    target = {k: v.double().clone() for k, v in tiny_state_dict(99, noise=0.0).items()}
+    save_file(target, tmp_path / "target.safetensors")
+    (tmp_path / "eval.py").write_text(EVAL)
+    command = f"{sys.executable} {tmp_path / 'eval.py'} {{ckpt}} {tmp_path / 'target.safetensors'}"
+    return paths, command
+
+
+@pytest.fixture(scope="module")
+def local(sweep: tuple[list[Path], str]) -> Any:
+    """The reference: the greedy soup computed in this process, one evaluation at a time."""
+    paths, command = sweep
+    return greedy_soup(paths, CommandEvaluator(command), executor=LocalExecutor(1))
+
+
+def _same(a: Any, b: Any) -> None:
+    assert a.selected == b.selected and a.score == b.score
+    assert a.ingredient_scores == b.ingredient_scores
+    sa, sb = a.state_dict(), b.state_dict()
+    for k in sa:
+        assert torch.equal(sa[k], sb[k]), k
+
+
+def test_greedy_on_ray_equals_local(
+    ray_runtime: Any, sweep: tuple[list[Path], str], local: Any
+) -> None:
+    paths, command = sweep
+    on_ray = greedy_soup(paths, CommandEvaluator(command), executor=RayExecutor(num_cpus=2))
+    _same(local, on_ray)
+    assert 1 < len(on_ray.selected) < len(paths)  # a real choice was made
+
+
+def test_shipping_files_through_the_object_store(
+    ray_runtime: Any, sweep: tuple[list[Path], str], local: Any
+) -> None:
+    """As on a cluster without a shared filesystem: workers get copies, same result."""
+    paths, command = sweep
+    shipped = greedy_soup(paths, CommandEvaluator(command), executor=RayExecutor(ship_files=True))
+    _same(local, shipped)
+    with pytest.raises(SoupError, match="max_ship_bytes"):
+        RayExecutor(ship_files=True, max_ship_bytes=10).map(str, [paths[0]])
+
+
+def _closeness(sd: dict[str, torch.Tensor]) -> float:
+    return -float((sd["fc.weight"].double() - 0.1).pow(2).sum())
+
+
+def test_state_dicts_and_functions(ray_runtime: Any) -> None:
+    """In-memory ingredients travel through the object store; the function is pickled."""
+    sds = [tiny_state_dict(i, noise=0.05) for i in range(4)]
+    local = greedy_soup(sds, FunctionEvaluator(_closeness))
+    on_ray = greedy_soup(sds, FunctionEvaluator(_closeness), executor=RayExecutor())
+    _same(local, on_ray)
+
+
+def _fail_on_two(x: int) -> int:
+    if x == 2:
+        raise SoupError("two is not allowed")
+    return x * 10
+
+
+def test_map_keeps_order_and_reraises_the_first_error(ray_runtime: Any) -> None:
+    ex = RayExecutor()
+    assert ex.map(_fail_on_two, [3, 1, 0]) == [30, 10, 0]
+    assert ex.map(_fail_on_two, []) == []
+    with pytest.raises(SoupError, match="two is not allowed"):
+        ex.map(_fail_on_two, [1, 2, 3])
+
+
+def test_cli_greedy_with_ray_equals_local(
+    ray_runtime: Any, sweep: tuple[list[Path], str], local: Any, tmp_path: Path
+) -> None:
+    paths, command = sweep
+    out = tmp_path / "ray.safetensors"
+    argv = ["greedy", *map(str, paths), "--eval", command, "--ray", "-o", str(out), "-q"]
+    assert main(argv) == 0
+    got, want = load_file(out), local.state_dict()
+    for k, v in want.items():
+        torch.testing.assert_close(got[k], v, rtol=0, atol=1e-7)
+    report = json.loads(out.with_name("ray.report.json").read_text())
+    assert report["selected"] == local.selected
+
+
+def test_missing_ray_says_how_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` now raises ImportError
+    with pytest.raises(SoupError, match=r"pip install 'modelsoups\[ray\]'"):
+        make_executor(2, ray=True)
+    assert isinstance(make_executor(2), LocalExecutor)
