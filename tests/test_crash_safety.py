@@ -15,6 +15,7 @@ lands mid-write every time instead of racing the clock.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import signal
 import subprocess
@@ -83,7 +84,6 @@ def partials(folder: Path) -> list[Path]:
 
 def start_paused(argv: list[str], pause_after: int = TENSORS // 2) -> subprocess.Popen[str]:
     """Start the soup in a child and return once it is paused mid-write."""
-    import json
 
     proc = subprocess.Popen(
         [sys.executable, "-c", CHILD, str(pause_after), json.dumps(argv)],
@@ -231,3 +231,110 @@ def test_file_size_limit(tmp_path: Path) -> None:
     assert partials(tmp_path) == []
     assert digests(inputs) == before
     assert set(os.listdir(tmp_path)) == {p.name for p in inputs}
+
+
+# ---------------------------------------------------------------------------------------
+# Greedy soup: the history survives a SIGKILL and --resume continues exactly.
+
+# Held-out "accuracy" of a candidate: minus the squared distance of `w` to the base. Pure
+# Python (no torch import), so an evaluation costs milliseconds. Every call is logged to
+# $CALLS; at call number $KILL_AT it SIGKILLs the soup process ($KILL_PID).
+EVAL_SCRIPT = textwrap.dedent(
+    """
+    import array, json, os, signal, struct, sys, time
+
+    path = sys.argv[sys.argv.index("--ckpt") + 1]
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(n))
+        data = f.read()
+    begin, end = header["w"]["data_offsets"]
+    w = array.array("f", data[begin:end])
+    with open(os.environ["CALLS"], "a") as f:
+        f.write(os.environ["SOUP_CANDIDATE"] + "\\n")
+    with open(os.environ["CALLS"]) as f:
+        count = len(f.read().splitlines())
+    if os.environ.get("KILL_AT") and count == int(os.environ["KILL_AT"]):
+        os.kill(int(os.environ["KILL_PID"]), signal.SIGKILL)
+        time.sleep(10)
+    print(-sum((x - 1.0) ** 2 for x in w))
+    """
+)
+
+# `soup` in a child that tells the eval script its pid.
+GREEDY_CHILD = (
+    "import os, sys; os.environ['KILL_PID'] = str(os.getpid()); "
+    "from modelsoups.cli import main; sys.exit(main(sys.argv[1:]))"
+)
+
+
+def greedy_inputs(folder: Path) -> list[Path]:
+    """Five fine-tunes around a base of ones; run3 is far off and must be rejected."""
+    folder.mkdir()
+    g = torch.Generator().manual_seed(0)
+    paths = []
+    for i, scale in enumerate([1.0, 1.2, 0.9, 3.0, 1.1]):
+        sd = {"w": 1.0 + 0.1 * scale * torch.randn(64, generator=g), "n": torch.tensor(7)}
+        paths.append(folder / f"run{i}.safetensors")
+        save_file(sd, paths[-1])
+    return paths
+
+
+def calls(path: Path) -> list[str]:
+    return path.read_text().splitlines() if path.exists() else []
+
+
+@pytest.mark.slow
+def test_greedy_history_survives_sigkill_and_resume_continues(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    inputs = greedy_inputs(tmp_path / "runs")
+    before = digests(inputs)
+    script = tmp_path / "eval_score.py"
+    script.write_text(EVAL_SCRIPT)
+    command = f"{sys.executable} {script} --ckpt {{ckpt}}"
+
+    def argv(folder: str, *extra: str) -> list[str]:
+        (tmp_path / folder).mkdir(exist_ok=True)
+        out = tmp_path / folder / "soup.safetensors"
+        return ["greedy", *map(str, inputs), "-o", str(out), "--eval", command, *extra]
+
+    # Reference: an uninterrupted run. 5 ingredient evaluations + 4 greedy steps.
+    monkeypatch.setenv("CALLS", str(tmp_path / "calls-ref.txt"))
+    assert main(argv("ref")) == 0
+    ref_calls = calls(tmp_path / "calls-ref.txt")
+    assert len(ref_calls) == 9
+    ref_report = json.loads((tmp_path / "ref" / "soup.report.json").read_text())
+    assert "run3" not in ref_report["selected"]
+    ref_history = (tmp_path / "ref" / "soup.history.jsonl").read_text().splitlines()
+
+    # Crash: SIGKILL while the second greedy candidate is being scored (call 7).
+    env = {**os.environ, "CALLS": str(tmp_path / "calls-crash.txt"), "KILL_AT": "7"}
+    proc = subprocess.run(
+        [sys.executable, "-c", GREEDY_CHILD, *argv("crash")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    out = tmp_path / "crash" / "soup.safetensors"
+    assert not out.exists() and partials(out.parent) == []
+    history = (tmp_path / "crash" / "soup.history.jsonl").read_text().splitlines()
+    assert history == ref_history[:7]  # 5 ingredients, the first soup, one scored step
+
+    # Resume: only what was not logged is evaluated (the killed call is redone).
+    monkeypatch.setenv("CALLS", str(tmp_path / "calls-resume.txt"))
+    assert main(argv("crash", "--resume")) == 0
+    assert calls(tmp_path / "calls-resume.txt") == ref_calls[6:]
+    assert (tmp_path / "crash" / "soup.history.jsonl").read_text().splitlines() == ref_history
+    report = json.loads((tmp_path / "crash" / "soup.report.json").read_text())
+    assert report["selected"] == ref_report["selected"]
+    assert report["weights"] == ref_report["weights"]
+    ref_soup, soup = load_file(tmp_path / "ref" / "soup.safetensors"), load_file(out)
+    assert soup.keys() == ref_soup.keys()
+    assert all(torch.equal(soup[k], ref_soup[k]) for k in soup)
+    assert digests(inputs) == before
+    # Known leftover: the killed evaluation's candidate folder (soup-candidate-*) stays in
+    # the output folder; no run removes it. It never carries the output's name.
+    assert partials(out.parent) == []
