@@ -167,6 +167,22 @@ def test_local_executor_keeps_order_inline_and_in_processes() -> None:
         LocalExecutor(0)
 
 
+@pytest.mark.slow  # two spawned workers each import torch
+def test_ingredients_scored_in_worker_processes_match_inline(tmp_path: Path) -> None:
+    from modelsoups import greedy_soup
+
+    paths = _setup(tmp_path, 3)
+    ev = CommandEvaluator(f"{sys.executable} {tmp_path / 'ev.py'} {{ckpt}} {paths[0]}")
+    inline = greedy_soup(paths, ev)
+    pooled = greedy_soup(paths, ev, executor=LocalExecutor(2))
+    assert pooled.selected == inline.selected and pooled.history == inline.history
+
+
+def test_unpicklable_work_is_a_clear_error() -> None:
+    with pytest.raises(SoupError, match="module-level functions"):
+        LocalExecutor(2).map(lambda x: x, [1, 2])
+
+
 def test_recalibrate_bn_replaces_stale_statistics() -> None:
     model = TinyNet()
     model.bn.running_mean.fill_(5.0)

@@ -17,6 +17,7 @@ re-raised in the caller (the first one, in item order).
 from __future__ import annotations
 
 import multiprocessing
+import pickle
 from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from typing import Protocol, TypeVar
@@ -54,8 +55,16 @@ class LocalExecutor:
             return [fn(x) for x in items]
         context = multiprocessing.get_context("spawn")
         workers = min(self.workers, len(items))
-        with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
-            return list(pool.map(fn, items))
+        try:
+            with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
+                return list(pool.map(fn, items))
+        except (pickle.PicklingError, AttributeError, TypeError) as e:
+            if "pickle" not in str(e):
+                raise
+            raise SoupError(
+                f"cannot send work to worker processes ({e}); with workers > 1, use "
+                "module-level functions (not lambdas or closures), or workers=1"
+            ) from e
 
     def __repr__(self) -> str:
         return f"LocalExecutor(workers={self.workers})"

@@ -84,6 +84,7 @@ def learned_soup(
     coefficients_out: str | os.PathLike[str] | None = None,
     output: str | os.PathLike[str] | None = None,
     overwrite: bool = False,
+    bn_loader: Iterable[Any] | None = None,
 ) -> LearnedSoupResult:
     """Learn the soup's mixing coefficients on HELD-OUT `data`.
 
@@ -96,6 +97,7 @@ def learned_soup(
         epochs, lr: AdamW schedule (paper: lr 0.05; `epochs=0` gives the uniform soup).
         temperature: also learn a scale of the model's output logits.
         coefficients_out, output: where to save the coefficients (JSON) and the soup.
+        bn_loader: training batches to recalibrate BatchNorm statistics of the result on.
 
     Example:
         >>> r = learned_soup(sds, TinyNet(), lambda m, b: F.cross_entropy(m(b[0]), b[1]),
@@ -143,6 +145,12 @@ def learned_soup(
         final = mix()
         sd = {k: final[canon[k]].to(i.dtype) for k, i in infos.items()}
         w = torch.softmax(a, dim=0)
+    if bn_loader is not None:
+        from .bn import recalibrate_bn
+
+        model.load_state_dict(sd)
+        recalibrate_bn(model, bn_loader)
+        sd = {k: v.detach().clone() for k, v in model.state_dict().items()}
     coefs: list[float] | dict[str, list[float]] = (
         {k: w[:, j].tolist() for j, k in enumerate(mixed)} if by_layer else w.tolist()
     )
