@@ -199,7 +199,9 @@ def atomic_path(dest: Path, *, folder: bool, overwrite: bool = False) -> Iterato
     try:
         yield tmp
         _fsync_dir(tmp) if folder else None
-        if dest.exists():  # overwrite: move the old one aside first, delete after the swap
+        if dest.exists() and (folder or dest.is_dir()):
+            # A folder cannot be swapped in one step: move the old one aside first, delete
+            # it after the swap. A file is replaced atomically by the rename below.
             old = dest.parent / f".{dest.name}.soup-old-{os.getpid()}"
             os.replace(dest, old)
             os.replace(tmp, dest)
