@@ -82,11 +82,31 @@ def partials(folder: Path) -> list[Path]:
     return sorted(folder.glob(".*.soup-partial-*"))
 
 
-def start_paused(argv: list[str], pause_after: int = TENSORS // 2) -> subprocess.Popen[str]:
-    """Start the soup in a child and return once it is paused mid-write."""
+# Pauses right after the first rename the soup makes (the swap into the final name).
+CHILD_AFTER_RENAME = textwrap.dedent(
+    """
+    import json, os, sys, time
 
+    rename = os.replace
+
+    def replace(src, dst):
+        rename(src, dst)
+        print("paused", flush=True)
+        time.sleep(120)
+
+    os.replace = replace
+    from modelsoups.cli import main
+    sys.exit(main(json.loads(sys.argv[2])))
+    """
+)
+
+
+def start_paused(
+    argv: list[str], pause_after: int = TENSORS // 2, child: str = CHILD
+) -> subprocess.Popen[str]:
+    """Start the soup in a child and return once it is paused mid-write."""
     proc = subprocess.Popen(
-        [sys.executable, "-c", CHILD, str(pause_after), json.dumps(argv)],
+        [sys.executable, "-c", child, str(pause_after), json.dumps(argv)],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -148,6 +168,25 @@ def _load_folder(folder: Path) -> dict[str, torch.Tensor]:
     for shard in shards:
         out.update(load_file(shard))
     return out
+
+
+@pytest.mark.slow
+def test_sigkill_during_overwrite_keeps_a_complete_file(tmp_path: Path) -> None:
+    """--overwrite of a file: one atomic rename, so a kill at any point leaves the old or
+    the new soup under the name, never nothing (was: old moved aside, then new renamed)."""
+    inputs = big_inputs(tmp_path)
+    out = tmp_path / "soup.safetensors"
+    out.write_bytes(b"previous soup")
+    argv = ["uniform", *map(str, inputs), "-o", str(out), "--overwrite"]
+    proc = start_paused(argv, child=CHILD_AFTER_RENAME)
+    proc.kill()
+    proc.wait(timeout=10)
+    assert out.is_file()
+    soup = load_file(out)  # the complete new soup
+    assert len(soup) == TENSORS
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        [out.name, *(p.name for p in inputs)]
+    )
 
 
 @pytest.mark.slow
