@@ -79,7 +79,19 @@ def test_command_evaluator_writes_in_memory_candidates_and_cleans_up(tmp_path: P
 
     ev = _command(tmp_path, "import sys, os; print(os.path.getsize(sys.argv[1]) > 0 and 0.5)")
     assert ev.evaluate(_Memory(0, tiny_state_dict(0)), name="mem").score == 0.5
-    assert not list(tmp_path.glob("soup-candidate-*"))
+    assert not list(tmp_path.glob("*soup-candidate-*"))
+
+
+def test_folder_candidates_come_with_their_config(tmp_path: Path) -> None:
+    from modelsoups import greedy_soup
+
+    paths = [save_as(tiny_state_dict(i), tmp_path / f"run{i}", "hf-folder") for i in range(2)]
+    script = tmp_path / "ev.py"
+    script.write_text("import sys, os; print(float(os.path.exists(sys.argv[1] + '/config.json')"
+                      " and os.path.exists(sys.argv[1] + '/model.safetensors')))")  # fmt: skip
+    r = greedy_soup(paths, CommandEvaluator(f"{sys.executable} {script} {{ckpt}}",
+                                            workdir=tmp_path))  # fmt: skip
+    assert [x["held_out"] for x in r.history] == [1.0] * 4
 
 
 @pytest.mark.parametrize(
@@ -228,7 +240,7 @@ def test_bad_evaluator_keeps_history_and_writes_nothing(tmp_path, capsys, bad, m
     error = capsys.readouterr().err
     assert match in error and "greedy soup of 1 + run1" in error
     assert not (tmp_path / "soup.safetensors").exists()
-    assert not list(tmp_path.glob(".soup*")) and not list(tmp_path.glob(".soup-candidate-*"))
+    assert not list(tmp_path.glob(".soup*")) and not list(tmp_path.glob("*soup-candidate*"))
     history = tmp_path / "soup.history.jsonl"
     lines = [json.loads(x) for x in history.read_text().splitlines()]
     assert [x["kind"] for x in lines] == ["ingredient"] * 3 + ["greedy"]

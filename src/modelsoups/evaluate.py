@@ -320,7 +320,7 @@ class CommandEvaluator:
         if candidate.format != "memory":
             return self.run(candidate.path, name)
         source = getattr(candidate, "model_files_from", None)
-        with tempfile.TemporaryDirectory(prefix="soup-candidate-", dir=self.workdir) as d:
+        with tempfile.TemporaryDirectory(prefix=".soup-candidate-", dir=self.workdir) as d:
             path = Path(d) / ("candidate" if source else "candidate.safetensors")
             write_candidate(candidate, path, model_files_from=source)
             return self.run(path, name)

@@ -6,17 +6,19 @@
         if score(mean(soup ∪ {θ})) ≥ score(mean(soup)):   # paper: ≥; official code: >
             soup ← soup ∪ {θ}
 
-Incremental: a float32 running sum of the soup is kept, so a candidate (sum + θ)/(k+1) is
-computed tensor by tensor while it is scored — one pass over the weights, never a
-re-average. Selection only ever sees the held-out `evaluator`; `test_evaluator`, if given,
-scores the final soup once, after selection. Every evaluation is logged to `history`
-(JSON lines); `resume=True` replays it after a crash without evaluating anything again.
+Incremental: a float32 running sum of the soup is kept (memory: one float32 model), so a
+candidate (sum + θ)/(k+1) is computed tensor by tensor while it is scored — one pass over
+the weights, never a re-average. Selection only sees the held-out `evaluator`;
+`test_evaluator` scores the final soup once, after selection. Every evaluation is logged to
+`history` (JSON lines); `resume=True` replays it after a crash, evaluating nothing twice.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -64,18 +66,17 @@ class GreedyResult:
 class _RunningSum:
     """Σθ over the soup's ingredients in float32; integer tensors from the first."""
 
-    def __init__(self, first: Checkpoint) -> None:
-        self.infos, self.size = first.infos, 1
+    def __init__(self, first: Checkpoint, model_files_from: Path | None) -> None:
+        self.infos, self.size, self.folder = first.infos, 1, model_files_from
         self.sums = {  # copies: the inputs are never modified
             k: first.get(k).to(torch.float32 if i.is_float else None, copy=True)
             for k, i in self.infos.items()
         }
 
     def add(self, c: Checkpoint) -> None:
-        for k, i in self.infos.items():
-            if i.is_float:
-                self.sums[k].add_(c.get(k))
         self.size += 1
+        for k in (k for k, i in self.infos.items() if i.is_float):
+            self.sums[k].add_(c.get(k))
 
     def candidate(self, label: str, extra: Checkpoint | None = None) -> LazyCheckpoint:
         n = self.size + (extra is not None)
@@ -85,7 +86,7 @@ class _RunningSum:
                 return self.sums[k]
             return (self.sums[k] if extra is None else self.sums[k] + extra.get(k)) / n
 
-        return LazyCheckpoint(label, self.infos, compute)
+        return LazyCheckpoint(label, self.infos, compute, model_files_from=self.folder)
 
 
 def greedy_soup(
@@ -97,7 +98,7 @@ def greedy_soup(
     accept: str = "ge",
     tolerance: float = 0.0,
     dataset: str = "held_out",
-    history: str | None = None,
+    history: str | os.PathLike[str] | None = None,
     resume: bool = False,
     executor: Any = None,
     test_evaluator: Evaluator | None = None,
@@ -119,8 +120,7 @@ def greedy_soup(
         test_evaluator: scores the final soup on test data, after selection.
 
     Example:
-        >>> r = greedy_soup([sd1, sd2, sd3], held_out_accuracy)  # doctest: +SKIP
-        >>> model.load_state_dict(r.state_dict())  # doctest: +SKIP
+        >>> model.load_state_dict(greedy_soup(sds, val_acc).state_dict())  # doctest: +SKIP
     """
     ev, better = as_evaluator(evaluator), acceptance(accept, tolerance)
     all_names, ckpts = open_ingredients(ingredients, names, key=key, unsafe_pickle=unsafe_pickle)
@@ -133,7 +133,8 @@ def greedy_soup(
         opts = {"executor": executor, "key": key, "unsafe_pickle": unsafe_pickle}
         known = _score_ingredients(ev, todo, log, dataset, scores or {}, opts)
         order = sorted(range(len(ckpts)), key=lambda i: -known[all_names[i]])
-        soup = _RunningSum(ckpts[order[0]])
+        folder = next((c.path for c in ckpts if c.format.startswith("hf folder")), None)
+        soup = _RunningSum(ckpts[order[0]], folder)
         selected, best = [all_names[order[0]]], known[all_names[order[0]]]
         steps = [r for r in log.records if r.get("kind") == "greedy"]
         if not steps:
@@ -193,7 +194,6 @@ def _score_ingredients(
         if isinstance(r, Score):
             log.append({"kind": "ingredient", "model_name": n, dataset: r.score, **r.metrics})
             known[n] = r.score
-    errors = [r for r in results if isinstance(r, EvaluationError)]
-    if errors:
+    if errors := [r for r in results if isinstance(r, EvaluationError)]:
         raise errors[0]  # the others' scores are logged: --resume will not redo them
     return known
