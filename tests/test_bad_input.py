@@ -305,6 +305,29 @@ def malicious_pickle_path(tmp: Path) -> tuple[Path, Path]:
     return path, marker
 
 
+def malicious_legacy_pickle(c: Ctx) -> Setup:
+    """The pre-1.6 (non-zip) format goes through another torch.load path: same refusal."""
+    a, _ = c.make(2, "pt")
+    evil = c.tmp / "legacy.pt"
+    state = {"state_dict": tiny_state_dict(1), "optimizer": _Payload(c.tmp / "PWNED")}
+    torch.save(state, evil, _use_new_zipfile_serialization=False)
+    return Setup(uniform(a, evil, out=c.out), [str(evil), "--unsafe-pickle"])
+
+
+def malicious_folder_bin(c: Ctx) -> Setup:
+    """A Hugging Face folder whose pytorch_model.bin runs code."""
+    a, b = c.make(2, "bin-folder")
+    state = {"state_dict": tiny_state_dict(1), "optimizer": _Payload(c.tmp / "PWNED")}
+    torch.save(state, b / "pytorch_model.bin")
+    return Setup(uniform(a, b, out=c.out), [str(b / "pytorch_model.bin"), "--unsafe-pickle"])
+
+
+def inspect_truncated(c: Ctx) -> Setup:
+    a, b = c.make(2)
+    b.write_bytes(b.read_bytes()[:100])
+    return Setup(["inspect", str(a), str(b)], [str(b), "truncated"])
+
+
 def malicious_pickle(c: Ctx) -> Setup:
     a, _ = c.make(2, "pt")
     evil, _ = malicious_pickle_path(c.tmp)
@@ -517,6 +540,8 @@ CASES: list[tuple[str, Callable[[Ctx], Setup]]] = [
     ("NaN weight", nan_weight),
     ("Inf weight", inf_weight),
     ("pickle that executes code", malicious_pickle),
+    ("legacy-format pickle that executes code", malicious_legacy_pickle),
+    ("HF folder whose .bin executes code", malicious_folder_bin),
     ("pickle of a list", pickle_not_a_dict),
     ("pickle with non-tensor entry", pickle_non_tensor_entry),
     ("pickle with two state dicts", pickle_ambiguous_nested),
@@ -535,6 +560,7 @@ CASES: list[tuple[str, Callable[[Ctx], Setup]]] = [
     ("weight NaN", weights_not_finite),
     ("--max-shard-size with a file output", shard_size_with_file_output),
     ("unknown --dtype", unknown_output_dtype),
+    ("soup inspect on a truncated file", inspect_truncated),
     ("evaluator crashes", eval_crashes),
     ("evaluator crashes on a greedy candidate", eval_crashes_on_a_soup),
     ("evaluator hangs (--eval-timeout)", eval_hangs),
@@ -625,6 +651,7 @@ def test_bad_input(
         stderr = capsys.readouterr().err
         assert_failed_cleanly(rc, stderr, setup, before, tmp_path)
         assert out.exists() == existed
+        assert not (tmp_path / "PWNED").exists(), "a pickle ran code"
 
 
 def test_battery_is_large_enough() -> None:
