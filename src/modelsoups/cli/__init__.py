@@ -16,6 +16,8 @@ import typer
 
 from ..errors import SoupError
 from . import core, recipes
+from . import report as report_cli
+from . import run as run_cli
 from .common import STATE
 
 app = typer.Typer(
@@ -26,7 +28,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
-for module in (core, recipes):
+for module in (core, recipes, run_cli, report_cli):
     module.register(app)
 
 

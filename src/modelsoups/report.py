@@ -1,0 +1,196 @@
+"""Read a soup's JSON report and show it: ingredient scores against the soup's.
+
+Every `soup` recipe writes `SOUP.report.json`. `load_report` reads any of them into one
+`ReportView` — the ingredients with their held-out scores, the soups (with test scores
+where they exist) and a curve where there is one (greedy: the soup's held-out score after
+each step, from the history; WiSE-FT / task arithmetic: the score of each swept value) —
+which `plot_report` draws with matplotlib (imported lazily) and `report_html` turns into a
+self-contained HTML page (table + embedded PNG).
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import SoupError
+from .types import PathLike
+
+__all__ = ["ReportView", "load_report", "plot_report", "report_html"]
+
+
+@dataclass
+class Row:
+    name: str
+    held_out: float | None = None
+    test: float | None = None
+    weight: float | None = None
+
+
+@dataclass
+class ReportView:
+    """What a report says, in one shape whatever the recipe."""
+
+    path: Path
+    recipe: str
+    dataset: str
+    ingredients: list[Row]
+    soups: list[Row]
+    curve: list[tuple[float, float]] = field(default_factory=list)
+    curve_label: str = ""
+    recipe_file: dict[str, Any] | None = None
+
+    @property
+    def title(self) -> str:
+        return f"{self.recipe} soup — {self.path.name}"
+
+
+def _num(x: object) -> float | None:
+    return float(x) if isinstance(x, int | float) and not isinstance(x, bool) else None
+
+
+def _test(report: dict[str, Any]) -> float | None:
+    t = report.get("test")
+    return _num(t.get("score")) if isinstance(t, dict) else _num(t)
+
+
+def _history(report: dict[str, Any], base: Path) -> list[dict[str, Any]]:
+    name = report.get("history")
+    if not isinstance(name, str):
+        return []
+    for p in (Path(name), base / name, base / Path(name).name):
+        if p.is_file():
+            lines = p.read_text().splitlines()
+            return [json.loads(ln) for ln in lines if ln.strip().startswith("{")]
+    return []
+
+
+def load_report(path: PathLike) -> ReportView:
+    """Read `SOUP.report.json` (any recipe's) into a `ReportView`."""
+    p = Path(path)
+    try:
+        report = json.loads(p.read_text())
+    except OSError as e:
+        raise SoupError(f"{p}: cannot read report ({e.strerror})") from None
+    except json.JSONDecodeError as e:
+        raise SoupError(f"{p}: not a JSON report (line {e.lineno}: {e.msg})") from None
+    if not isinstance(report, dict) or "recipe" not in report:
+        raise SoupError(f"{p}: not a soup report (no 'recipe' field)")
+    recipe, dataset = str(report["recipe"]), str(report.get("dataset", "held_out"))
+    weights = report.get("weights") or []
+    rows = []
+    for i, ing in enumerate(report.get("ingredients", [])):
+        w = _num(weights[i]) if i < len(weights) else None
+        if isinstance(ing, dict):
+            rows.append(Row(str(ing.get("name", ing.get("path"))), _num(ing.get(dataset)),
+                            weight=_num(ing.get("weight", w))))  # fmt: skip
+        else:
+            rows.append(Row(Path(str(ing)).name, weight=w))
+    view = ReportView(p, recipe, dataset, rows, [], recipe_file=report.get("recipe_file"))
+    view.soups.append(Row(f"{recipe} soup", _num(report.get("held_out")), _test(report)))
+    if recipe == "greedy":
+        steps = [r for r in _history(report, p.parent) if r.get("kind") == "greedy"]
+        best = [(float(r["soup_size"]), float(r[dataset])) for r in steps
+                if r.get("accepted") and dataset in r]  # fmt: skip
+        view.curve, view.curve_label = best, "greedy soup after each accepted ingredient"
+    sweep = report.get("sweep") or []
+    what = next((k for k in ("alpha", "scale") if k in report), None)
+    if sweep and what:
+        view.curve = [(float(r[what]), float(r[dataset])) for r in sweep if dataset in r]
+        view.curve_label = f"held-out {dataset} by {what}"
+        view.soups[0].name += f" ({what} = {report[what]:g})"
+        if view.soups[0].held_out is None:
+            view.soups[0].held_out = next((s for a, s in view.curve if a == report[what]), None)
+    return view
+
+
+def plot_report(view: ReportView, out: PathLike | None = None) -> bytes:
+    """Draw ingredient scores (dots) against soup scores (lines); returns PNG bytes."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
+    try:
+        scored = sorted((r for r in view.ingredients if r.held_out is not None),
+                        key=lambda r: -(r.held_out or 0.0))  # fmt: skip
+        if view.curve and view.recipe != "greedy":
+            xs, ys = zip(*view.curve, strict=True)
+            ax.plot(xs, ys, "o-", color="tab:blue", label=view.curve_label)
+            ax.set_xlabel(view.curve_label.rsplit(" ", 1)[-1])
+        else:
+            xs = list(range(1, len(scored) + 1))
+            ax.scatter(xs, [r.held_out for r in scored], color="tab:gray", zorder=3,
+                       label="ingredients (best first)")  # fmt: skip
+            in_soup = [(x, r.held_out) for x, r in zip(xs, scored, strict=True) if r.weight]
+            if in_soup and len(in_soup) < len(scored):
+                ax.scatter(*zip(*in_soup, strict=True), facecolors="none", edgecolors="tab:green",
+                           s=140, zorder=4, label="in the soup")  # fmt: skip
+            if view.curve:
+                cx, cy = zip(*view.curve, strict=True)
+                ax.plot(cx, cy, "s--", color="tab:orange", label=view.curve_label)
+            ax.set_xlabel("ingredient rank by held-out score")
+        for soup, color in zip(view.soups, ("tab:red", "tab:purple"), strict=False):
+            if soup.held_out is not None:
+                ax.axhline(soup.held_out, color=color, label=f"{soup.name}: {soup.held_out:.4g}")
+            if soup.test is not None:
+                ax.axhline(
+                    soup.test, color=color, ls=":", label=f"{soup.name}, test: {soup.test:.4g}"
+                )
+        ax.set_ylabel(f"held-out {view.dataset}")
+        ax.set_title(view.title)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8, loc="best")
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png")
+    finally:
+        plt.close(fig)
+    png = buf.getvalue()
+    if out is not None:
+        Path(out).write_bytes(png)
+    return png
+
+
+def table_rows(view: ReportView) -> list[tuple[str, str, str, str]]:
+    """(name, held-out, test, weight) as text, ingredients first, then the soups."""
+
+    def fmt(x: float | None) -> str:
+        return "" if x is None else f"{x:.6g}"
+
+    rows = [(r.name, fmt(r.held_out), fmt(r.test), fmt(r.weight)) for r in view.ingredients]
+    return rows + [(s.name, fmt(s.held_out), fmt(s.test), "") for s in view.soups]
+
+
+def report_html(view: ReportView, png: bytes | None = None) -> str:
+    """A self-contained page: the table, the plot (embedded PNG) and the recipe used."""
+    png = plot_report(view) if png is None else png
+    head = ("", f"held-out {view.dataset}", "test", "weight")
+    cells = "".join(f"<th>{html.escape(h)}</th>" for h in head)
+    body = []
+    n = len(view.ingredients)
+    for i, row in enumerate(table_rows(view)):
+        cls = ' class="soup"' if i >= n else ""
+        body.append(f"<tr{cls}>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>")
+    recipe = ""
+    if view.recipe_file:
+        text = json.dumps(view.recipe_file, indent=2)
+        recipe = f"<h2>Recipe</h2><pre>{html.escape(text)}</pre>"
+    image = base64.b64encode(png).decode()
+    return f"""<!doctype html>
+<html><head><meta charset="utf-8"><title>{html.escape(view.title)}</title>
+<style>body{{font-family:sans-serif;margin:2em}}table{{border-collapse:collapse}}
+td,th{{border:1px solid #ccc;padding:.3em .8em;text-align:right}}
+td:first-child{{text-align:left}}tr.soup{{font-weight:bold;background:#f4f4f4}}</style>
+</head><body><h1>{html.escape(view.title)}</h1>
+<table><tr>{cells}</tr>{"".join(body)}</table>
+<p><img alt="ingredient and soup scores" src="data:image/png;base64,{image}"></p>
+{recipe}</body></html>
+"""
