@@ -143,6 +143,19 @@ def test_module_evaluator_reuses_one_module() -> None:
     assert len(built) == 1
 
 
+def test_score_candidate_takes_state_dicts_modules_and_paths(tmp_path: Path) -> None:
+    from modelsoups import score_candidate
+
+    sd = tiny_state_dict(0)
+    ev = ModuleEvaluator(TinyNet, lambda m: float(m.fc.bias.sum()))
+    expected = pytest.approx(float(sd["fc.bias"].sum()))
+    model = TinyNet()
+    model.load_state_dict(sd)
+    path = save_as(sd, tmp_path / "r", "safetensors")
+    for candidate in (sd, model, path, str(path)):
+        assert score_candidate(ev, candidate).score == expected
+
+
 def test_module_evaluator_wraps_metric_errors() -> None:
     from modelsoups.average import _Memory
 

@@ -36,7 +36,7 @@ def test_delta_cosine_from_a_base() -> None:
     assert r.delta_cosine[0][1] == 1.0
 
 
-def test_sample_reads_a_fixed_number_of_elements_per_tensor() -> None:
+def test_sample_reads_a_fixed_block_per_tensor() -> None:
     sd = tiny_state_dict(0)
     v = sample_vector(_Memory(0, sd), per_tensor=4)
     floats = [t for t in sd.values() if t.is_floating_point()]

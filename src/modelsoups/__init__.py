@@ -41,6 +41,7 @@ _EXPORTS: dict[str, str] = {
     "ModuleEvaluator": "evaluate",
     "Score": "evaluate",
     "load_scores": "evaluate",
+    "score_candidate": "evaluate",
     "LocalExecutor": "executor",
     "greedy_soup": "recipes.greedy",
     "learned_soup": "recipes.learned",
@@ -76,6 +77,7 @@ if TYPE_CHECKING:
     from .evaluate import ModuleEvaluator as ModuleEvaluator
     from .evaluate import Score as Score
     from .evaluate import load_scores as load_scores
+    from .evaluate import score_candidate as score_candidate
     from .executor import LocalExecutor as LocalExecutor
     from .inspect import inspect_checkpoints as inspect_checkpoints
     from .io import Checkpoint as Checkpoint

@@ -62,6 +62,7 @@ __all__ = [
     "materialize",
     "open_ingredients",
     "parse_score_line",
+    "score_candidate",
     "score_ingredients",
     "to_score",
     "write_candidate",
@@ -266,6 +267,26 @@ def _guarded(name: str, run: Callable[[], object]) -> Score:
             f"candidate {name!r}: evaluator raised {type(e).__name__}: {e}"
         ) from e
     return to_score(value, name)
+
+
+def score_candidate(
+    evaluator: Evaluator | Callable[[StateDict], object],
+    candidate: Checkpoint | StateDict | nn.Module | str | os.PathLike[str],
+    *,
+    name: str = "candidate",
+) -> Score:
+    """Score one candidate — a checkpoint, state dict, module or checkpoint path — once.
+
+    Example:
+        >>> score_candidate(ModuleEvaluator(TinyNet, val_acc), soup_sd).score  # doctest: +SKIP
+    """
+    if isinstance(candidate, Checkpoint):
+        return as_evaluator(evaluator).evaluate(candidate, name=name)
+    _, (ckpt,) = open_ingredients([candidate], [name])
+    try:
+        return as_evaluator(evaluator).evaluate(ckpt, name=name)
+    finally:
+        ckpt.close()
 
 
 def as_evaluator(x: Evaluator | Callable[[StateDict], object]) -> Evaluator:
