@@ -114,10 +114,20 @@ class PickleFile(Checkpoint):
         super().__init__(Path(path), "pytorch pickle")
         loaded = load_pickle(self.path, unsafe_pickle=unsafe_pickle) if obj is None else obj
         sd, note = select_state_dict(loaded, self.path, key)
+        size = self.path.stat().st_size if obj is None else None
         for name, value in sd.items():
             if not isinstance(value, torch.Tensor):
                 raise CheckpointError(
                     f"{self.path}: tensor {name!r} is a {type(value).__name__}, not a tensor"
+                )
+            # A broadcast view (`expand`) is saved as its small storage: a 2 KB pickle can
+            # declare a 16 GB tensor, which the soup would then allocate and write.
+            nbytes = value.numel() * value.element_size()
+            if size is not None and nbytes > size:
+                raise CheckpointError(
+                    f"{self.path}: tensor {name!r} of shape {list(value.shape)} declares "
+                    f"{nbytes} bytes in a {size}-byte file (a broadcast view?); save it "
+                    "with .contiguous() if it is real"
                 )
         names, self.notes = normalise_keys(list(sd), self.path)
         if note:
