@@ -46,6 +46,11 @@ class ReportView:
     recipe_file: dict[str, Any] | None = None
 
     @property
+    def metric(self) -> str:
+        """Column and axis label: `held-out`, or `held-out (val_acc)` for a named metric."""
+        return "held-out" if self.dataset == "held_out" else f"held-out ({self.dataset})"
+
+    @property
     def title(self) -> str:
         return f"{self.recipe} soup — {self.path.name}"
 
@@ -102,11 +107,15 @@ def load_report(path: PathLike) -> ReportView:
     what = next((k for k in ("alpha", "scale") if k in report), None)
     if sweep and what:
         view.curve = [(float(r[what]), float(r[dataset])) for r in sweep if dataset in r]
-        view.curve_label = f"held-out {dataset} by {what}"
+        view.curve_label = f"{view.metric} by {what}"
         view.soups[0].name += f" ({what} = {report[what]:g})"
         if view.soups[0].held_out is None:
             view.soups[0].held_out = next((s for a, s in view.curve if a == report[what]), None)
     return view
+
+
+def _columns(points: list[tuple[float, float]]) -> tuple[list[float], list[float]]:
+    return [x for x, _ in points], [y for _, y in points]
 
 
 def plot_report(view: ReportView, out: PathLike | None = None) -> bytes:
@@ -118,23 +127,24 @@ def plot_report(view: ReportView, out: PathLike | None = None) -> bytes:
 
     fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
     try:
-        scored = sorted((r for r in view.ingredients if r.held_out is not None),
-                        key=lambda r: -(r.held_out or 0.0))  # fmt: skip
+        scored = sorted(
+            ((r.held_out, r.weight) for r in view.ingredients if r.held_out is not None),
+            key=lambda t: -t[0],
+        )
         if view.curve and view.recipe != "greedy":
-            xs, ys = zip(*view.curve, strict=True)
-            ax.plot(xs, ys, "o-", color="tab:blue", label=view.curve_label)
+            ax.plot(*_columns(view.curve), "o-", color="tab:blue", label=view.curve_label)
             ax.set_xlabel(view.curve_label.rsplit(" ", 1)[-1])
         else:
-            xs = list(range(1, len(scored) + 1))
-            ax.scatter(xs, [r.held_out for r in scored], color="tab:gray", zorder=3,
-                       label="ingredients (best first)")  # fmt: skip
-            in_soup = [(x, r.held_out) for x, r in zip(xs, scored, strict=True) if r.weight]
-            if in_soup and len(in_soup) < len(scored):
-                ax.scatter(*zip(*in_soup, strict=True), facecolors="none", edgecolors="tab:green",
-                           s=140, zorder=4, label="in the soup")  # fmt: skip
+            points = [(float(i + 1), s) for i, (s, _) in enumerate(scored)]
+            xs, ys = _columns(points)
+            ax.scatter(xs, ys, color="tab:gray", zorder=3, label="ingredients (best first)")
+            chosen = [p for p, (_, w) in zip(points, scored, strict=True) if w]
+            if chosen and len(chosen) < len(scored):
+                cx, cy = _columns(chosen)
+                ax.scatter(cx, cy, facecolors="none", edgecolors="tab:green", s=140, zorder=4,
+                           label="in the soup")  # fmt: skip
             if view.curve:
-                cx, cy = zip(*view.curve, strict=True)
-                ax.plot(cx, cy, "s--", color="tab:orange", label=view.curve_label)
+                ax.plot(*_columns(view.curve), "s--", color="tab:orange", label=view.curve_label)
             ax.set_xlabel("ingredient rank by held-out score")
         for soup, color in zip(view.soups, ("tab:red", "tab:purple"), strict=False):
             if soup.held_out is not None:
@@ -143,7 +153,7 @@ def plot_report(view: ReportView, out: PathLike | None = None) -> bytes:
                 ax.axhline(
                     soup.test, color=color, ls=":", label=f"{soup.name}, test: {soup.test:.4g}"
                 )
-        ax.set_ylabel(f"held-out {view.dataset}")
+        ax.set_ylabel(view.metric)
         ax.set_title(view.title)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=8, loc="best")
@@ -172,7 +182,7 @@ def table_rows(view: ReportView) -> list[tuple[str, str, str, str]]:
 def report_html(view: ReportView, png: bytes | None = None) -> str:
     """A self-contained page: the table, the plot (embedded PNG) and the recipe used."""
     png = plot_report(view) if png is None else png
-    head = ("", f"held-out {view.dataset}", "test", "weight")
+    head = ("", view.metric, "test", "weight")
     cells = "".join(f"<th>{html.escape(h)}</th>" for h in head)
     body = []
     n = len(view.ingredients)

@@ -30,7 +30,7 @@ def report(
         if output.exists() and not overwrite:
             raise OutputError(f"{output}: already exists; choose another name or --overwrite")
     view = load_report(path)
-    table = Table("", f"held-out {view.dataset}", "test", "weight", title=view.title)
+    table = Table("", view.metric, "test", "weight", title=view.title)
     rows = table_rows(view)
     for i, row in enumerate(rows):
         table.add_row(*row, style="bold" if i >= len(view.ingredients) else None)
