@@ -1,0 +1,245 @@
+"""`soup demo`, top to bottom: prepare once, then per seed fine-tune, soup, score, report.
+
+prepare (data, cached frozen features, linear probe = the shared start)
+for each seed:
+    fine-tune N ingredients from the start        (executor: worker processes / Ray)
+    soups from the ingredients                    (modelsoups' public API, held-out only)
+    score soups on held-out / test / shift        (executor)
+report.json, figure.png, HF model folders, a table
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import torch
+from rich.console import Console
+from safetensors.torch import load_file
+
+from ..errors import SoupError
+from .figure import write_figure
+from .prepare import Prepared, default_cache_dir, prepare
+from .report import build_report, export_soups, print_table, write_report
+from .scoring import Scorer, accuracy
+from .soups import RECIPES, SoupTask, build_and_score, ensembles
+from .train import IngredientTask, fine_tune, sample_hypers, task_key
+
+__all__ = ["DemoConfig", "run_demo"]
+
+T = TypeVar("T")
+R = TypeVar("R")
+MIN_INGREDIENTS = 4
+
+
+@dataclass
+class Ingredient:
+    """One fine-tuned ingredient: its weights file, hyperparameters, logits, held-out score."""
+
+    name: str
+    path: str
+    hyper: dict[str, Any]
+    logits: dict[str, torch.Tensor]
+    held_out: float
+
+
+@dataclass
+class DemoConfig:
+    """Options of `soup demo`, one to one."""
+
+    out: Path = Path("soup-demo")
+    ingredients: int = 8
+    seeds: list[int] = field(default_factory=lambda: [0])
+    quick: bool = False  # same code path on less data: 4 ingredients, 1 epoch (tests)
+    fresh: bool = False  # ignore (and overwrite) the cache
+    cache_dir: Path | None = None
+    time_budget: float | None = None  # seconds for the whole run; trims N, keeping >= 4
+    workers: int = 2
+    ray: bool = False
+    export: bool = True  # write the soups as HF model folders
+
+
+def _executor(cfg: DemoConfig) -> Any:
+    """The project's executor: local worker processes, or Ray with `--ray`."""
+    from .. import executor
+
+    if cfg.ray:
+        make = getattr(executor, "RayExecutor", None)
+        if make is None:
+            raise SoupError("--ray: this modelsoups has no Ray executor yet; drop --ray")
+        return make()
+    return executor.LocalExecutor(cfg.workers)
+
+
+def _map_with_progress(
+    ex: Any, fn: Callable[[T], R], items: Sequence[T], done: Callable[[], int], label: str
+) -> list[R]:
+    """`ex.map(fn, items)` in a thread while a progress bar counts finished items.
+
+    Workers report nothing back until the end, so progress is read from `done()` (how many
+    result files exist) — this works the same for local processes and Ray.
+    """
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    result: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            result["value"] = ex.map(fn, items)
+        except BaseException as e:  # re-raised in the caller's thread
+            result["error"] = e
+
+    thread = threading.Thread(target=target, daemon=True)
+    cols = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total}"),
+    )
+    with Progress(*cols, TimeElapsedColumn(), transient=True) as bar:
+        task = bar.add_task(label, total=len(items))
+        thread.start()
+        while thread.is_alive():
+            bar.update(task, completed=min(done(), len(items)))
+            thread.join(0.5)
+    if "error" in result:
+        raise result["error"]
+    return list(result["value"])
+
+
+def _train(prep: Prepared, cfg: DemoConfig, seed: int, n: int, cache: Path) -> list[Ingredient]:
+    """Fine-tune (or read from the cache) `n` ingredients for one seed."""
+    hypers = sample_hypers(n, seed, epochs=1 if cfg.quick else 2)
+    tasks = [
+        IngredientTask(
+            i,
+            h,
+            str(prep.feature_dir),
+            str(prep.init_path),
+            prep.config,
+            str(cache),
+            fresh=cfg.fresh,
+        )
+        for i, h in enumerate(hypers)
+    ]
+    expected = [cache / f"{task_key(t)}.logits.safetensors" for t in tasks]
+    t0 = time.time()
+
+    def done() -> int:
+        return sum(p.is_file() and (not cfg.fresh or p.stat().st_mtime >= t0) for p in expected)
+
+    results = _map_with_progress(
+        _executor(cfg), fine_tune, tasks, done, f"seed {seed}: fine-tuning"
+    )
+    out = []
+    for r in results:
+        logits = load_file(str(r["logits"]))
+        hyper: dict[str, Any] = dict(r["hyper"])  # type: ignore[call-overload]
+        out.append(
+            Ingredient(
+                name=f"ingredient_{r['index']}",
+                path=str(r["weights"]),
+                hyper={**hyper, "train_seconds": r["train_seconds"], "cached": r["cached"]},
+                logits=logits,
+                held_out=accuracy(logits["held_out"], prep.feats["held_out"].labels),
+            )
+        )
+    return out
+
+
+def _soups(prep: Prepared, cfg: DemoConfig, ings: list[Ingredient], out: Path) -> dict[str, Any]:
+    """Build and score every soup in worker processes; load their logits back."""
+    tasks = [
+        SoupTask(recipe, tuple(i.name for i in ings), tuple(i.path for i in ings),
+                 tuple(i.held_out for i in ings), str(prep.init_path), str(prep.feature_dir),
+                 prep.config, str(out))
+        for recipe in RECIPES
+    ]  # fmt: skip
+    for t in tasks:
+        (out / f"{t.recipe}.logits.safetensors").unlink(missing_ok=True)
+
+    def done() -> int:
+        return sum((out / f"{t.recipe}.logits.safetensors").is_file() for t in tasks)
+
+    results = _map_with_progress(_executor(cfg), build_and_score, tasks, done, "soups")
+    for r in results:
+        r["logits"] = load_file(r["logits"])
+    return {r["recipe"]: r for r in results}
+
+
+def _n_ingredients(cfg: DemoConfig, prep: Prepared, elapsed: float, seeds_left: int) -> int:
+    """How many ingredients fit the time budget (at least 4), from the measured speed.
+
+    The cost model counts forward passes of the two trained layers over one snippet: a
+    training step costs ~3 (forward + backward), scoring costs 1. Its unit price is measured
+    on this machine by timing the LP init on held-out data.
+    """
+    n = min(cfg.ingredients, 4) if cfg.quick else cfg.ingredients
+    if cfg.time_budget is None:
+        return n
+    scorer = Scorer(prep.config, {"held_out": prep.feats["held_out"]})
+    start = time.perf_counter()
+    scorer.held_out(prep.init)
+    unit = (time.perf_counter() - start) / len(prep.feats["held_out"])
+    sizes = {s: len(f) for s, f in prep.feats.items()}
+    per_ingredient = unit * (3 * 2 * sizes["pool"] * 0.5 + sizes["held_out"] + 2 * sizes["test"])
+    per_ingredient /= max(1, min(cfg.workers, n))
+    soups = unit * (n * sizes["held_out"] + 3 * (sizes["held_out"] + 2 * sizes["test"])) / 2
+    left = (cfg.time_budget - elapsed) / seeds_left - soups - 10  # 10 s: startup, writing
+    fits = int(left // per_ingredient) if per_ingredient > 0 else n
+    return max(MIN_INGREDIENTS, min(n, fits))
+
+
+def run_seed(
+    prep: Prepared, cfg: DemoConfig, seed: int, n: int, console: Console
+) -> dict[str, Any]:
+    """Fine-tune, soup and score for one seed; returns what the report needs of it."""
+    cache = (cfg.cache_dir or default_cache_dir()) / "ingredients"
+    timings: dict[str, float] = {}
+    start = time.perf_counter()
+    ingredients = _train(prep, cfg, seed, n, cache)
+    timings["fine_tune"] = time.perf_counter() - start
+    start = time.perf_counter()
+    soups = _soups(prep, cfg, ingredients, cfg.out / ".work" / f"seed-{seed}")
+    timings["soups"] = time.perf_counter() - start
+    ens = ensembles([i.logits for i in ingredients], prep.feats["held_out"].labels)
+    return {"seed": seed, "ingredients": ingredients, "soups": soups, "ensembles": ens,
+            "timings": timings}  # fmt: skip
+
+
+def run_demo(cfg: DemoConfig, console: Console | None = None) -> dict[str, Any]:
+    """Run the whole demo and write report.json, figure.png and the soups into `cfg.out`.
+
+    Returns:
+        The report (what `report.json` holds).
+    """
+    console = console or Console()
+    t0 = time.perf_counter()
+    if cfg.ingredients < 2:
+        raise SoupError(f"--ingredients must be at least 2 for a soup, got {cfg.ingredients}")
+    cfg.out.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(2)
+    prep = prepare(
+        quick=cfg.quick,
+        cache_dir=cfg.cache_dir or default_cache_dir(),
+        fresh=cfg.fresh,
+        log=lambda m: console.log(m),
+    )
+    runs = []
+    for k, seed in enumerate(cfg.seeds):
+        n = _n_ingredients(cfg, prep, time.perf_counter() - t0, len(cfg.seeds) - k)
+        console.log(f"seed {seed}: {n} ingredients")
+        runs.append(run_seed(prep, cfg, seed, n, console))
+    report = build_report(prep, runs, asdict(cfg), time.perf_counter() - t0)
+    start = time.perf_counter()
+    if cfg.export:
+        export_soups(prep, runs, report, cfg.out, console)
+    write_figure(report, cfg.out / "figure.png")
+    report["timings"]["export_and_figure"] = time.perf_counter() - start
+    report["timings"]["total"] = time.perf_counter() - t0
+    write_report(report, cfg.out / "report.json")
+    print_table(report, console)
+    return report

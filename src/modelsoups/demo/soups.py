@@ -1,0 +1,149 @@
+"""The soup step: every recipe comes from the project's public API, none is re-implemented.
+
+Given the fine-tuned ingredients (weights files of `Top`, their held-out scores and logits
+on every split), this builds the paper's comparison: uniform soup, greedy soup, learned
+soup, and WiSE-FT between the shared LP init and the best individual (by held-out); plus
+the output ensemble and greedy ensemble from the cached logits. Selection only ever sees
+held-out data; test and shift are scored afterwards.
+
+Each soup is one `SoupTask` run by `build_and_score` in a worker process, so greedy
+(sequential held-out evaluations) and learned (gradient steps) run side by side.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+import modelsoups
+
+from .model import Features
+from .scoring import EVAL_SPLITS, Scorer
+
+__all__ = ["RECIPES", "SoupTask", "build_and_score", "ensembles"]
+
+RECIPES = ("greedy_soup", "learned_soup", "uniform_soup", "wise_ft")  # slowest first
+WISE_FT_ALPHA = 0.5  # the WiSE-FT paper's default mixing; fixed, so it costs no selection
+LEARNED_EPOCHS = 2  # over held-out; each costs ~3 forward passes over it
+LEARNED_BATCH = 64
+
+
+@dataclass(frozen=True)
+class SoupTask:
+    """Build one soup from saved ingredients and score it (picklable, for the executor)."""
+
+    recipe: str
+    names: tuple[str, ...]
+    weights: tuple[str, ...]  # safetensors file per ingredient
+    held_out: tuple[float, ...]  # ingredient scores on held-out, already measured
+    init_path: str  # the shared start (LP init), for WiSE-FT
+    feature_dir: str
+    config: dict[str, Any]
+    out_dir: str
+
+
+def _greedy(task: SoupTask, sds: list[dict[str, torch.Tensor]], scorer: Scorer) -> dict[str, Any]:
+    """Paper Recipe 1 through `modelsoups.greedy_soup`, on held-out accuracy only."""
+    result = modelsoups.greedy_soup(
+        sds,
+        scorer.held_out,
+        names=list(task.names),
+        scores=dict(zip(task.names, task.held_out, strict=True)),  # known: not re-scored
+        accept="ge",
+    )
+    keys = ("model_name", "held_out", "accepted", "soup_size")
+    history = [{k: r[k] for k in keys if k in r} for r in result.history if r["kind"] == "greedy"]
+    return {
+        "state_dict": result.state_dict(),
+        "weights": dict(zip(result.names, result.weights, strict=True)),
+        "held_out": result.score,  # known from selection: held-out is not scored again
+        "history": history,
+    }
+
+
+def _learned(task: SoupTask, sds: list[dict[str, torch.Tensor]], scorer: Scorer) -> dict[str, Any]:
+    """Learned soup through `modelsoups.learned_soup`: one coefficient per ingredient."""
+    held = scorer.feats["held_out"]
+    order = torch.randperm(len(held), generator=torch.Generator().manual_seed(0))
+    batches = [(held.batch(idx), held.labels[idx]) for idx in torch.split(order, LEARNED_BATCH)]
+
+    def loss(model: Any, batch: Any) -> torch.Tensor:
+        (states, lengths), labels = batch
+        return torch.nn.functional.cross_entropy(model(states, lengths), labels)
+
+    result = modelsoups.learned_soup(sds, scorer.top, loss, batches, epochs=LEARNED_EPOCHS, lr=0.05)
+    coefs = [float(c) for c in result.coefficients]
+    return {
+        "state_dict": result.state_dict,
+        "weights": dict(zip(task.names, coefs, strict=True)),
+        "losses": result.losses,
+    }
+
+
+def _uniform(task: SoupTask, sds: list[dict[str, torch.Tensor]]) -> dict[str, Any]:
+    """Paper §3: the plain mean of all ingredients, through `modelsoups.uniform_state_dict`."""
+    return {
+        "state_dict": modelsoups.uniform_state_dict(sds),
+        "weights": {n: 1.0 / len(sds) for n in task.names},
+    }
+
+
+def _wise_ft(task: SoupTask, sds: list[dict[str, torch.Tensor]]) -> dict[str, Any]:
+    """WiSE-FT between the LP init and the best individual (by held-out), α = 0.5."""
+    best = max(range(len(sds)), key=lambda i: task.held_out[i])  # first of the best on ties
+    sd = modelsoups.wise_ft(load_file(task.init_path), sds[best], alpha=WISE_FT_ALPHA)
+    return {"state_dict": sd, "weights": {"lp_init": 1 - WISE_FT_ALPHA,
+                                          task.names[best]: WISE_FT_ALPHA}}  # fmt: skip
+
+
+def build_and_score(task: SoupTask) -> dict[str, Any]:
+    """Worker: build `task.recipe`'s soup, score it, save weights and logits.
+
+    Returns:
+        recipe, soup weights file, logits file, per-ingredient mixing weights, held-out
+        score when selection already measured it, and recipe details (history, losses).
+    """
+    torch.set_num_threads(1)
+    fdir = Path(task.feature_dir)
+    feats = {s: Features.load(fdir / f"{s}.safetensors") for s in EVAL_SPLITS}
+    scorer = Scorer(task.config, feats)
+    sds = [load_file(w) for w in task.weights]
+    if task.recipe == "greedy_soup":
+        info = _greedy(task, sds, scorer)
+    elif task.recipe == "learned_soup":
+        info = _learned(task, sds, scorer)
+    elif task.recipe == "uniform_soup":
+        info = _uniform(task, sds)
+    elif task.recipe == "wise_ft":
+        info = _wise_ft(task, sds)
+    else:
+        raise ValueError(f"unknown recipe {task.recipe!r}; expected one of {RECIPES}")
+    sd = {k: v.detach().contiguous() for k, v in info.pop("state_dict").items()}
+    splits = EVAL_SPLITS[1:] if "held_out" in info else EVAL_SPLITS
+    logits = {s: scorer.logits(sd, s).contiguous() for s in splits}
+    out = Path(task.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(sd, str(out / f"{task.recipe}.safetensors"))
+    save_file(logits, str(out / f"{task.recipe}.logits.safetensors"))
+    return {"recipe": task.recipe, "file": str(out / f"{task.recipe}.safetensors"),
+            "logits": str(out / f"{task.recipe}.logits.safetensors"), **info}  # fmt: skip
+
+
+def ensembles(
+    logits: list[dict[str, torch.Tensor]], held_out_labels: torch.Tensor
+) -> dict[str, dict[str, Any]]:
+    """Output ensemble of all ingredients and greedy ensemble (chosen on held-out logits)."""
+    from modelsoups.recipes.ensemble import accuracy
+
+    full = {s: modelsoups.ensemble_logits([x[s] for x in logits]) for s in EVAL_SPLITS}
+    greedy = modelsoups.greedy_ensemble([x["held_out"] for x in logits], accuracy(held_out_labels))
+    chosen = {s: modelsoups.ensemble_logits([logits[i][s] for i in greedy.selected])
+              for s in EVAL_SPLITS}  # fmt: skip
+    return {
+        "ensemble": {"logits": full, "size": len(logits)},
+        "greedy_ensemble": {"logits": chosen, "size": len(set(greedy.selected))},
+    }
