@@ -169,9 +169,10 @@ def test_load_scores_reads_csv_and_json(tmp_path: Path) -> None:
     (tmp_path / "s.csv").write_text("model_name,lr,score\nrun0,0.1,0.5\nrun1,0.2,0.7\n")
     (tmp_path / "t.csv").write_text("name,acc\nrun1,0.7\nrun0,0.5\n")
     (tmp_path / "s.json").write_text('{"run0": 0.5, "run1": {"score": 0.7}}')
+    (tmp_path / "p.csv").write_text("path,score\nruns/run0.safetensors,0.5\nrun1.pt,0.7\n")
     (tmp_path / "l.json").write_text('[{"model_name": "run0", "score": 0.5},'
                                      ' {"model_name": "run1", "score": 0.7}]')  # fmt: skip
-    for f in ("s.csv", "t.csv", "s.json", "l.json"):
+    for f in ("s.csv", "t.csv", "s.json", "l.json", "p.csv"):
         assert load_scores(tmp_path / f, names) == {"run0": 0.5, "run1": 0.7}
 
 

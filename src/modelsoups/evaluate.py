@@ -390,8 +390,9 @@ def load_scores(path: str | os.PathLike[str], names: Sequence[str]) -> dict[str,
 
     JSON: `{name: score}`, `{name: {"score": ...}}` or a list of `{"model_name", "score"}`.
     CSV: a name column (`model_name`, `name`, `ingredient`, `checkpoint`, `path` or the first)
-    and a `score` column (or the second, if there are two). Every ingredient must have a
-    score and every score an ingredient, else `SoupError`.
+    and a `score` column (or the second, if there are two). A logged path matches the
+    ingredient of that stem. Every ingredient must have a score and every score an
+    ingredient, else `SoupError`.
     """
     p = Path(path)
     try:
@@ -402,7 +403,7 @@ def load_scores(path: str | os.PathLike[str], names: Sequence[str]) -> dict[str,
         raw = _read_json_scores(text) if p.suffix == ".json" else _read_csv_scores(text)
     except (ValueError, KeyError, TypeError, IndexError) as e:
         raise SoupError(f"{p}: cannot read scores: {e}") from None
-    scores = {str(k): to_score(v, str(k)).score for k, v in raw.items()}
+    scores = {_match(str(k), names): to_score(v, str(k)).score for k, v in raw.items()}
     unknown = [k for k in scores if k not in names]
     missing = [n for n in names if n not in scores]
     if missing:
@@ -410,6 +411,12 @@ def load_scores(path: str | os.PathLike[str], names: Sequence[str]) -> dict[str,
     if unknown:
         raise SoupError(f"{p}: score(s) for unknown ingredient(s) {unknown[:3]}; not in {names}")
     return scores
+
+
+def _match(key: str, names: Sequence[str]) -> str:
+    """A logged name as one of `names`: itself, or its file stem or file name (a path)."""
+    p = Path(key)
+    return next((k for k in (key, p.stem, p.name) if k in names), key)
 
 
 def _read_json_scores(text: str) -> dict[str, object]:

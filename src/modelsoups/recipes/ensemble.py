@@ -14,7 +14,7 @@ Selection uses held-out logits only; apply the selected indices to test logits y
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -58,10 +58,10 @@ def predict(
     """Logits of every ingredient on `batches`, computed once each in one reused module.
 
     `batches` yields inputs (or `(x, y)` tuples: `x` is used); `forward(model, batch)`
-    overrides how a batch is run. Re-iterated once per ingredient, so pass a list or a
-    DataLoader, not a generator.
+    overrides how a batch is run. Iterated once per ingredient (a generator is first
+    turned into a list).
     """
-    data = list(batches) if not isinstance(batches, Sequence) else batches
+    data = list(batches) if isinstance(batches, Iterator) else batches  # generators: once
     run = forward or (lambda m, b: m(b[0] if isinstance(b, tuple | list) else b))
     module = model_factory().eval()
     _, ckpts = open_ingredients(ingredients)

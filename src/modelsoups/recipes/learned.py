@@ -139,7 +139,10 @@ def learned_soup(
             opt.step()
             total, count = total + float(value.detach()), count + 1
         if count == 0:
-            raise SoupError("learned_soup: `data` yielded no batch")
+            raise SoupError(
+                "learned_soup: `data` yielded no batch; pass a list or a DataLoader (a "
+                "generator is used up after the first epoch)"
+            )
         losses.append(total / count)
     with torch.no_grad():
         final = mix()
