@@ -355,6 +355,14 @@ def pickle_ambiguous_nested(c: Ctx) -> Setup:
     return Setup(uniform(a, b, out=c.out), [str(b), "'model'", "--key"])
 
 
+def pickle_broadcast_bomb(c: Ctx) -> Setup:
+    """2 KB on disk, 64 MB once averaged: a saved `expand` view."""
+    (a,) = c.make(1, "pt")
+    b = c.tmp / "bomb.pt"
+    torch.save({**tiny_state_dict(1), "fc.bias": torch.zeros(1).expand(4096, 4096)}, b)
+    return Setup(uniform(a, b, out=c.out), [str(b), "'fc.bias'", "declares"])
+
+
 def pickle_missing_key(c: Ctx) -> Setup:
     a, b = c.make(2, "pt")
     return Setup(uniform(a, b, out=c.out, extra=("--key", "ema")), [str(a), "'ema'"])
@@ -546,6 +554,7 @@ CASES: list[tuple[str, Callable[[Ctx], Setup]]] = [
     ("pickle with non-tensor entry", pickle_non_tensor_entry),
     ("pickle with two state dicts", pickle_ambiguous_nested),
     ("pickle --key not found", pickle_missing_key),
+    ("pickle declaring more bytes than the file", pickle_broadcast_bomb),
     ("module. prefix collision", wrapper_prefix_collision),
     ("output equals an input", output_is_input),
     ("output inside an input folder", output_inside_input_folder),

@@ -249,6 +249,15 @@ def test_mutated_pickles(workdir: Path, flips: list[tuple[int, int]], cut: int) 
 
 
 @FUZZ
+@given(shape=st.lists(st.integers(1, 2**12), min_size=1, max_size=3))
+def test_pickled_broadcast_views(workdir: Path, shape: list[int]) -> None:
+    """`torch.save(t.expand(...))` stores one element: the shape must not be believed."""
+    path = workdir / "fuzz.pt"
+    torch.save({"w": torch.zeros(1).expand(*shape)}, path)
+    read_everything(path)
+
+
+@FUZZ
 @given(raw=st.binary(min_size=1, max_size=256))
 def test_random_pickles(workdir: Path, raw: bytes) -> None:
     read_everything(write(workdir, raw, ".pt"))
