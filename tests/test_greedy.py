@@ -191,3 +191,25 @@ def test_inputs_are_not_modified() -> None:
 def test_bad_accept_is_an_error() -> None:
     with pytest.raises(SoupError, match="accept"):
         greedy_soup([tiny_state_dict(0)], lambda sd: 1.0, accept="maybe")
+
+
+class CountingDict(dict):
+    """A state dict that counts how often each tensor is read."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.reads: dict[str, int] = {}
+
+    def __getitem__(self, key):
+        self.reads[key] = self.reads.get(key, 0) + 1
+        return super().__getitem__(key)
+
+
+@pytest.mark.parametrize("n", [3, 8])
+def test_candidates_are_incremental_not_re_averaged(n: int) -> None:
+    sds = [CountingDict(tiny_state_dict(i)) for i in range(n)]
+    r = greedy_soup(sds, lambda sd: 0.0)  # every candidate ties: all are accepted
+    assert len(r.selected) == n
+    # each ingredient's tensor is read a fixed number of times whatever the soup size:
+    # its own score, the similarity sample, the candidate (or the first soup), the sum
+    assert max(max(sd.reads.values()) for sd in sds) <= 4
