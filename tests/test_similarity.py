@@ -28,6 +28,13 @@ def test_different_initialisations_are_flagged_by_name() -> None:
     assert w is not None and "different initialisations" in w and "<state dict 2>" in w
 
 
+def test_tensor_order_does_not_matter() -> None:
+    sd = tiny_state_dict(0)
+    backwards = dict(reversed(list(tiny_state_dict(1).items())))
+    r = similarity_report(_mem(sd, backwards))
+    assert r.cosine[0][1] > 0.9 and r.warning is None
+
+
 def test_delta_cosine_from_a_base() -> None:
     base = tiny_state_dict(0, noise=0.0)
     ft = tiny_state_dict(1)

@@ -35,11 +35,14 @@ __all__ = [
 SAME_INIT_THRESHOLD = 0.5
 
 
-def sample_vector(ckpt: Checkpoint, *, per_tensor: int = 128) -> torch.Tensor:
+def sample_vector(
+    ckpt: Checkpoint, *, per_tensor: int = 128, names: Sequence[str] | None = None
+) -> torch.Tensor:
     """A float64 vector of `per_tensor` contiguous elements from the middle of each floating
-    tensor (all of it when smaller)."""
+    tensor (all of it when smaller), in the order of `names` (default: the file's order)."""
     parts = []
-    for name, info in ckpt.infos.items():
+    for name in ckpt.infos if names is None else names:
+        info = ckpt.infos[name]
         if not info.is_float or info.numel == 0:
             continue
         flat = ckpt.get(name).reshape(-1)
@@ -79,11 +82,12 @@ def similarity_report(
     the deltas θᵢ − θ₀ (what Model Stock and task arithmetic work with).
     """
     names = [str(c.path) for c in ckpts]
-    vectors = [sample_vector(c, per_tensor=per_tensor) for c in ckpts]
+    keys = list(ckpts[0].infos)  # one order for all: files list their tensors differently
+    vectors = [sample_vector(c, per_tensor=per_tensor, names=keys) for c in ckpts]
     cos = cosine_matrix(vectors)
     delta = None
     if base is not None:
-        v0 = sample_vector(base, per_tensor=per_tensor)
+        v0 = sample_vector(base, per_tensor=per_tensor, names=keys)
         delta = cosine_matrix([v - v0 for v in vectors])
     return SimilarityReport(names, cos, delta, _warning(names, cos, threshold))
 
