@@ -43,6 +43,11 @@ _EXPORTS: dict[str, str] = {
     "load_scores": "evaluate",
     "score_candidate": "evaluate",
     "LocalExecutor": "executor",
+    "RayExecutor": "executor_ray",
+    "Recipe": "recipe_file",
+    "load_recipe": "recipe_file",
+    "load_report": "report",
+    "fetch_ingredients": "integrations.mlflow",
     "greedy_soup": "recipes.greedy",
     "learned_soup": "recipes.learned",
     "ensemble_logits": "recipes.ensemble",
@@ -79,10 +84,14 @@ if TYPE_CHECKING:
     from .evaluate import load_scores as load_scores
     from .evaluate import score_candidate as score_candidate
     from .executor import LocalExecutor as LocalExecutor
+    from .executor_ray import RayExecutor as RayExecutor
     from .inspect import inspect_checkpoints as inspect_checkpoints
+    from .integrations.mlflow import fetch_ingredients as fetch_ingredients
     from .io import Checkpoint as Checkpoint
     from .io import expand_inputs as expand_inputs
     from .io import open_checkpoint as open_checkpoint
+    from .recipe_file import Recipe as Recipe
+    from .recipe_file import load_recipe as load_recipe
     from .recipes.bn import recalibrate_bn as recalibrate_bn
     from .recipes.ensemble import ensemble_logits as ensemble_logits
     from .recipes.ensemble import greedy_ensemble as greedy_ensemble
@@ -96,6 +105,7 @@ if TYPE_CHECKING:
     from .recipes.uniform import weighted as weighted
     from .recipes.wise_ft import wise_ft as wise_ft
     from .recipes.wise_ft import wise_ft_sweep as wise_ft_sweep
+    from .report import load_report as load_report
     from .similarity import similarity_report as similarity_report
     from .stream import average_checkpoints as average_checkpoints
     from .types import SoupResult as SoupResult
