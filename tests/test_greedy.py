@@ -152,6 +152,18 @@ def test_torn_history_line_is_redone(tmp_path: Path) -> None:
     assert resumed.selected == full.selected and resumed.history == full.history
 
 
+def test_resume_with_other_ingredients_is_an_error(tmp_path: Path) -> None:
+    sds, target = ingredients(0, n=4)
+    score = make_score(target)
+    hist = str(tmp_path / "h.jsonl")
+    greedy_soup(sds, score, history=hist)
+    with pytest.raises(SoupError, match="changed"):
+        greedy_soup(sds, score, history=hist, resume=True, dataset="val")
+    with pytest.raises(SoupError, match="changed"):
+        greedy_soup(sds[:1] + sds[2:], score, history=hist, resume=True,
+                    names=["ingredient_0", "ingredient_2", "ingredient_3"])  # fmt: skip
+
+
 def test_existing_history_without_resume_is_an_error(tmp_path: Path) -> None:
     hist = tmp_path / "h.jsonl"
     hist.write_text("")

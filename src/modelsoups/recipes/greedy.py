@@ -144,10 +144,10 @@ def greedy_soup(
         for j, i in enumerate(order[1:], start=1):
             name = all_names[i]
             if j < len(steps):  # replay a step logged before the crash
-                if steps[j].get("model_name") != name:
+                if steps[j].get("model_name") != name or dataset not in steps[j]:
                     raise SoupError(
-                        f"{history}: logged step {j} is {steps[j].get('model_name')!r}"
-                        f", expected {name!r}; the ingredients or scores changed"
+                        f"{history}: logged step {j} is {steps[j].get('model_name')!r}, expected"
+                        f" {name!r} scored as {dataset!r}; ingredients, scores or dataset changed"
                     )
                 ok, s = bool(steps[j]["accepted"]), Score(float(steps[j][dataset]))
             else:
