@@ -29,6 +29,16 @@ def test_identical_ingredients_are_returned(k: int, seed: int) -> None:
     assert all(t == pytest.approx(1.0) for _, t in ratios.values())
 
 
+@settings(max_examples=5, deadline=None)
+@given(perm=st.permutations([0, 1, 2]))
+def test_order_of_finetuned_models_does_not_matter(perm: list[int]) -> None:
+    fts = [tiny_state_dict(i, noise=0.05) for i in range(3)]
+    ref, _ = model_stock(BASE, fts)
+    out, _ = model_stock(BASE, [fts[i] for i in perm])
+    for k, v in ref.items():
+        torch.testing.assert_close(out[k], v)
+
+
 def test_ratio_matches_hand_computation() -> None:
     base = {"w": torch.zeros(2)}
     a, b = {"w": torch.tensor([1.0, 0.0])}, {"w": torch.tensor([1.0, 1.0])}

@@ -13,7 +13,9 @@ costs one pass over the weights and never a materialised copy. Three evaluators:
 
 Each returns a `Score(score, metrics)`. A crash, a timeout, unreadable output or a NaN raises
 `EvaluationError` naming the candidate. Ingredient scores logged during a sweep can be read
-with `load_scores` instead of being recomputed.
+with `load_scores` instead of being recomputed. Your own evaluator is any object with
+`evaluate(candidate, *, name) -> Score`: read tensors one at a time with `candidate.get(key)`
+(keys in `candidate.infos`) or all at once with `materialize(candidate)`.
 """
 
 from __future__ import annotations
