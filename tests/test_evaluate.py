@@ -274,8 +274,12 @@ def test_greedy_cli_with_scores_file_and_workers(tmp_path: Path, capsys) -> None
     paths = _setup(tmp_path, 3)
     (tmp_path / "scores.csv").write_text("name,score\nrun0,3\nrun1,2\nrun2,1\n")
     cmd = f"{sys.executable} {tmp_path / 'ev.py'} {{ckpt}} {paths[0]}"
-    rc = _greedy(tmp_path, paths, cmd, "--scores", str(tmp_path / "scores.csv"), "--workers", "2")
+    test_cmd = f"{sys.executable} -c 'print(0.25)' {{ckpt}}"
+    rc = _greedy(tmp_path, paths, cmd, "--scores", str(tmp_path / "scores.csv"), "--workers", "2",
+                 "--test-eval", test_cmd)  # fmt: skip
     assert rc == 0, capsys.readouterr().err
+    report = json.loads((tmp_path / "soup.report.json").read_text())
+    assert report["test"] == {"score": 0.25} and report["held_out"] != 0.25
     lines = [json.loads(x) for x in (tmp_path / "soup.history.jsonl").read_text().splitlines()]
     assert all(x.get("given") for x in lines if x["kind"] == "ingredient")
     (tmp_path / "bad.csv").write_text("name,score\nrun0,3\n")

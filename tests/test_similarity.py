@@ -28,6 +28,14 @@ def test_different_initialisations_are_flagged_by_name() -> None:
     assert w is not None and "different initialisations" in w and "<state dict 2>" in w
 
 
+def test_greedy_warns_about_different_initialisations() -> None:
+    from modelsoups import greedy_soup
+
+    r = greedy_soup([tiny_state_dict(0), tiny_state_dict(1, base_seed=4)], lambda sd: 1.0)
+    assert any("different initialisations" in w for w in r.warnings)
+    assert not greedy_soup([tiny_state_dict(0), tiny_state_dict(1)], lambda sd: 1.0).warnings
+
+
 def test_tensor_order_does_not_matter() -> None:
     sd = tiny_state_dict(0)
     backwards = dict(reversed(list(tiny_state_dict(1).items())))
