@@ -154,3 +154,18 @@ def test_missing_ray_says_how_to_install(monkeypatch: pytest.MonkeyPatch) -> Non
     with pytest.raises(SoupError, match=r"pip install 'modelsoups\[ray\]'"):
         make_executor(2, ray=True)
     assert isinstance(make_executor(2), LocalExecutor)
+
+
+def test_cli_wise_ft_sweep_with_ray_equals_local(
+    ray_runtime: Any, sweep: tuple[list[Path], str], tmp_path: Path
+) -> None:
+    paths, command = sweep
+    reports = []
+    for extra in ([], ["--ray"]):
+        out = tmp_path / f"wise{len(extra)}.safetensors"
+        argv = ["wise-ft", str(paths[0]), str(paths[1]), "--alphas", "0,0.5,1", "--eval", command]
+        assert main([*argv, *extra, "-o", str(out), "-q"]) == 0
+        reports.append(json.loads(out.with_name(f"wise{len(extra)}.report.json").read_text()))
+    local, on_ray = reports
+    assert [r["held_out"] for r in local["sweep"]] == [r["held_out"] for r in on_ray["sweep"]]
+    assert local["alpha"] == on_ray["alpha"]

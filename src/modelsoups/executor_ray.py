@@ -7,19 +7,20 @@ task that asks for `num_cpus_per_task` CPUs (default 1), so a cluster runs as ma
 evaluations at once as it has CPUs, and Ray's scheduler does the rest.
 
 How checkpoints reach the workers:
-- By path (the default). Recipes hand executors checkpoint *paths*, never tensors: each
-  worker opens the files itself, lazily, like a local process would. That needs a shared
-  filesystem — the same path must name the same file on every node (NFS, a cluster's
-  shared disk, or simply one machine: `--ray` without `--ray-address`).
-- Through Ray's object store, when there is no shared filesystem and the checkpoints are
-  small: `ship_files=True` (the default when `address` names a remote cluster) reads each
-  `pathlib.Path` found in the items (a file, or a model folder) once on the driver, puts its
-  bytes in the object store (`ray.put`, once per path however many items name it), and each
-  task writes them to a temporary folder on its node and calls `fn` with that local path.
-  Files bigger than `max_ship_bytes` (default 2 GB) are an error: put those on a shared
-  filesystem. Items that are in-memory state dicts always go through the object store (Ray
-  moves any large task argument that way); that is what the Python API does with
-  `greedy_soup([sd1, sd2, ...], ..., executor=RayExecutor())`.
+- By path (the default, and what `--ray` / `--ray-address` do). Recipes hand executors
+  checkpoint *paths*, never tensors: each task opens the files itself, lazily, as a local
+  worker process would. That needs a shared filesystem — the same path must name the same
+  file on every node (NFS, a cluster's shared disk, or simply one machine, which is what
+  `--ray` without `--ray-address` starts).
+- Through Ray's object store, for small models on a cluster without a shared filesystem:
+  `RayExecutor(address, ship_files=True)` reads each `pathlib.Path` found in the items (a
+  file, or a model folder; plain strings are left alone, since they may be names) once on
+  the driver, puts its bytes in the object store (`ray.put`, once per path however many
+  items name it), and each task writes them to a temporary folder on its node and calls
+  `fn` with that local path. Checkpoints bigger than `max_ship_bytes` (default 2 GB) are an
+  error: put those on a shared filesystem.
+- Items that are in-memory state dicts always go through the object store (Ray moves any
+  large task argument that way): `greedy_soup([sd1, sd2, ...], ..., executor=RayExecutor())`.
 
 Ray is an optional dependency: `pip install 'modelsoups[ray]'`.
 
@@ -125,7 +126,7 @@ class RayExecutor:
         num_cpus: CPUs of the local runtime (`None`: all); ignored with `address`.
         num_cpus_per_task: CPUs each task reserves (an evaluation that uses 4 threads: 4).
         ship_files: send `pathlib.Path` items through the object store instead of relying
-            on a shared filesystem; default: only when `address` is given.
+            on a shared filesystem (see the module docstring).
         max_ship_bytes: refuse to ship checkpoints bigger than this.
     """
 
@@ -135,13 +136,13 @@ class RayExecutor:
         *,
         num_cpus: int | None = None,
         num_cpus_per_task: float = 1,
-        ship_files: bool | None = None,
+        ship_files: bool = False,
         max_ship_bytes: int = 2_000_000_000,
     ) -> None:
         self.ray = import_ray()
         self.address, self.num_cpus = address, num_cpus
         self.num_cpus_per_task = num_cpus_per_task
-        self.ship_files = address is not None if ship_files is None else ship_files
+        self.ship_files = ship_files
         self.max_ship_bytes = max_ship_bytes
         self._started = False
 
@@ -184,13 +185,13 @@ class RayExecutor:
         for future in futures:
             try:
                 results.append(self.ray.get(future))
-            except self.ray.exceptions.RayTaskError as e:
+            except self.ray.exceptions.RayError as e:  # a task raised, or its worker died
                 for f in futures:
                     self.ray.cancel(f)
                 cause = getattr(e, "cause", None)
-                if isinstance(cause, BaseException):
+                if isinstance(cause, Exception):
                     raise cause from None
-                raise SoupError(f"a Ray task failed: {str(e).splitlines()[0]}") from None
+                raise SoupError(f"a Ray task failed: {str(e).strip().splitlines()[0]}") from None
         return results
 
     def shutdown(self) -> None:

@@ -138,6 +138,8 @@ class Recipe(_Strict):
             raise ValueError(f"base: method {self.method!r} needs the pretrained model")
         if self.method == "weighted" and self.weights is None:
             raise ValueError("weights: method 'weighted' needs one weight per ingredient")
+        if self.splits and self.splits.test and self.method != "greedy":
+            raise ValueError(f"splits.test: method {self.method!r} has no test evaluation")
         if self.method == "greedy" and self.evaluator is None:
             raise ValueError("evaluator: method 'greedy' needs an evaluator command")
         return self
