@@ -245,6 +245,29 @@ def meta(args: argparse.Namespace, ctx: runners.Context) -> dict[str, object]:
     }
 
 
+def side_measurements(args: argparse.Namespace, ctx: runners.Context) -> dict[str, object]:
+    """Baseline memory, start-up, greedy step and profile: before the grid, so that a run cut
+    short by --deadline still has them."""
+    out: dict[str, object] = {"baseline": ctx.baseline(args.reps)}
+    if not args.no_startup:
+        out["startup"] = ctx.startup(ensure_inputs("tiny", "fp32", 2), args.reps)
+        print(f"startup: {out['startup']}", flush=True)
+    out["greedy"] = ctx.greedy_hook()
+    if args.greedy_config:
+        size, dtype, n = args.greedy_config.split(",")
+        dirs = ensure_inputs(size, dtype, int(n))
+        warm([d / "model.safetensors" for d in dirs])
+        out["greedy"] = {**ctx.greedy(dirs), "config": args.greedy_config}
+        print(f"greedy: {out['greedy']}", flush=True)
+    if args.profile:
+        size, dtype, n = args.profile_config.split(",")
+        dirs = ensure_inputs(size, dtype, int(n))
+        warm([d / "model.safetensors" for d in dirs])
+        out["profile"] = ctx.profile(dirs, args.out, f"{size}-{dtype}-N{n}")
+        print(f"profile: {out['profile']}", flush=True)
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -254,20 +277,19 @@ def main(argv: list[str] | None = None) -> None:
     print(f"versions: {results['meta']['versions']}", flush=True)  # type: ignore[index]
 
     def save() -> None:
+        results["meta"]["loadavg_end"] = os.getloadavg()  # type: ignore[index]
         tmp = args.out / "bench.json.tmp"
         tmp.write_text(json.dumps(results, indent=1) + "\n")
         os.replace(tmp, args.out / "bench.json")
+        (args.out / "bench.md").write_text(report.markdown(results))
 
-    results["baseline"] = ctx.baseline(args.reps)
-    if not args.no_startup:
-        results["startup"] = ctx.startup(ensure_inputs("tiny", "fp32", 2), args.reps)
-        print(f"startup: {results['startup']}", flush=True)
-    results["greedy"] = ctx.greedy_hook()
+    results.update(side_measurements(args, ctx))
     save()
     ns = sorted(int(x) for x in args.ns.split(","))
+    # N before dtype: a run cut short by --deadline keeps both dtypes at the smaller N.
     for size in args.sizes.split(","):
-        for dtype in args.dtypes.split(","):
-            for i, n in enumerate(ns):
+        for i, n in enumerate(ns):
+            for dtype in args.dtypes.split(","):
                 if past(args.deadline):
                     note = f"skipped: past --deadline {args.deadline} UTC"
                     base = config_base(size, dtype, n)
@@ -276,22 +298,9 @@ def main(argv: list[str] | None = None) -> None:
                     rows = run_config(args, ctx, size, dtype, n, methods, first_n=i == 0)
                 results["runs"].extend(rows)  # type: ignore[attr-defined]
                 save()
-    results["meta"]["loadavg_end"] = os.getloadavg()  # type: ignore[index]
-    if args.greedy_config:
-        size, dtype, n = args.greedy_config.split(",")
-        results["greedy"] = ctx.greedy(ensure_inputs(size, dtype, int(n)))
-        results["greedy"]["config"] = args.greedy_config  # type: ignore[index]
-        print(f"greedy: {results['greedy']}", flush=True)
-        save()
-    if args.profile:
-        size, dtype, n = args.profile_config.split(",")
-        dirs = ensure_inputs(size, dtype, int(n))
-        results["profile"] = ctx.profile(dirs, args.out, f"{size}-{dtype}-N{n}")
     save()
-    md = report.markdown(results)
-    (args.out / "bench.md").write_text(md)
     report.plot(results, args.out / "bench.png")
-    print(md)
+    print(report.markdown(results))
 
 
 if __name__ == "__main__":

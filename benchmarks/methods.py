@@ -140,7 +140,10 @@ def greedy(out: str, paths: list[str]) -> None:
     t1 = time.perf_counter()
     uniform(paths, out)
     reaverage = time.perf_counter() - t1
-    step = sorted(steps)[len(steps) // 2] if steps else float("nan")
+    if not steps:  # N=2 has one candidate and so no interval between two of them
+        print(json.dumps({"status": "needs N >= 3", "reaverage_s": reaverage}))
+        return
+    step = sorted(steps)[len(steps) // 2]
     print(json.dumps({
         "status": "timed", "n": len(paths), "selected": len(result.selected),
         "greedy_total_s": total, "step_median_s": step, "steps_s": steps,
