@@ -205,6 +205,8 @@ def run_config(
                 gbps=in_bytes / med / 1e9,
                 peak_anon_bytes=[r.peak_anon_bytes for r in good],
                 median_peak_anon_bytes=statistics.median(r.peak_anon_bytes for r in good),
+                median_cpu_user_s=statistics.median(r.cpu_user_s for r in good),
+                median_cpu_sys_s=statistics.median(r.cpu_sys_s for r in good),
             )
         if m in checks:
             row["check"] = checks[m]

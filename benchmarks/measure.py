@@ -10,6 +10,7 @@ that; every method is measured the same way, so the comparison stays fair.
 from __future__ import annotations
 
 import os
+import resource
 import subprocess
 import threading
 import time
@@ -27,6 +28,8 @@ class Measurement:
     samples: int
     stderr_tail: str = ""
     stdout: str = ""
+    cpu_user_s: float = 0.0  # CPU time of the process and its waited-for descendants
+    cpu_sys_s: float = 0.0  # high sys time here is mostly page faults on mmapped inputs
     extra: dict[str, object] = field(default_factory=dict)
 
 
@@ -82,6 +85,7 @@ def run(
     peak = 0
     samples = 0
     done = threading.Event()
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
     proc = subprocess.Popen(
         cmd,
@@ -107,8 +111,10 @@ def run(
         proc.kill()
         out, err = proc.communicate()
     wall = time.perf_counter() - start
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)  # the harness runs one child at a time
     done.set()
     sampler.join()
     tail = err.decode(errors="replace")[-2000:] if err else ""
     text = out.decode(errors="replace") if out else ""
-    return Measurement(wall, peak, proc.returncode, samples, tail, text)
+    user, sys_ = after.ru_utime - before.ru_utime, after.ru_stime - before.ru_stime
+    return Measurement(wall, peak, proc.returncode, samples, tail, text, user, sys_)

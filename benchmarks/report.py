@@ -97,6 +97,23 @@ def memory_table(res: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def cpu_table(res: dict[str, Any]) -> str:
+    """CPU seconds (user/sys) per method: (user+sys)/wall near 2 means both cores are busy."""
+    shown = ["memmap", "naive", "mergekit", "soup"]
+    head = "| size | dtype | N | " + " | ".join(f"{m} user/sys s" for m in shown) + " |"
+    lines = [head, "|" + "---|" * (3 + len(shown))]
+    for (size, dtype, n), m in _index(res).items():
+        cells = []
+        for name in shown:
+            row = m.get(name, {})
+            if "median_cpu_user_s" in row:
+                cells.append(f"{row['median_cpu_user_s']:.1f}/{row['median_cpu_sys_s']:.1f}")
+            else:
+                cells.append("—")
+        lines.append(f"| {size} | {dtype} | {n} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def _verdict(ok: bool | None) -> str:
     return "not measured" if ok is None else ("MET" if ok else "NOT MET")
 
@@ -214,7 +231,8 @@ def markdown(res: dict[str, Any]) -> str:
         f"Start-up: {res.get('startup', {})}\n\n"
         f"## Time (seconds, median; ratios > 1 favour soup where marked ×)\n\n"
         f"{time_table(res)}\n\n## Peak anonymous memory of the process tree\n\n"
-        f"{memory_table(res)}\n\n## Targets (issue 5)\n\n{targets(res)}\n\n"
+        f"{memory_table(res)}\n\n## CPU time (median user/sys seconds)\n\n{cpu_table(res)}\n\n"
+        f"## Targets (issue 5)\n\n{targets(res)}\n\n"
         f"## Notes\n\n{notes(res)}\n{profile_section(res)}"
     )
 
