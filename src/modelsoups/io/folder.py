@@ -75,6 +75,11 @@ class HFFolder(Checkpoint):
     def _open_index(self, index: Path, *, key: str | None, unsafe_pickle: bool) -> None:
         weight_map = _read_index(index)
         for shard_name in dict.fromkeys(weight_map.values()):
+            if Path(shard_name).is_absolute() or ".." in Path(shard_name).parts:
+                raise CheckpointError(
+                    f"{index}: shard {shard_name!r} is outside the model folder; an index may "
+                    "only name files inside it"
+                )
             shard_path = self.path / shard_name
             if not shard_path.is_file():
                 raise CheckpointError(f"{index}: lists shard {shard_name!r}, which is missing")
