@@ -230,6 +230,21 @@ def index_tensor_not_in_shard(c: Ctx) -> Setup:
     return Setup(uniform(a, b, out=c.out), ["model-00001-of-00002.safetensors", "'head.weight'"])
 
 
+def index_escapes_folder(c: Ctx) -> Setup:
+    """An index naming a file outside its folder: the soup must not read (and publish)
+    someone else's file."""
+    a, b = c.make(2, "hf-sharded")
+    index = b / "model.safetensors.index.json"
+    data = json.loads(index.read_text())
+    outside = str(a / "model-00002-of-00002.safetensors")
+    for k, v in data["weight_map"].items():
+        if v == "model-00002-of-00002.safetensors":
+            data["weight_map"][k] = f"../{a.name}/model-00002-of-00002.safetensors"
+    index.write_text(json.dumps(data))
+    assert Path(outside).exists()
+    return Setup(uniform(a, b, out=c.out), [str(index), "outside the model folder"])
+
+
 def index_invalid_json(c: Ctx) -> Setup:
     a, b = c.make(2, "hf-sharded")
     index = b / "model.safetensors.index.json"
@@ -539,6 +554,7 @@ CASES: list[tuple[str, Callable[[Ctx], Setup]]] = [
     ("index points at missing shard", index_missing_shard),
     ("shard tensor not in index", shard_tensor_not_in_index),
     ("index tensor not in shard", index_tensor_not_in_shard),
+    ("index names a shard outside its folder", index_escapes_folder),
     ("index invalid JSON", index_invalid_json),
     ("shapes differ", shape_mismatch),
     ("missing key", missing_key),
