@@ -104,6 +104,8 @@ def measure(inputs: list[Path], out: Path) -> dict[str, int]:
     )
     assert proc.returncode == 0, proc.stderr
     result: dict[str, int] = json.loads(proc.stdout.strip().splitlines()[-1])
+    if not result["baseline"]:
+        pytest.skip("this kernel's /proc/PID/status has no RssAnon (Linux < 4.5)")
     assert sorted(out.glob("model-*.safetensors")), "expected a sharded output"
     return result
 
