@@ -169,3 +169,17 @@ def test_cli_wise_ft_sweep_with_ray_equals_local(
     local, on_ray = reports
     assert [r["held_out"] for r in local["sweep"]] == [r["held_out"] for r in on_ray["sweep"]]
     assert local["alpha"] == on_ray["alpha"]
+
+
+def _cwd(_: int) -> str:
+    import os
+
+    return os.getcwd()
+
+
+def test_tasks_run_in_the_callers_folder(
+    ray_runtime: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Workers started elsewhere still see relative paths (and eval commands) as we do."""
+    monkeypatch.chdir(tmp_path)
+    assert RayExecutor().map(_cwd, [1, 2]) == [str(tmp_path), str(tmp_path)]

@@ -11,7 +11,8 @@ How checkpoints reach the workers:
   checkpoint *paths*, never tensors: each task opens the files itself, lazily, as a local
   worker process would. That needs a shared filesystem — the same path must name the same
   file on every node (NFS, a cluster's shared disk, or simply one machine, which is what
-  `--ray` without `--ray-address` starts).
+  `--ray` without `--ray-address` starts). Tasks run in the caller's working directory when
+  the node has that folder, so relative paths and `--eval` commands mean the same there.
 - Through Ray's object store, for small models on a cluster without a shared filesystem:
   `RayExecutor(address, ship_files=True)` reads each `pathlib.Path` found in the items (a
   file, or a model folder; plain strings are left alone, since they may be names) once on
@@ -32,6 +33,8 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
+import os
 import shutil
 import tempfile
 from collections.abc import Callable, Sequence
@@ -99,15 +102,23 @@ def _unpack(item: Any, workdir: Path) -> Any:
     return item
 
 
-def _run(fn: Callable[[Any], Any], item: Any) -> Any:
-    """The body of one Ray task: materialise shipped files, call `fn`, clean up."""
-    if not _has_shipped(item):
-        return fn(item)
-    workdir = Path(tempfile.mkdtemp(prefix="soup-ray-"))
+def _run(fn: Callable[[Any], Any], item: Any, cwd: str) -> Any:
+    """The body of one Ray task: in the driver's folder (when this node has it, as on a
+    shared filesystem, so that relative paths and eval commands mean what they mean for
+    the caller), with shipped files materialised."""
+    before = os.getcwd()
+    with contextlib.suppress(OSError):
+        os.chdir(cwd)
     try:
-        return fn(_unpack(item, workdir))
+        if not _has_shipped(item):
+            return fn(item)
+        workdir = Path(tempfile.mkdtemp(prefix="soup-ray-"))
+        try:
+            return fn(_unpack(item, workdir))
+        finally:
+            shutil.rmtree(workdir, ignore_errors=True)
     finally:
-        shutil.rmtree(workdir, ignore_errors=True)
+        os.chdir(before)
 
 
 def _has_shipped(item: Any) -> bool:
@@ -180,7 +191,7 @@ class RayExecutor:
         refs: dict[Path, _Shipped] = {}
         sent = [self._ship(x, refs) for x in items] if self.ship_files else items
         fn_ref = self.ray.put(fn)  # one copy of fn (and what it closes over) for all tasks
-        futures = [task.remote(fn_ref, x) for x in sent]
+        futures = [task.remote(fn_ref, x, os.getcwd()) for x in sent]
         results: list[R] = []
         for future in futures:
             try:
