@@ -11,7 +11,7 @@ from ..errors import CheckpointError
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["Checkpoint", "TensorInfo", "normalise_keys"]
+__all__ = ["Checkpoint", "TensorInfo", "normalise_keys", "strip_wrappers"]
 
 # Prefixes that wrappers add to every parameter name: DDP (`module.`) and torch.compile
 # (`_orig_mod.`). The same weights saved with or without a wrapper must soup together.
@@ -43,6 +43,21 @@ class TensorInfo:
         return self.dtype.is_floating_point
 
 
+def strip_wrappers(key: str) -> tuple[str, dict[str, int]]:
+    """`key` without its leading wrapper prefixes, and how many of each were removed.
+
+    Walks an index instead of re-slicing the string: a crafted key that repeats a prefix a
+    million times costs linear, not quadratic, time.
+    """
+    i, counts = 0, dict[str, int]()
+    while True:
+        prefix = next((p for p in WRAPPER_PREFIXES if key.startswith(p, i)), None)
+        if prefix is None:
+            return key[i:], counts
+        counts[prefix] = counts.get(prefix, 0) + 1
+        i += len(prefix)
+
+
 def normalise_keys(raw_keys: list[str], path: Path) -> tuple[dict[str, str], list[str]]:
     """Map normalised names to raw names, stripping wrapper prefixes.
 
@@ -51,15 +66,9 @@ def normalise_keys(raw_keys: list[str], path: Path) -> tuple[dict[str, str], lis
     mapping: dict[str, str] = {}
     stripped: dict[str, int] = {}
     for raw in raw_keys:
-        name = raw
-        changed = True
-        while changed:
-            changed = False
-            for prefix in WRAPPER_PREFIXES:
-                if name.startswith(prefix):
-                    name = name[len(prefix) :]
-                    stripped[prefix] = stripped.get(prefix, 0) + 1
-                    changed = True
+        name, counts = strip_wrappers(raw)
+        for prefix, n in counts.items():
+            stripped[prefix] = stripped.get(prefix, 0) + n
         if name in mapping:
             raise CheckpointError(
                 f"{path}: keys {mapping[name]!r} and {raw!r} both become {name!r} after "

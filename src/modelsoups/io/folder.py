@@ -116,12 +116,9 @@ class HFFolder(Checkpoint):
 
 
 def _strip(key: str) -> str:
-    from .base import WRAPPER_PREFIXES
+    from .base import strip_wrappers
 
-    for prefix in WRAPPER_PREFIXES:
-        if key.startswith(prefix):
-            return _strip(key[len(prefix) :])
-    return key
+    return strip_wrappers(key)[0]
 
 
 # Files that carry weights; everything else in a model folder (config, tokenizer, ...) is
