@@ -59,7 +59,8 @@ def _alarm(signum: int, frame: object) -> None:
 def read_everything(path: Path) -> SoupError | None:
     """Open `path` and read every tensor, under the three rules of this module; return the
     error it raised, if any."""
-    size = path.stat().st_size
+    files = [p for p in path.rglob("*") if p.is_file()] if path.is_dir() else [path]
+    size = sum(p.stat().st_size for p in files)
     old = signal.signal(signal.SIGALRM, _alarm)
     signal.setitimer(signal.ITIMER_REAL, SECONDS)
     # The alarm cannot interrupt a hang inside C code (torch.load's zip reader); this
@@ -226,6 +227,51 @@ def test_known_crashers(workdir: Path) -> None:
     raws += [pack(b"[" * 100_000 + b"]" * 100_000, b""), pack(b"[" + b"1" * 5000 + b"]", b"")]
     for raw in raws:
         assert isinstance(read_everything(write(workdir, raw)), CheckpointError)
+
+
+# ---------------------------------------------------------------------------------------
+# Hugging Face folders: the shard index is as untrusted as the shards.
+
+SHARD1, SHARD2 = "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"
+shard_names = st.sampled_from(
+    [SHARD1, SHARD2, "missing.bin",
+     "", ".", "..", "../x.safetensors", "/etc/hostname", "config.json",
+     "model.safetensors.index.json"]
+) | st.text(max_size=12)  # fmt: skip
+tensor_keys = st.sampled_from(["a", "b", "module.a", "_orig_mod.b"]) | st.text(max_size=6)
+prefixed_keys = st.builds(
+    lambda n, k: "module." * n + k, st.sampled_from([1, 2, 1500, 10**5]), st.sampled_from("abc")
+)
+
+
+@FUZZ
+@given(
+    index=st.one_of(
+        st.builds(  # the valid map plus random entries, so that deep checks are reached
+            lambda extra: {"weight_map": {"a": SHARD1, "b": SHARD2, **extra}},
+            st.dictionaries(
+                prefixed_keys | tensor_keys, st.sampled_from([SHARD1, SHARD2]) | shard_names
+            ),
+        ),
+        st.fixed_dictionaries(
+            {"weight_map": st.dictionaries(tensor_keys | prefixed_keys, shard_names, max_size=5)}
+        ),
+        json_values,
+    )
+)
+def test_mutated_shard_indexes(workdir: Path, index: Any) -> None:
+    folder = workdir / "hf"
+    if not folder.exists():
+        folder.mkdir()
+        (folder / "config.json").write_text("{}")
+        (folder / SHARD1).write_bytes(
+            pack({"a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}, b"\0" * 4)
+        )
+        (folder / SHARD2).write_bytes(
+            pack({"b": {"dtype": "I8", "shape": [2], "data_offsets": [0, 2]}}, b"\1\2")
+        )
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    read_everything(folder)
 
 
 # ---------------------------------------------------------------------------------------
