@@ -26,7 +26,7 @@ from modelsoups.executor import LocalExecutor
 
 ray = pytest.importorskip("ray")
 
-from modelsoups.executor_ray import RayExecutor, make_executor  # noqa: E402
+from modelsoups.executor_ray import RayExecutor, init_local_ray, make_executor  # noqa: E402
 
 EVAL = textwrap.dedent(
     """
@@ -48,14 +48,13 @@ EVAL = textwrap.dedent(
 
 @pytest.fixture(scope="module")
 def ray_runtime() -> Iterator[Any]:
-    """A local Ray runtime with 2 CPUs on loopback; kept for the rest of the session."""
+    """A local Ray runtime with 2 CPUs, on loopback only; kept for the rest of the session."""
     from ray import cloudpickle
 
     cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers cannot import tests/
     if not ray.is_initialized():
-        ray.init(
-            num_cpus=2, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1"
-        )
+        init_local_ray(num_cpus=2)
+    assert ray.get_runtime_context().gcs_address.startswith("127.0.0.1:")
     yield ray
 
 

@@ -37,13 +37,13 @@ import contextlib
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
 from .errors import SoupError
 
-__all__ = ["RayExecutor", "import_ray", "make_executor"]
+__all__ = ["RayExecutor", "import_ray", "init_local_ray", "make_executor"]
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -132,8 +132,8 @@ class RayExecutor:
 
     Args:
         address: an existing cluster (`ray://host:10001`, `host:6379` or `auto`); `None`
-            starts a local Ray runtime on this machine (or reuses the one this process
-            already started).
+            starts a local Ray runtime on this machine, listening on loopback only (or
+            reuses the one this process already started).
         num_cpus: CPUs of the local runtime (`None`: all); ignored with `address`.
         num_cpus_per_task: CPUs each task reserves (an evaluation that uses 4 threads: 4).
         ship_files: send `pathlib.Path` items through the object store instead of relying
@@ -160,11 +160,11 @@ class RayExecutor:
     def _init(self) -> None:
         if self.ray.is_initialized():
             return
-        options: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False}
-        if self.address is None:  # a runtime on this machine only listens on loopback
-            options.update(num_cpus=self.num_cpus, _node_ip_address="127.0.0.1")
         try:
-            self.ray.init(address=self.address, **options)
+            if self.address is None:
+                init_local_ray(self.num_cpus)
+            else:
+                self.ray.init(address=self.address, include_dashboard=False, log_to_driver=False)
         except (ConnectionError, RuntimeError, ValueError) as e:
             where = self.address or "a local runtime"
             raise SoupError(f"cannot start Ray on {where}: {str(e).splitlines()[0]}") from None
@@ -220,6 +220,38 @@ class RayExecutor:
     def __repr__(self) -> str:
         where = self.address or f"local, num_cpus={self.num_cpus}"
         return f"RayExecutor({where})"
+
+
+@contextlib.contextmanager
+def _loopback_only() -> Iterator[None]:
+    """Make Ray's node address 127.0.0.1. Ray turns `_node_ip_address="127.0.0.1"` into the
+    machine's routable address unless clusters are disabled, which is what its
+    `RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0` does (read at import, so the constant is set too);
+    the processes `ray.init` starts inherit the setting."""
+    from ray._private import ray_constants
+
+    name = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+    env, flag = os.environ.get(name), ray_constants.ENABLE_RAY_CLUSTER
+    os.environ[name], ray_constants.ENABLE_RAY_CLUSTER = "0", False
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = flag
+        if env is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = env
+
+
+def init_local_ray(num_cpus: int | None = None) -> None:
+    """Start a Ray runtime on this machine that listens on loopback only (no dashboard).
+
+    Nothing outside this machine can join or reach it: it is for `--ray` on one machine.
+    """
+    ray = import_ray()
+    with _loopback_only():
+        ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False,
+                 _node_ip_address="127.0.0.1")  # fmt: skip
 
 
 def make_executor(workers: int = 1, *, ray: bool = False, ray_address: str | None = None) -> Any:
