@@ -32,6 +32,13 @@ EVAL = textwrap.dedent(
 )
 
 
+@pytest.fixture(autouse=True)
+def _no_telemetry(monkeypatch: pytest.MonkeyPatch) -> None:
+    """MLflow reports usage unless told not to: nothing leaves this machine in tests."""
+    monkeypatch.setenv("MLFLOW_DISABLE_TELEMETRY", "true")
+    monkeypatch.setenv("DO_NOT_TRACK", "true")
+
+
 @pytest.fixture(scope="module")
 def tracking(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A file-based tracking folder: three finished runs with a checkpoint and a score,
@@ -40,6 +47,8 @@ def tracking(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     uri = (root / "mlruns").as_uri()
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+        mp.setenv("MLFLOW_DISABLE_TELEMETRY", "true")  # no calls out of this machine
+        mp.setenv("DO_NOT_TRACK", "true")
         client = mlflow.tracking.MlflowClient(tracking_uri=uri)
         sweep = client.create_experiment("sweep")
         for i, (name, score) in enumerate([*SCORES.items(), ("crashed", 0.9)]):

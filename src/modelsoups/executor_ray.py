@@ -224,23 +224,28 @@ class RayExecutor:
 
 @contextlib.contextmanager
 def _loopback_only() -> Iterator[None]:
-    """Make Ray's node address 127.0.0.1. Ray turns `_node_ip_address="127.0.0.1"` into the
-    machine's routable address unless clusters are disabled, which is what its
-    `RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0` does (read at import, so the constant is set too);
-    the processes `ray.init` starts inherit the setting."""
+    """Make Ray's node address 127.0.0.1 and keep the runtime from reporting usage stats.
+
+    Ray turns `_node_ip_address="127.0.0.1"` into the machine's routable address unless
+    clusters are disabled, which is what its `RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0` does (read
+    at import, so the constant is set too); the processes `ray.init` starts inherit the
+    environment. `RAY_USAGE_STATS_ENABLED` is only set when the user has not set it.
+    """
     from ray._private import ray_constants
 
-    name = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
-    env, flag = os.environ.get(name), ray_constants.ENABLE_RAY_CLUSTER
-    os.environ[name], ray_constants.ENABLE_RAY_CLUSTER = "0", False
+    names = ("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "RAY_USAGE_STATS_ENABLED")
+    env, flag = {n: os.environ.get(n) for n in names}, ray_constants.ENABLE_RAY_CLUSTER
+    os.environ[names[0]], ray_constants.ENABLE_RAY_CLUSTER = "0", False
+    os.environ.setdefault(names[1], "0")
     try:
         yield
     finally:
         ray_constants.ENABLE_RAY_CLUSTER = flag
-        if env is None:
-            os.environ.pop(name, None)
-        else:
-            os.environ[name] = env
+        for name, value in env.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def init_local_ray(num_cpus: int | None = None) -> None:

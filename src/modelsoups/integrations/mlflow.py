@@ -60,9 +60,10 @@ def _import_mlflow() -> Any:
 
 @contextlib.contextmanager
 def _local_store_allowed(uri: str | None) -> Iterator[None]:
-    """MLflow refuses `file:` stores unless told; reading one the user named is fine."""
+    """MLflow refuses `file:` stores unless told; reading one the user named is fine. Our
+    calls send no MLflow telemetry and draw no progress bars (unless the user set these)."""
     local = uri is None or uri.startswith("file:") or "://" not in uri
-    keys = {"MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}
+    keys = {"MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false", "MLFLOW_DISABLE_TELEMETRY": "true"}
     if local:
         keys["MLFLOW_ALLOW_FILE_STORE"] = "true"
     before = {k: os.environ.get(k) for k in keys}
