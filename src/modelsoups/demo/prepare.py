@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .data import Splits, SplitSizes, find_corpus, load_snippets, make_splits
-from .features import LinearProbe, encode_split, feature_key, fit_linear_probe, save_features
+from .features import encode_split, feature_key, fit_linear_probe, save_features
 from .model import Features, load_encoder, top_state_from_encoder
 
 __all__ = ["Prepared", "default_cache_dir", "prepare"]
@@ -82,11 +82,7 @@ def prepare(*, quick: bool, cache_dir: Path, fresh: bool, log: Any) -> Prepared:
         feats = _build_features(splits, fdir, log)
     timings["features"] = time.perf_counter() - start
     start = time.perf_counter()
-    probe, probe_info = fit_linear_probe(feats["pool"], feats["held_out"])
-    init = load_file(str(fdir / "pretrained_top.safetensors"))
-    init["head.weight"], init["head.bias"] = probe.weight.contiguous(), probe.bias.contiguous()
-    init_path = fdir / f"init-C{probe.c:g}.safetensors"
-    save_file(init, str(init_path))
+    init, init_path, probe_info = _start(feats, fdir, fresh)
     timings["linear_probe"] = time.perf_counter() - start
     return Prepared(
         splits=splits,
@@ -96,12 +92,30 @@ def prepare(*, quick: bool, cache_dir: Path, fresh: bool, log: Any) -> Prepared:
         init=init,
         init_path=init_path,
         probe=probe_info,
-        lp_logits={s: _probe_logits(probe, feats[s]) for s in SPLITS},
+        lp_logits={s: feats[s].pooled @ init["head.weight"].T + init["head.bias"] for s in SPLITS},
         timings=timings,
         corpus=str(corpus),
     )
 
 
-def _probe_logits(probe: LinearProbe, feats: Features) -> torch.Tensor:
-    """The LP init's logits: the probe on the pretrained pooled features (no forward pass)."""
-    return feats.pooled @ probe.weight.T + probe.bias
+def _start(
+    feats: dict[str, Features], fdir: Path, fresh: bool
+) -> tuple[dict[str, torch.Tensor], Path, dict[str, Any]]:
+    """The shared start: pretrained layers 4-5 + the linear probe (fitted once, cached).
+
+    The LP init's logits are the probe on the pretrained pooled features: no forward pass.
+    """
+    info_path = fdir / "probe.json"
+    if info_path.is_file() and not fresh:
+        info = json.loads(info_path.read_text())
+        init_path = fdir / info["init"]
+        if init_path.is_file():
+            return load_file(str(init_path)), init_path, info
+    probe, info = fit_linear_probe(feats["pool"], feats["held_out"])
+    init = load_file(str(fdir / "pretrained_top.safetensors"))
+    init["head.weight"], init["head.bias"] = probe.weight.contiguous(), probe.bias.contiguous()
+    init_path = fdir / f"init-C{probe.c:g}.safetensors"
+    save_file(init, str(init_path))
+    info["init"] = init_path.name
+    info_path.write_text(json.dumps(info, indent=2))
+    return init, init_path, info

@@ -181,6 +181,8 @@ def build_report(
         "embeddings + layers 0-3 frozen and cached, layers 4-5 + mean-pool + 384->2 trained",
         "data": {
             "corpus": prep.corpus,
+            "feature_cache": str(prep.feature_dir),
+            "init": str(prep.init_path),
             "sizes": prep.splits.sizes(),
             "split_seed": DATA_SEED,
             "split": "by movie: 10 groups; 0-5 train pool, 6 held-out, 7-9 test",

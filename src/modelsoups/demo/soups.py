@@ -12,6 +12,8 @@ Each soup is one `SoupTask` run by `build_and_score` in a worker process, so gre
 
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,8 +26,9 @@ import modelsoups
 from .model import Features
 from .scoring import EVAL_SPLITS, Scorer
 
-__all__ = ["RECIPES", "SoupTask", "build_and_score", "ensembles"]
+__all__ = ["RECIPES", "SoupTask", "build_and_score", "cached_soup", "ensembles", "soup_key"]
 
+FORMAT = 1  # bump when a recipe's settings or outputs change meaning
 RECIPES = ("greedy_soup", "learned_soup", "uniform_soup", "wise_ft")  # slowest first
 WISE_FT_ALPHA = 0.5  # the WiSE-FT paper's default mixing; fixed, so it costs no selection
 LEARNED_EPOCHS = 2  # over held-out; each costs ~3 forward passes over it
@@ -127,10 +130,28 @@ def build_and_score(task: SoupTask) -> dict[str, Any]:
     logits = {s: scorer.logits(sd, s).contiguous() for s in splits}
     out = Path(task.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    save_file(sd, str(out / f"{task.recipe}.safetensors"))
-    save_file(logits, str(out / f"{task.recipe}.logits.safetensors"))
-    return {"recipe": task.recipe, "file": str(out / f"{task.recipe}.safetensors"),
-            "logits": str(out / f"{task.recipe}.logits.safetensors"), **info}  # fmt: skip
+    stem = out / f"{task.recipe}-{soup_key(task)}"
+    save_file(sd, f"{stem}.safetensors")
+    save_file(logits, f"{stem}.logits.safetensors")
+    result = {"recipe": task.recipe, "file": f"{stem}.safetensors",
+              "logits": f"{stem}.logits.safetensors", **info}  # fmt: skip
+    tmp = Path(f"{stem}.json.tmp")
+    tmp.write_text(json.dumps(result))
+    tmp.replace(f"{stem}.json")  # written last: its presence means the soup is complete
+    return result
+
+
+def soup_key(task: SoupTask) -> str:
+    """Cache key of a soup: recipe, its settings, and the ingredients' (content-keyed) files."""
+    settings = [task.recipe, FORMAT, WISE_FT_ALPHA, LEARNED_EPOCHS, LEARNED_BATCH, task.init_path]
+    payload = json.dumps([settings, [Path(w).name for w in task.weights]])
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def cached_soup(task: SoupTask) -> dict[str, Any] | None:
+    """A soup built and scored by an earlier run, if the cache has it."""
+    path = Path(task.out_dir) / f"{task.recipe}-{soup_key(task)}.json"
+    return dict(json.loads(path.read_text())) if path.is_file() else None
 
 
 def ensembles(

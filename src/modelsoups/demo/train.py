@@ -27,7 +27,7 @@ from safetensors.torch import load_file, save_file
 
 from .model import Features, Top, predict_logits
 
-__all__ = ["GRID", "Hyper", "IngredientTask", "fine_tune", "sample_hypers"]
+__all__ = ["GRID", "Hyper", "IngredientTask", "cached_result", "fine_tune", "sample_hypers"]
 
 GRID: dict[str, tuple[float, ...]] = {
     "lr": (2e-4, 3e-4, 5e-4),  # >= 1e-3 leaves the basin: the uniform soup collapses
@@ -135,41 +135,62 @@ def train_top(top: torch.nn.Module, pool: Features, hyper: Hyper) -> int:
     return total
 
 
-def fine_tune(task: IngredientTask) -> dict[str, object]:
-    """Fine-tune one ingredient (or load it from the cache) and save its logits on every split.
+def _paths(task: IngredientTask) -> tuple[Path, Path, Path]:
+    """Weights, logits and result files of the task's ingredient in the cache."""
+    stem = Path(task.out_dir) / task_key(task)
+    return (
+        stem.with_suffix(".safetensors"),
+        stem.with_suffix(".logits.safetensors"),
+        stem.with_suffix(".json"),
+    )
+
+
+def cached_result(task: IngredientTask) -> dict[str, Any] | None:
+    """What `fine_tune` returned for this exact ingredient before, if it is in the cache."""
+    weights, logits, info = _paths(task)
+    if task.fresh or not (weights.is_file() and logits.is_file()):
+        return None
+    result: dict[str, Any] = {"hyper": asdict(task.hyper), "weights": str(weights),
+                              "logits": str(logits), "train_seconds": None}  # fmt: skip
+    if info.is_file():  # absent for ingredients cached by the first version of the demo
+        result = json.loads(info.read_text())
+    return {**result, "index": task.index, "cached": True, "weights": str(weights),
+            "logits": str(logits)}  # fmt: skip
+
+
+def fine_tune(task: IngredientTask) -> dict[str, Any]:
+    """Fine-tune one ingredient and save its weights and its logits on every split.
 
     Runs with one torch thread: two single-threaded workers keep both cores busy with less
     overhead than one two-threaded process on these small matrices.
 
     Returns:
-        index, hyper, paths of the weights and logits, train seconds, cached flag.
+        index, hyper, paths of the weights and logits, train and eval seconds.
     """
     torch.set_num_threads(1)
-    out = Path(task.out_dir)
-    key = task_key(task)
-    weights, logits_path = out / f"{key}.safetensors", out / f"{key}.logits.safetensors"
-    result: dict[str, object] = {
-        "index": task.index,
-        "hyper": asdict(task.hyper),
-        "weights": str(weights),
-        "logits": str(logits_path),
-        "cached": not task.fresh and weights.is_file() and logits_path.is_file(),
-        "train_seconds": 0.0,
-    }
-    if result["cached"]:
-        return result
+    weights, logits_path, info = _paths(task)
     start = time.perf_counter()
     feats = {s: Features.load(Path(task.feature_dir) / f"{s}.safetensors") for s in SPLITS}
     top = Top(task.config)
     top.load_state_dict(load_file(task.init_path))
     train_top(top, feats["pool"], task.hyper)
     train_seconds = time.perf_counter() - start
-    out.mkdir(parents=True, exist_ok=True)
     logits = {s: predict_logits(top, feats[s]) for s in SPLITS if s != "pool"}
+    Path(task.out_dir).mkdir(parents=True, exist_ok=True)
     _save_atomic({k: v.detach().contiguous() for k, v in top.state_dict().items()}, weights)
     _save_atomic(logits, logits_path)
-    result["train_seconds"] = train_seconds
-    result["eval_seconds"] = time.perf_counter() - start - train_seconds
+    result = {
+        "index": task.index,
+        "hyper": asdict(task.hyper),
+        "weights": str(weights),
+        "logits": str(logits_path),
+        "train_seconds": train_seconds,
+        "eval_seconds": time.perf_counter() - start - train_seconds,
+        "cached": False,
+    }
+    tmp = info.with_name(info.name + ".tmp")
+    tmp.write_text(json.dumps(result))
+    tmp.replace(info)  # written last: its presence means the ingredient is complete
     return result
 
 
