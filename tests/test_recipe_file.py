@@ -216,3 +216,49 @@ def test_schema_and_python_api(tmp_path: Path, capsys: pytest.CaptureFixture[str
     recipe = _write(tmp_path, "method: uniform\ningredients: [a.pt]\noutput: s.safetensors\n")
     r, source = load_recipe(recipe)
     assert r.method == "uniform" and source["path"] == str(recipe)
+
+
+# A non-default value for every field a method can have: the argv must parse, and each
+# value must arrive in the command's parameter of the same meaning.
+FULL = {
+    "weights": [0.6, 0.4], "normalize": False, "allow_negative": True, "alpha": 0.3,
+    "alphas": "0:1:0.5", "scale": 0.7, "scales": [0.5, 1.0], "scores": "s.csv",
+    "accept": "gt", "tolerance": 0.01, "dataset": "val", "history": "h.jsonl",
+    "report": "r.json", "resume": True, "workers": 3, "ray": True, "ray_address": "auto",
+    "key": "state_dict", "unsafe_pickle": True, "dtype": "bf16", "accumulate": "float64",
+    "non_float": "first", "allow_nonfinite": True, "max_shard_size": "1GB", "overwrite": True,
+    "quiet": True, "base": "base.pt", "evaluator": {"command": "e {ckpt} {split}", "timeout": 9},
+    "splits": {"held_out": "val", "test": "tst"},
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("method", sorted(METHOD_FIELDS))
+def test_every_field_reaches_its_option(method: str) -> None:
+    import typer.main
+
+    from modelsoups.cli import app
+
+    fields = {k: v for k, v in FULL.items() if k in METHOD_FIELDS[method]}
+    if method != "greedy":
+        fields.get("splits", {}).pop("test", None)
+    ingredients = ["a.pt"] if method == "wise-ft" else ["a.pt", "b.pt"]
+    recipe = Recipe.model_validate(
+        {"method": method, "ingredients": ingredients, "output": "o", **fields}
+    )
+    argv = recipe_argv(recipe, ingredients)
+    command = typer.main.get_command(app).commands[method]  # type: ignore[attr-defined]
+    params = command.make_context(method, argv[1:]).params
+    for name, value in params.items():
+        field = _RENAMES.get(name, name)
+        if name in _POSITIONAL or field not in fields:
+            continue
+        want = fields[field]
+        if name == "eval_command":
+            want = "e {ckpt} val"
+        elif name == "test_eval":
+            want = "e {ckpt} tst"
+        elif name == "eval_timeout":
+            want = 9
+        elif isinstance(want, list):
+            want = ",".join(f"{v:g}" for v in want)
+        assert value == want or str(value) == str(want), (method, name, value, want)

@@ -100,7 +100,11 @@ def _report_path(recipe: Recipe) -> Path:
 
 
 def _store_recipe(
-    recipe: Recipe, inputs: list[str], source: dict[str, Any], argv: list[str]
+    recipe: Recipe,
+    given: dict[str, Any],
+    inputs: list[str],
+    source: dict[str, Any],
+    argv: list[str],
 ) -> Path:
     """Add the recipe to the command's report (or write one for commands that have none)."""
     from .. import __version__
@@ -134,6 +138,7 @@ def run_recipe(path: Path, *, dry_run: bool = False) -> list[str]:
     from . import app
 
     recipe, source = load_recipe(path)
+    given = recipe.summary()  # as written, before ingredients from MLflow are filled in
     with _inside(path.resolve().parent):
         inputs = recipe.inputs(Path.cwd())
         if recipe.mlflow is not None:
@@ -143,7 +148,7 @@ def run_recipe(path: Path, *, dry_run: bool = False) -> list[str]:
             return argv
         group: Any = typer.main.get_command(app)
         group.main(args=argv, prog_name="soup", standalone_mode=False)
-        report = _store_recipe(recipe, inputs, source, argv)
+        report = _store_recipe(recipe, given, inputs, source, argv)
     say(f"recipe {path} → {recipe.output}; report {report}")
     return argv
 
