@@ -522,6 +522,13 @@ def eval_without_placeholder(c: Ctx) -> Setup:
     return setup
 
 
+def wise_ft_sweep_eval_hangs(c: Ctx) -> Setup:
+    a, b = c.make(2)
+    argv = ["wise-ft", str(a), str(b), "-o", str(c.out), "--alphas", "0.3,0.7"]
+    argv += ["--eval", "sleep 60; : {ckpt}", "--eval-timeout", "0.5"]
+    return Setup(argv, ["candidate 'wise-ft_alpha=0.3'", "timed out"], keeps=["soup.history.jsonl"])
+
+
 def greedy_without_eval(c: Ctx) -> Setup:
     a, b = c.make(2)
     return Setup(["greedy", str(a), str(b), "-o", str(c.out)], ["--eval"])
@@ -594,6 +601,7 @@ CASES: list[tuple[str, Callable[[Ctx], Setup]]] = [
     ("evaluator prints nothing", eval_prints_nothing),
     ("evaluator JSON without score", eval_json_without_score),
     ("eval command without {ckpt}", eval_without_placeholder),
+    ("wise-ft sweep evaluator hangs", wise_ft_sweep_eval_hangs),
     ("greedy without --eval", greedy_without_eval),
     ("--scores misses an ingredient", scores_missing_ingredient),
 ]
