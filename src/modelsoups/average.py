@@ -57,13 +57,18 @@ def weighted_sum(
     acc.copy_(tensors[0])
     if all(w == weights[0] for w in weights):  # uniform: sum first, scale once
         for t in tensors[1:]:
-            acc.add_(t)
+            acc.add_(_addable(t, accumulate))
         acc.mul_(weights[0])
     else:
         acc.mul_(weights[0])
         for t, w in zip(tensors[1:], weights[1:], strict=True):
-            acc.add_(t, alpha=w)
+            acc.add_(_addable(t, accumulate), alpha=w)
     return acc
+
+
+def _addable(t: torch.Tensor, accumulate: torch.dtype) -> torch.Tensor:
+    """torch has no type promotion for float8: widen those inputs first (one temporary)."""
+    return t.to(accumulate) if t.is_floating_point() and t.element_size() == 1 else t
 
 
 def check_finite(name: str, acc: torch.Tensor, ckpts: Sequence[Checkpoint]) -> None:
@@ -71,7 +76,7 @@ def check_finite(name: str, acc: torch.Tensor, ckpts: Sequence[Checkpoint]) -> N
     if bool(torch.isfinite(acc.sum())) or bool(torch.isfinite(acc).all()):
         return
     for c in ckpts:
-        if not bool(torch.isfinite(c.get(name)).all()):
+        if not bool(torch.isfinite(_addable(c.get(name), torch.float32)).all()):
             raise NonFiniteError(
                 f"{c.path}: tensor {name!r} contains NaN or Inf; fix the ingredient or pass "
                 "--allow-nonfinite"
