@@ -30,10 +30,11 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import save_as, tiny_state_dict
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from modelsoups.cli import main
 from modelsoups.cli.common import STATE
+from modelsoups.io.safetensors_file import DTYPES
 
 Maker = Callable[..., list[Path]]
 
@@ -294,6 +295,13 @@ def nan_weight(c: Ctx) -> Setup:
     (a,) = c.make(1)
     b = _modify(c, lambda sd: sd["fc.weight"].__setitem__((2, 1), float("nan")))
     return Setup(uniform(a, b, out=c.out), [str(b), "'fc.weight'", "--allow-nonfinite"])
+
+
+def nan_in_float8(c: Ctx) -> Setup:
+    a, b = c.tmp / "a.safetensors", c.tmp / "b.safetensors"
+    save_file({"w": torch.ones(3).to(torch.float8_e4m3fn)}, a)
+    save_file({"w": torch.tensor([1.0, float("nan"), 2.0]).to(torch.float8_e4m3fn)}, b)
+    return Setup(uniform(a, b, out=c.out), [str(b), "'w'", "NaN or Inf"])
 
 
 def inf_weight(c: Ctx) -> Setup:
@@ -570,6 +578,7 @@ CASES: list[tuple[str, Callable[[Ctx], Setup]]] = [
     ("float in one, integer in other", float_vs_integer),
     ("NaN weight", nan_weight),
     ("Inf weight", inf_weight),
+    ("NaN in a float8 checkpoint", nan_in_float8),
     ("pickle that executes code", malicious_pickle),
     ("legacy-format pickle that executes code", malicious_legacy_pickle),
     ("HF folder whose .bin executes code", malicious_folder_bin),
@@ -772,3 +781,21 @@ def test_integer_buffers_first_passes(tmp_path: Path, make_ingredients: Maker) -
     out = tmp_path / "soup.safetensors"
     assert main(uniform(a, b, out=out, extra=("--non-float", "first"))) == 0
     assert int(load_file(out)["bn.num_batches_tracked"]) == 10
+
+
+@pytest.mark.parametrize("dtype_name", sorted(DTYPES))
+def test_every_safetensors_dtype_soups(dtype_name: str, tmp_path: Path) -> None:
+    """Every dtype the reader accepts can be souped (float8 once crashed the sum)."""
+    dtype = DTYPES[dtype_name]
+    paths = []
+    for i in range(2):
+        t = ((torch.arange(6) + i) % 3).to(torch.float32).reshape(2, 3)
+        paths.append(tmp_path / f"{i}.safetensors")
+        save_file({"w": t.to(dtype), "n": torch.tensor(1)}, paths[-1])
+    out = tmp_path / "soup.safetensors"
+    assert main(uniform(*paths, out=out, extra=("--non-float", "first"))) == 0
+    got = load_file(out)["w"]
+    assert got.dtype == dtype
+    if dtype.is_floating_point:
+        want = (load_file(paths[0])["w"].double() + load_file(paths[1])["w"].double()) / 2
+        torch.testing.assert_close(got.double(), want.to(dtype).double())
