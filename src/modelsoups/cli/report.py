@@ -38,6 +38,8 @@ def report(
     console.print(table)
     if view.recipe_file:
         console.print(f"recipe: {view.recipe_file.get('path')}", markup=False)
+    if all(r.held_out is None for r in [*view.ingredients, *view.soups]) and not view.curve:
+        console.print("no scores in this report: the soup was made without --eval", markup=False)
     if output is None:
         return
     if output.suffix.lower() == ".png":
