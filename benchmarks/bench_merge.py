@@ -74,8 +74,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--deadline",
         default=None,
-        help="UTC HH:MM after which no new configuration starts (the rest is marked skipped, "
-        "the report is still written)",
+        help="UTC HH:MM to finish by: a configuration that would not (estimated from the last "
+        "one) is marked skipped; the report is still written",
     )
     p.add_argument("--timeout", type=float, default=1800.0, help="per run, seconds")
     args = p.parse_args(argv)
@@ -221,13 +221,13 @@ def run_config(
     return rows
 
 
-def past(deadline: str | None) -> bool:
-    """True once the UTC wall clock is past HH:MM today."""
+def seconds_left(deadline: str | None) -> float:
+    """Seconds until HH:MM UTC today (infinite without a deadline)."""
     if not deadline:
-        return False
+        return float("inf")
     hh, mm = (int(x) for x in deadline.split(":"))
     now = time.gmtime()
-    return (now.tm_hour, now.tm_min) >= (hh, mm)
+    return (hh * 60 + mm) * 60 - (now.tm_hour * 3600 + now.tm_min * 60 + now.tm_sec)
 
 
 def meta(args: argparse.Namespace, ctx: runners.Context) -> dict[str, object]:
@@ -295,16 +295,24 @@ def main(argv: list[str] | None = None) -> None:
     results.update(side_measurements(args, ctx))
     save()
     ns = sorted(int(x) for x in args.ns.split(","))
+    rate = 0.0  # seconds per input byte of the last configuration run
     # N before dtype: a run cut short by --deadline keeps both dtypes at the smaller N.
     for size in args.sizes.split(","):
         for i, n in enumerate(ns):
             for dtype in args.dtypes.split(","):
-                if past(args.deadline):
-                    note = f"skipped: past --deadline {args.deadline} UTC"
+                # Estimated from the last configuration, scaled by input bytes: methods are
+                # roughly linear in bytes plus a fixed start-up this slightly overestimates.
+                need = rate * n * make_inputs.expected_bytes(size, dtype)
+                if need > seconds_left(args.deadline):
+                    note = f"skipped: would not finish before --deadline {args.deadline} UTC"
                     base = config_base(size, dtype, n)
                     rows = [{**base, "method": m, "skipped": note} for m in methods]
                 else:
+                    t0 = time.perf_counter()
                     rows = run_config(args, ctx, size, dtype, n, methods, first_n=i == 0)
+                    rate = (time.perf_counter() - t0) / (
+                        n * make_inputs.expected_bytes(size, dtype)
+                    )
                 results["runs"].extend(rows)  # type: ignore[attr-defined]
                 save()
     save()
