@@ -230,6 +230,54 @@ def test_known_crashers(workdir: Path) -> None:
 
 
 # ---------------------------------------------------------------------------------------
+# End to end: valid but arbitrary ingredients (any dtype, shape, values, keys that may not
+# match) give a soup or a SoupError, never another exception.
+
+values = st.sampled_from([0.0, 1.0, -2.5, 1e-8, 3e38, -3e38, float("nan"), float("inf")])
+
+
+@st.composite
+def ingredient(draw: st.DrawFn, keys: list[str]) -> dict[str, torch.Tensor]:
+    sd = {}
+    for key in keys:
+        if draw(st.integers(0, 9)) == 0:
+            continue  # a missing key, now and then
+        dtype = DTYPES[draw(st.sampled_from(sorted(DTYPES)))]
+        shape = draw(st.sampled_from([(), (1,), (2, 3), (0, 4)]))
+        numel = 1
+        for d in shape:
+            numel *= d
+        data = torch.tensor(draw(st.lists(values, min_size=numel, max_size=numel)))
+        sd[key] = data.reshape(shape).to(dtype)
+    return sd
+
+
+@settings(FUZZ, max_examples=60)
+@given(data=st.data(), n=st.integers(1, 3), allow_nonfinite=st.booleans())
+def test_arbitrary_ingredients_soup_or_soup_error(
+    workdir: Path, data: st.DataObject, n: int, allow_nonfinite: bool
+) -> None:
+    from safetensors.torch import save_file
+
+    from modelsoups.stream import average_checkpoints
+
+    keys = data.draw(st.lists(st.sampled_from(["a", "b", "module.c", "n"]), min_size=1))
+    paths = []
+    for i in range(n):
+        paths.append(workdir / f"ingredient{i}.safetensors")
+        save_file(data.draw(ingredient(list(dict.fromkeys(keys)))), paths[-1])
+    out = workdir / "soup.safetensors"
+    out.unlink(missing_ok=True)
+    try:
+        average_checkpoints(paths, out, allow_nonfinite=allow_nonfinite, non_float="first")
+    except SoupError:
+        assert not out.exists()
+    else:
+        assert out.exists()
+    assert not list(workdir.glob(".*soup-partial*"))
+
+
+# ---------------------------------------------------------------------------------------
 # Hugging Face folders: the shard index is as untrusted as the shards.
 
 SHARD1, SHARD2 = "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"
