@@ -24,6 +24,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "accumulate_dtype",
+    "cast_checked",
     "check_finite",
     "load_soup",
     "uniform_state_dict",
@@ -69,6 +70,23 @@ def weighted_sum(
 def _addable(t: torch.Tensor, accumulate: torch.dtype) -> torch.Tensor:
     """torch has no type promotion for float8: widen those inputs first (one temporary)."""
     return t.to(accumulate) if t.is_floating_point() and t.element_size() == 1 else t
+
+
+def cast_checked(
+    name: str, acc: torch.Tensor, dtype: torch.dtype, *, allow_nonfinite: bool = False
+) -> torch.Tensor:
+    """`acc` in the output `dtype`; a cast that overflows to Inf/NaN is a `NonFiniteError`
+    (a finite float32 soup written as fp16 can hold values above 65504)."""
+    out = acc.to(dtype)
+    if allow_nonfinite or out is acc or not acc.is_floating_point():
+        return out
+    wide = _addable(out, torch.float32)
+    if bool(torch.isfinite(wide.sum())) or bool(torch.isfinite(wide).all()):
+        return out
+    raise NonFiniteError(
+        f"tensor {name!r}: the soup overflows {dtype} (largest magnitude "
+        f"{acc.abs().max().item():.4g}); write a wider --dtype or pass --allow-nonfinite"
+    )
 
 
 def check_finite(name: str, acc: torch.Tensor, ckpts: Sequence[Checkpoint]) -> None:
@@ -151,7 +169,7 @@ def weighted_state_dict(
         acc = weighted_sum([c.get(name) for c in ckpts], w, accumulate=acc_dtype)
         if not allow_nonfinite:
             check_finite(name, acc, ckpts)
-        out[name] = acc.to(dtype or info.dtype)
+        out[name] = cast_checked(name, acc, dtype or info.dtype, allow_nonfinite=allow_nonfinite)
     return out
 
 

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from .average import accumulate_dtype, check_finite, weighted_sum
+from .average import accumulate_dtype, cast_checked, check_finite, weighted_sum
 from .check import check_compatible, check_non_float, resolve_weights
 from .errors import OutputError, SoupError
 from .io import HFFolder, open_checkpoint
@@ -103,6 +103,7 @@ def _stream_tensors(
     allow_nonfinite: bool,
     progress: Progress | None,
     threads: int = 2,
+    dtypes: dict[str, torch.dtype] | None = None,
 ) -> None:
     """Average tensor after tensor on `threads` workers; write them in order as they finish.
 
@@ -116,7 +117,9 @@ def _stream_tensors(
         acc = weighted_sum([c.get(name) for c in ckpts], weights, accumulate=acc_dtype)
         if not allow_nonfinite:
             check_finite(name, acc, ckpts)
-        return acc
+        if dtypes is None:
+            return acc
+        return cast_checked(name, acc, dtypes[name], allow_nonfinite=allow_nonfinite)
 
     total, done = sum(c.nbytes for c in ckpts), 0
     pending: deque[tuple[str, Future[torch.Tensor]]] = deque()
@@ -194,7 +197,10 @@ def average_checkpoints(
         with atomic_path(out, folder=folder, overwrite=overwrite) as tmp:
             writer = ShardedWriter(tmp, plan)
             try:
-                _stream_tensors(ckpts, w, writer, acc_dtype, allow_nonfinite, progress)
+                dtypes = {e.name: e.dtype for e in entries}
+                _stream_tensors(
+                    ckpts, w, writer, acc_dtype, allow_nonfinite, progress, dtypes=dtypes
+                )
                 writer.close()
             finally:
                 writer.abort()
