@@ -182,6 +182,11 @@ def test_argv_flags_and_lists() -> None:
             "recipe.yaml: evaluator: command must contain {ckpt}",
         ),
         (
+            "method: greedy\nglob: '*.pt'\noutput: s\nevaluator: {command: \"e {ckpt}\"}\n"
+            "splits: {test: t}\n",
+            "recipe.yaml: evaluator.command: put {split} where the split name goes",
+        ),
+        (
             "method: greedy\nglob: '*.pt'\noutput: s\nworkers: 0\n",
             "recipe.yaml: workers: Input should be greater than or equal to 1",
         ),

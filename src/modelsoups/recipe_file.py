@@ -140,6 +140,14 @@ class Recipe(_Strict):
             raise ValueError("weights: method 'weighted' needs one weight per ingredient")
         if self.splits and self.splits.test and self.method != "greedy":
             raise ValueError(f"splits.test: method {self.method!r} has no test evaluation")
+        if (
+            self.splits
+            and self.splits.test
+            and self.evaluator
+            and "{split}" not in self.evaluator.command
+        ):
+            raise ValueError("evaluator.command: put {split} where the split name goes, or the "
+                             "test score would be the held-out score")  # fmt: skip
         if self.method == "greedy" and self.evaluator is None:
             raise ValueError("evaluator: method 'greedy' needs an evaluator command")
         return self
