@@ -304,6 +304,14 @@ def nan_in_float8(c: Ctx) -> Setup:
     return Setup(uniform(a, b, out=c.out), [str(b), "'w'", "NaN or Inf"])
 
 
+def overflow_in_output_dtype(c: Ctx) -> Setup:
+    """Finite in float32, Inf once written as fp16 (max 65504)."""
+    (a,) = c.make(1)
+    b = _modify(c, lambda sd: sd["fc.weight"].__setitem__((0, 0), 3e5))
+    argv = uniform(a, b, out=c.out, extra=("--dtype", "fp16"))
+    return Setup(argv, ["'fc.weight'", "overflows torch.float16"])
+
+
 def inf_weight(c: Ctx) -> Setup:
     (a,) = c.make(1)
     b = _modify(c, lambda sd: sd["conv.bias"].__setitem__(0, float("-inf")))
@@ -579,6 +587,7 @@ CASES: list[tuple[str, Callable[[Ctx], Setup]]] = [
     ("NaN weight", nan_weight),
     ("Inf weight", inf_weight),
     ("NaN in a float8 checkpoint", nan_in_float8),
+    ("overflow in the output dtype", overflow_in_output_dtype),
     ("pickle that executes code", malicious_pickle),
     ("legacy-format pickle that executes code", malicious_legacy_pickle),
     ("HF folder whose .bin executes code", malicious_folder_bin),
