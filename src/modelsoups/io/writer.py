@@ -199,6 +199,11 @@ def atomic_path(dest: Path, *, folder: bool, overwrite: bool = False) -> Iterato
     try:
         yield tmp
         _fsync_dir(tmp) if folder else None
+        if dest.exists() and not overwrite:  # another run finished first: never replace it
+            raise OutputError(
+                f"{dest}: appeared while the soup was being written (another run?); it was "
+                "left as is and nothing was kept"
+            )
         if dest.exists() and (folder or dest.is_dir()):
             # A folder cannot be swapped in one step: move the old one aside first, delete
             # it after the swap. A file is replaced atomically by the rename below.
