@@ -21,6 +21,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -377,3 +378,42 @@ def test_greedy_history_survives_sigkill_and_resume_continues(
     # Known leftover: the killed evaluation's candidate folder (soup-candidate-*) stays in
     # the output folder; no run removes it. It never carries the output's name.
     assert partials(out.parent) == []
+
+
+# ---------------------------------------------------------------------------------------
+# Two runs racing for one output name.
+
+
+@pytest.mark.parametrize("name", ["soup.safetensors", "soup-folder"])
+def test_output_that_appears_meanwhile_is_never_replaced(
+    tmp_path: Path,
+    make_ingredients: Callable[..., list[Path]],
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    name: str,
+) -> None:
+    """Without --overwrite, an output another run finished while this one was writing is
+    kept as is (was: a file silently replaced, a folder moved aside and deleted)."""
+    from modelsoups.io import writer
+
+    a, b = make_ingredients(2)
+    out = tmp_path / name
+    original = writer.ShardedWriter.write
+
+    def write(self: object, tensor_name: str, tensor: torch.Tensor) -> None:
+        if not out.exists():  # the other run publishes its soup now
+            if name.endswith(".safetensors"):
+                out.write_bytes(b"the other run's soup")
+            else:
+                out.mkdir()
+                (out / "model.safetensors").write_bytes(b"the other run's soup")
+        original(self, tensor_name, tensor)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(writer.ShardedWriter, "write", write)
+    capsys.readouterr()
+    assert main(["uniform", str(a), str(b), "-o", str(out)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "appeared while the soup was being written" in err[0], err
+    kept = out if out.is_file() else out / "model.safetensors"
+    assert kept.read_bytes() == b"the other run's soup"
+    assert partials(tmp_path) == []
