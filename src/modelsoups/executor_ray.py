@@ -197,13 +197,19 @@ class RayExecutor:
             try:
                 results.append(self.ray.get(future))
             except self.ray.exceptions.RayError as e:  # a task raised, or its worker died
-                for f in futures:
-                    self.ray.cancel(f)
+                self._cancel_pending(futures)
                 cause = getattr(e, "cause", None)
                 if isinstance(cause, Exception):
                     raise cause from None
                 raise SoupError(f"a Ray task failed: {str(e).strip().splitlines()[0]}") from None
         return results
+
+    def _cancel_pending(self, futures: list[Any]) -> None:
+        """Stop the tasks that have not finished (finished ones are left alone)."""
+        _, pending = self.ray.wait(futures, num_returns=len(futures), timeout=0)
+        for f in pending:
+            with contextlib.suppress(Exception):
+                self.ray.cancel(f)
 
     def shutdown(self) -> None:
         """Stop the local runtime if this executor started it (a cluster keeps running)."""
