@@ -20,11 +20,11 @@ from modelsoups.evaluate import (
     CommandEvaluator,
     ModuleEvaluator,
     Score,
-    load_scores,
     parse_score_line,
     to_score,
 )
 from modelsoups.io import open_checkpoint
+from modelsoups.scores import load_scores
 
 # An eval command in plain Python (fast to start): the score is minus the distance of
 # fc.weight (float32) to that of a reference checkpoint (run0: the best ingredient).

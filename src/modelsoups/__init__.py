@@ -40,7 +40,7 @@ _EXPORTS: dict[str, str] = {
     "FunctionEvaluator": "evaluate",
     "ModuleEvaluator": "evaluate",
     "Score": "evaluate",
-    "load_scores": "evaluate",
+    "load_scores": "scores",
     "score_candidate": "evaluate",
     "LocalExecutor": "executor",
     "RayExecutor": "executor_ray",
@@ -81,7 +81,6 @@ if TYPE_CHECKING:
     from .evaluate import FunctionEvaluator as FunctionEvaluator
     from .evaluate import ModuleEvaluator as ModuleEvaluator
     from .evaluate import Score as Score
-    from .evaluate import load_scores as load_scores
     from .evaluate import score_candidate as score_candidate
     from .executor import LocalExecutor as LocalExecutor
     from .executor_ray import RayExecutor as RayExecutor
@@ -106,6 +105,7 @@ if TYPE_CHECKING:
     from .recipes.wise_ft import wise_ft as wise_ft
     from .recipes.wise_ft import wise_ft_sweep as wise_ft_sweep
     from .report import load_report as load_report
+    from .scores import load_scores as load_scores
     from .similarity import similarity_report as similarity_report
     from .stream import average_checkpoints as average_checkpoints
     from .types import SoupResult as SoupResult

@@ -1,8 +1,9 @@
 """Evaluators: how a candidate soup is scored on held-out data (higher is better).
 
 A *candidate* is a `Checkpoint`: an ingredient file, an in-memory state dict, or a soup that
-is computed tensor by tensor when read (`LazyCheckpoint`), so that scoring a greedy candidate
-costs one pass over the weights and never a materialised copy. Three evaluators:
+is computed tensor by tensor when read (`LazyCheckpoint`, in `candidate.py`), so that scoring
+a greedy candidate costs one pass over the weights and never a materialised copy. Three
+evaluators:
 
 - `ModuleEvaluator(model_factory, metric)`: loads the candidate into ONE module, built once
   by `model_factory()` and reused for every candidate, then returns `metric(module)`.
@@ -13,15 +14,14 @@ costs one pass over the weights and never a materialised copy. Three evaluators:
 
 Each returns a `Score(score, metrics)`. A crash, a timeout, unreadable output or a NaN raises
 `EvaluationError` naming the candidate. Ingredient scores logged during a sweep can be read
-with `load_scores` instead of being recomputed. Your own evaluator is any object with
-`evaluate(candidate, *, name) -> Score`: read tensors one at a time with `candidate.get(key)`
-(keys in `candidate.infos`) or all at once with `materialize(candidate)`.
+with `load_scores` (`scores.py`) instead of being recomputed. Your own evaluator is any
+object with `evaluate(candidate, *, name) -> Score`: read tensors one at a time with
+`candidate.get(key)` (keys in `candidate.infos`) or all at once with `materialize(candidate)`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import csv
 import json
 import math
 import os
@@ -29,16 +29,17 @@ import shlex
 import signal
 import subprocess
 import tempfile
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol, TypeAlias, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import torch
 
-from .errors import EvaluationError, IncompatibleError, SoupError
-from .io.base import Checkpoint, TensorInfo
-from .io.writer import Entry, OutputPlan, ShardedWriter, atomic_path
+from .candidate import load_candidate, materialize, write_candidate
+from .errors import EvaluationError, SoupError
+from .ingredients import open_ingredients
+from .io.base import Checkpoint
 
 if TYPE_CHECKING:
     from torch import nn
@@ -49,25 +50,13 @@ __all__ = [
     "CommandEvaluator",
     "Evaluator",
     "FunctionEvaluator",
-    "History",
-    "Ingredient",
-    "LazyCheckpoint",
     "ModuleEvaluator",
     "Score",
     "acceptance",
     "as_evaluator",
-    "close_all",
-    "ingredient_names",
-    "ingredient_sources",
-    "load_candidate",
-    "load_scores",
-    "materialize",
-    "open_ingredients",
     "parse_score_line",
     "score_candidate",
-    "score_ingredients",
     "to_score",
-    "write_candidate",
 ]
 
 
@@ -129,76 +118,6 @@ class Evaluator(Protocol):
     """Scores a candidate on held-out data: `evaluate(candidate, name=...) -> Score`."""
 
     def evaluate(self, candidate: Checkpoint, *, name: str) -> Score: ...
-
-
-class LazyCheckpoint(Checkpoint):
-    """A checkpoint whose tensors are computed on `get` (a candidate soup, never stored).
-
-    `model_files_from` names an HF folder whose config/tokenizer files go with the candidate
-    when it is written out, so that a folder-based eval command can load it.
-    """
-
-    def __init__(
-        self,
-        label: str,
-        infos: Mapping[str, TensorInfo],
-        compute: Callable[[str], torch.Tensor],
-        *,
-        model_files_from: Path | None = None,
-    ) -> None:
-        super().__init__(Path(label), "memory", dict(infos))
-        self._compute, self.model_files_from = compute, model_files_from
-        self.extra: dict[str, Any] = {}  # what a recipe learns while computing (e.g. ratios)
-
-    def get(self, name: str) -> torch.Tensor:
-        return self._compute(name)
-
-
-def materialize(candidate: Checkpoint) -> StateDict:
-    """Every tensor of `candidate` in its declared dtype, as a plain state dict."""
-    return {k: candidate.get(k).to(i.dtype) for k, i in candidate.infos.items()}
-
-
-def write_candidate(
-    candidate: Checkpoint,
-    out: Path,
-    *,
-    metadata: dict[str, str] | None = None,
-    overwrite: bool = False,
-    model_files_from: Path | None = None,
-) -> None:
-    """Stream `candidate` into `out` (a `.safetensors` file, else an HF folder), atomically."""
-    from .io.folder import copy_model_files
-
-    folder = out.suffix != ".safetensors"
-    entries = [Entry(n, i.dtype, i.shape) for n, i in candidate.infos.items()]
-    plan = OutputPlan(out, entries, {"format": "pt", **(metadata or {})}, folder)
-    with atomic_path(out, folder=folder, overwrite=overwrite) as tmp:
-        writer = ShardedWriter(tmp, plan)
-        try:
-            for name in candidate.infos:
-                writer.write(name, candidate.get(name))
-            writer.close()
-        finally:
-            writer.abort()
-        if folder and model_files_from is not None:
-            copy_model_files(model_files_from, tmp)
-
-
-def load_candidate(module: nn.Module, candidate: Checkpoint) -> nn.Module:
-    """Copy `candidate` into `module`'s existing tensors in place (one tensor at a time)."""
-    target = module.state_dict()
-    missing = [k for k in target if k not in candidate.infos]
-    unexpected = [k for k in candidate.infos if k not in target]
-    if missing or unexpected:
-        raise IncompatibleError(
-            f"{candidate.path}: does not fit the model from model_factory "
-            f"(missing {missing[:3]}, unexpected {unexpected[:3]})"
-        )
-    with torch.no_grad():
-        for k, t in target.items():
-            t.copy_(candidate.get(k))
-    return module
 
 
 class FunctionEvaluator:
@@ -382,196 +301,3 @@ def _kill(proc: subprocess.Popen[str]) -> None:
     with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, signal.SIGKILL)
     proc.communicate()
-
-
-_NAME_COLUMNS = ("model_name", "name", "ingredient", "checkpoint", "path", "model")
-
-
-def load_scores(path: str | os.PathLike[str], names: Sequence[str]) -> dict[str, float]:
-    """Held-out scores of `names` from a CSV or JSON file logged during the sweep.
-
-    JSON: `{name: score}`, `{name: {"score": ...}}` or a list of `{"model_name", "score"}`.
-    CSV: a name column (`model_name`, `name`, `ingredient`, `checkpoint`, `path` or the first)
-    and a `score` column (or the second, if there are two). A logged path matches the
-    ingredient of that stem. Every ingredient must have a score and every score an
-    ingredient, else `SoupError`.
-    """
-    p = Path(path)
-    try:
-        text = p.read_text()
-    except OSError as e:
-        raise SoupError(f"{p}: cannot read scores ({e.strerror})") from None
-    try:
-        raw = _read_json_scores(text) if p.suffix == ".json" else _read_csv_scores(text)
-    except (ValueError, KeyError, TypeError, IndexError) as e:
-        raise SoupError(f"{p}: cannot read scores: {e}") from None
-    scores = {_match(str(k), names): to_score(v, str(k)).score for k, v in raw.items()}
-    unknown = [k for k in scores if k not in names]
-    missing = [n for n in names if n not in scores]
-    if missing:
-        raise SoupError(f"{p}: no score for ingredient(s) {missing[:3]}; scores name {unknown[:3]}")
-    if unknown:
-        raise SoupError(f"{p}: score(s) for unknown ingredient(s) {unknown[:3]}; not in {names}")
-    return scores
-
-
-def _match(key: str, names: Sequence[str]) -> str:
-    """A logged name as one of `names`: itself, or its file stem or file name (a path)."""
-    p = Path(key)
-    return next((k for k in (key, p.stem, p.name) if k in names), key)
-
-
-def _read_json_scores(text: str) -> dict[str, object]:
-    data = json.loads(text)
-    if isinstance(data, list):
-        return {str(r[next(c for c in _NAME_COLUMNS if c in r)]): r for r in data}
-    if not isinstance(data, dict):
-        raise ValueError("expected an object or a list of objects")
-    return data
-
-
-def _read_csv_scores(text: str) -> dict[str, object]:
-    rows = list(csv.DictReader(text.splitlines()))
-    if not rows:
-        raise ValueError("no rows")
-    cols = list(rows[0])
-    name_col = next((c for c in _NAME_COLUMNS if c in cols), cols[0])
-    score_col = "score" if "score" in cols else cols[1] if len(cols) == 2 else None
-    if score_col is None:
-        raise ValueError(f"no 'score' column among {cols}")
-    return {r[name_col]: float(r[score_col]) for r in rows}
-
-
-class History:
-    """An append-only JSON-lines log, one record per evaluation, fsynced line by line.
-
-    Re-opened with `resume=True`, it returns the records of an interrupted run (a torn last
-    line from a crash is dropped) so that nothing already scored is evaluated again.
-    """
-
-    def __init__(self, path: str | os.PathLike[str] | None, *, resume: bool = False) -> None:
-        self.path = Path(path) if path is not None else None
-        self.records: list[dict[str, Any]] = []
-        if self.path is None or not self.path.exists():
-            return
-        if not resume:
-            raise SoupError(
-                f"{self.path}: history exists; pass --resume to continue it, or remove it"
-            )
-        good: list[str] = []
-        for line in self.path.read_text().splitlines():
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                break  # a line torn by a crash: it and anything after it is redone
-            if isinstance(record, dict):
-                self.records.append(record)
-                good.append(line)
-        self.path.write_text("".join(f"{ln}\n" for ln in good))
-
-    def append(self, record: dict[str, Any]) -> None:
-        self.records.append(record)
-        if self.path is None:
-            return
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-
-
-def _score_source(
-    evaluator: Evaluator, options: dict[str, Any], item: tuple[str, object]
-) -> Score | EvaluationError:
-    """Open one ingredient (a path or a state dict) and score it; errors are returned, so
-    that the scores of the other ingredients are still logged."""
-    from .average import _Memory
-    from .io import open_checkpoint
-
-    name, source = item
-    is_dict = isinstance(source, dict)
-    ckpt = _Memory(0, source) if is_dict else open_checkpoint(source, **options)  # type: ignore[arg-type]
-    try:
-        return evaluator.evaluate(ckpt, name=name)
-    except EvaluationError as e:
-        return e
-    finally:
-        ckpt.close()
-
-
-def score_ingredients(
-    evaluator: Evaluator,
-    items: Sequence[tuple[str, object]],
-    *,
-    executor: Any = None,
-    key: str | None = None,
-    unsafe_pickle: bool = False,
-) -> list[Score | EvaluationError]:
-    """Score independent ingredients `(name, path or state dict)` through an executor."""
-    import functools
-
-    from .executor import get_executor
-
-    fn = functools.partial(_score_source, evaluator, {"key": key, "unsafe_pickle": unsafe_pickle})
-    return get_executor(executor).map(fn, list(items))
-
-
-Ingredient: TypeAlias = "StateDict | nn.Module | str | os.PathLike[str]"
-
-
-def ingredient_names(ingredients: Sequence[Ingredient]) -> list[str]:
-    """File stems (folder names for folders; full paths if those clash), or `ingredient_i`."""
-    names = []
-    for i, x in enumerate(ingredients):
-        if isinstance(x, str | os.PathLike):
-            p = Path(x)
-            names.append(p.stem if p.suffix in (".safetensors", ".pt", ".pth", ".bin") else p.name)
-        else:
-            names.append(f"ingredient_{i}")
-    if len(set(names)) < len(names):  # run1/model.safetensors, run2/model.safetensors...
-        names = [str(x) if isinstance(x, str | os.PathLike) else n
-                 for x, n in zip(ingredients, names, strict=True)]  # fmt: skip
-    return names
-
-
-def open_ingredients(
-    ingredients: Sequence[Ingredient],
-    names: Sequence[str] | None = None,
-    *,
-    key: str | None = None,
-    unsafe_pickle: bool = False,
-) -> tuple[list[str], list[Checkpoint]]:
-    """Names and lazily opened checkpoints of paths, state dicts or modules."""
-    from .average import _Memory
-    from .io import open_checkpoint
-
-    if not ingredients:
-        raise SoupError("no ingredients: give at least one checkpoint")
-    out_names = list(names) if names is not None else ingredient_names(ingredients)
-    if len(out_names) != len(ingredients) or len(set(out_names)) != len(out_names):
-        raise SoupError(f"give one distinct name per ingredient, got {out_names}")
-    ckpts: list[Checkpoint] = []
-    try:
-        for i, x in enumerate(ingredients):
-            if isinstance(x, str | os.PathLike):
-                ckpts.append(open_checkpoint(x, key=key, unsafe_pickle=unsafe_pickle))
-            else:
-                ckpts.append(_Memory(i, x if isinstance(x, dict) else dict(x.state_dict())))
-    except BaseException:
-        close_all(ckpts)
-        raise
-    return out_names, ckpts
-
-
-def ingredient_sources(
-    ingredients: Sequence[Ingredient], names: Sequence[str]
-) -> list[tuple[str, object]]:
-    """`(name, path or state dict)` pairs, small enough to send to a worker process."""
-    return [
-        (n, x if isinstance(x, str | os.PathLike | dict) else dict(x.state_dict()))
-        for n, x in zip(names, ingredients, strict=True)
-    ]
-
-
-def close_all(ckpts: Sequence[Checkpoint]) -> None:
-    for c in ckpts:
-        c.close()

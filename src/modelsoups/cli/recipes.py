@@ -129,64 +129,87 @@ def greedy(
     quiet: Quiet = False,
 ) -> None:
     """Greedy soup (paper's Recipe 1): add ingredients, best first, while held-out score holds."""
-    from ..evaluate import ingredient_names, load_scores
-    from ..executor_ray import make_executor
     from ..io import expand_inputs
-    from ..recipes.greedy import greedy_soup
 
+    opts = dict(locals())
     STATE["quiet"] = STATE["quiet"] or quiet
     started, paths = time.perf_counter(), expand_inputs(inputs)
     _prepare(output, paths, overwrite)
     if eval_command is None:
         raise SoupError("greedy needs --eval to score candidate soups (--scores only replaces "
                         "the N individual evaluations)")  # fmt: skip
-    names = ingredient_names(paths)
-    given = load_scores(scores, names) if scores is not None else None
     hist = _sidecar(output, ".history.jsonl", history)
-    r = greedy_soup(
-        paths,
-        _evaluator(eval_command, eval_timeout, output),
-        names=names,
-        scores=given,
-        accept=accept,
-        tolerance=tolerance,
-        dataset=dataset,
-        history=str(hist),
-        resume=resume,
-        executor=make_executor(workers, ray=ray, ray_address=ray_address),
-        test_evaluator=_evaluator(test_eval, eval_timeout, output),
-        key=key,
-        unsafe_pickle=unsafe_pickle,
-    )
+    r = _greedy_select(paths, output, hist, opts)
     for w in r.warnings:
         err(f"soup: warning: {w}")
     evaluated = time.perf_counter()
-    chosen = [p for p, n in zip(paths, names, strict=True) if n in r.selected]
+    chosen = [p for p, n in zip(paths, r.names, strict=True) if n in r.selected]
     write = {"key": key, "unsafe_pickle": unsafe_pickle, "overwrite": overwrite}
     result = _write_mean(chosen, output, None, recipe="greedy", dtype=dtype,
                          max_shard_size=max_shard_size, **write)  # fmt: skip
     best = max(r.ingredient_scores.values())
-    say(f"greedy soup of {len(r.selected)}/{len(names)}: {dataset} {r.score:.6g} "
+    say(f"greedy soup of {len(r.selected)}/{len(r.names)}: {dataset} {r.score:.6g} "
         f"(best ingredient {best:.6g}); history {hist}")  # fmt: skip
-    _write_report(_sidecar(output, ".report.json", report), {
-        "recipe": "greedy", "output": str(output), "accept": accept, "tolerance": tolerance,
+    seconds = {"evaluate": evaluated - started, "write": result.seconds,
+               "total": time.perf_counter() - started}  # fmt: skip
+    _write_report(_sidecar(output, ".report.json", report),
+                  _greedy_report(r, paths, hist, result.warnings, seconds, opts))  # fmt: skip
+
+
+def _greedy_select(paths: list[Path], output: Path, hist: Path, opts: dict[str, Any]) -> Any:
+    """Run `greedy_soup` on the files with `soup greedy`'s options; returns its result."""
+    from ..executor_ray import make_executor
+    from ..ingredients import ingredient_names
+    from ..recipes.greedy import greedy_soup
+    from ..scores import load_scores
+
+    names = ingredient_names(paths)
+    scores = opts["scores"]
+    return greedy_soup(
+        paths,
+        _evaluator(opts["eval_command"], opts["eval_timeout"], output),
+        names=names,
+        scores=load_scores(scores, names) if scores is not None else None,
+        accept=opts["accept"],
+        tolerance=opts["tolerance"],
+        dataset=opts["dataset"],
+        history=str(hist),
+        resume=opts["resume"],
+        executor=make_executor(opts["workers"], ray=opts["ray"], ray_address=opts["ray_address"]),
+        test_evaluator=_evaluator(opts["test_eval"], opts["eval_timeout"], output),
+        key=opts["key"],
+        unsafe_pickle=opts["unsafe_pickle"],
+    )
+
+
+def _greedy_report(
+    r: Any,
+    paths: list[Path],
+    hist: Path,
+    write_warnings: list[str],
+    seconds: dict[str, float],
+    opts: dict[str, Any],
+) -> dict[str, Any]:
+    """`SOUP.report.json` of `soup greedy`: every ingredient's score and weight, the soup's."""
+    dataset = opts["dataset"]
+    return {
+        "recipe": "greedy", "output": str(opts["output"]), "accept": opts["accept"],
+        "tolerance": opts["tolerance"],
         "ingredients": [{"name": n, "path": str(p), dataset: r.ingredient_scores[n],
-                         "weight": w} for n, p, w in zip(names, paths, r.weights, strict=True)],
+                         "weight": w} for n, p, w in zip(r.names, paths, r.weights, strict=True)],
         "selected": r.selected, "weights": r.weights, "dataset": dataset,
         "held_out": r.score, "test": None if r.test is None else {"score": r.test.score,
                                                                    **r.test.metrics},
-        "history": str(hist), "warnings": r.warnings + result.warnings,
-        "seconds": {"evaluate": evaluated - started, "write": result.seconds,
-                    "total": time.perf_counter() - started},
-    })  # fmt: skip
+        "history": str(hist), "warnings": r.warnings + write_warnings, "seconds": seconds,
+    }  # fmt: skip
 
 
 def _score_mix(evaluator: Any, paths: list[Path], opts: dict[str, Any], item: Any) -> Any:
     """Score Σ wᵢ·θᵢ of checkpoint files, computed tensor by tensor (runs in a worker)."""
     from ..average import weighted_sum
+    from ..candidate import LazyCheckpoint, model_files_source
     from ..errors import EvaluationError
-    from ..evaluate import LazyCheckpoint
-    from ..io import HFFolder
+    from ..ingredients import close_all
     from ..stream import open_all
 
     name, weights = item
@@ -198,14 +221,13 @@ def _score_mix(evaluator: Any, paths: list[Path], opts: dict[str, Any], item: An
                 return ckpts[0].get(k)
             return weighted_sum([c.get(k) for c in ckpts], weights)
 
-        folder = next((c.path for c in ckpts if isinstance(c, HFFolder)), None)
+        folder = model_files_source(ckpts)
         cand = LazyCheckpoint(f"<{name}>", ckpts[0].infos, compute, model_files_from=folder)
         return evaluator.evaluate(cand, name=name)
     except EvaluationError as e:
         return e
     finally:
-        for c in ckpts:
-            c.close()
+        close_all(ckpts)
 
 
 def _sweep(
@@ -219,8 +241,9 @@ def _sweep(
 ) -> tuple[float, list[dict[str, Any]]]:
     """Score each mixing value on held-out data (resumably); return the best and the log."""
     from ..errors import EvaluationError
-    from ..evaluate import History, Score
+    from ..evaluate import Score
     from ..executor_ray import make_executor
+    from ..history import History
 
     dataset = opts["dataset"]
     log = History(_sidecar(output, ".history.jsonl", opts["history"]), resume=opts["resume"])
@@ -361,31 +384,14 @@ def stock(
     quiet: Quiet = False,
 ) -> None:
     """Model Stock: per layer, pull the fine-tunes' mean towards θ₀ by their angle."""
-    import dataclasses
+    from ..history import History as Log
+    from ..io import expand_inputs
 
-    from ..evaluate import History as Log
-    from ..evaluate import write_candidate
-    from ..io import HFFolder, expand_inputs
-    from ..recipes.stock import stock_checkpoint
-    from ..stream import open_all, provenance
-
+    opts = dict(locals())
     STATE["quiet"] = STATE["quiet"] or quiet
     started, paths = time.perf_counter(), [Path(base), *expand_inputs(finetuned)]
     _prepare(output, paths, overwrite)
-    ckpts = open_all(paths, key=key, unsafe_pickle=unsafe_pickle)
-    try:
-        lazy = stock_checkpoint(ckpts[0], ckpts[1:])
-        out_dtype = parse_dtype(dtype)
-        if out_dtype is not None:
-            lazy.infos = {k: dataclasses.replace(i, dtype=out_dtype) if i.is_float else i
-                          for k, i in lazy.infos.items()}  # fmt: skip
-        folder = next((c.path for c in ckpts if isinstance(c, HFFolder)), None)
-        meta = provenance("model-stock", ckpts, [])
-        write_candidate(lazy, output, metadata=meta, overwrite=overwrite, model_files_from=folder)
-    finally:
-        for c in ckpts:
-            c.close()
-    ratios = lazy.extra["ratios"]
+    ratios = _write_stock(paths, output, opts)
     say(f"wrote {output} (model stock of {len(paths) - 1} over {paths[0]}, mean t = "
         f"{sum(t for _, t in ratios.values()) / max(len(ratios), 1):.3f})")  # fmt: skip
     held_out = None
@@ -401,6 +407,33 @@ def stock(
         "ratios": {k: {"cos": c, "t": t} for k, (c, t) in ratios.items()},
         "seconds": {"total": time.perf_counter() - started},
     })  # fmt: skip
+
+
+def _write_stock(
+    paths: list[Path], output: Path, opts: dict[str, Any]
+) -> dict[str, tuple[float, float]]:
+    """Stream Model Stock of `paths` (base first) into `output`; the per-tensor (cos θ, t)."""
+    import dataclasses
+
+    from ..candidate import model_files_source, write_candidate
+    from ..ingredients import close_all
+    from ..recipes.stock import stock_checkpoint
+    from ..stream import open_all, provenance
+
+    ckpts = open_all(paths, key=opts["key"], unsafe_pickle=opts["unsafe_pickle"])
+    try:
+        lazy = stock_checkpoint(ckpts[0], ckpts[1:])
+        out_dtype = parse_dtype(opts["dtype"])
+        if out_dtype is not None:
+            lazy.infos = {k: dataclasses.replace(i, dtype=out_dtype) if i.is_float else i
+                          for k, i in lazy.infos.items()}  # fmt: skip
+        meta = provenance("model-stock", ckpts, [])
+        write_candidate(lazy, output, metadata=meta, overwrite=opts["overwrite"],
+                        model_files_from=model_files_source(ckpts))  # fmt: skip
+    finally:
+        close_all(ckpts)
+    ratios: dict[str, tuple[float, float]] = lazy.extra["ratios"]
+    return ratios
 
 
 def print_similarity(console: Any, sim: Any) -> None:

@@ -21,8 +21,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..candidate import load_candidate
 from ..errors import SoupError
-from ..evaluate import Ingredient, acceptance, close_all, load_candidate, open_ingredients, to_score
+from ..evaluate import acceptance, to_score
+from ..ingredients import Ingredient, close_all, open_ingredients
 
 __all__ = ["EnsembleResult", "accuracy", "ensemble_logits", "greedy_ensemble", "predict"]
 

@@ -23,16 +23,13 @@ from typing import Any
 
 import torch
 
+from ..candidate import LazyCheckpoint, materialize, model_files_source
 from ..check import check_compatible, check_non_float
 from ..errors import EvaluationError, SoupError
-from ..evaluate import (
-    Evaluator,
-    History,
+from ..evaluate import Evaluator, Score, acceptance, as_evaluator
+from ..history import History
+from ..ingredients import (
     Ingredient,
-    LazyCheckpoint,
-    Score,
-    acceptance,
-    as_evaluator,
     close_all,
     ingredient_sources,
     open_ingredients,
@@ -60,7 +57,7 @@ class GreedyResult:
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """The soup as a state dict (in the ingredients' dtypes)."""
-        return {k: self.soup.get(k).to(i.dtype) for k, i in self.soup.infos.items()}
+        return materialize(self.soup)
 
 
 class _RunningSum:
@@ -133,33 +130,9 @@ def greedy_soup(
         opts = {"executor": executor, "key": key, "unsafe_pickle": unsafe_pickle}
         known = _score_ingredients(ev, todo, log, dataset, scores or {}, opts)
         order = sorted(range(len(ckpts)), key=lambda i: -known[all_names[i]])
-        folder = next((c.path for c in ckpts if c.format.startswith("hf folder")), None)
-        soup = _RunningSum(ckpts[order[0]], folder)
-        selected, best = [all_names[order[0]]], known[all_names[order[0]]]
-        steps = [r for r in log.records if r.get("kind") == "greedy"]
-        if not steps:
-            log.append({"kind": "greedy", "model_name": selected[0], dataset: best,
-                        "accepted": True, "soup_size": 1})  # fmt: skip
-            steps = [log.records[-1]]
-        for j, i in enumerate(order[1:], start=1):
-            name = all_names[i]
-            if j < len(steps):  # replay a step logged before the crash
-                if steps[j].get("model_name") != name or dataset not in steps[j]:
-                    raise SoupError(
-                        f"{history}: logged step {j} is {steps[j].get('model_name')!r}, expected"
-                        f" {name!r} scored as {dataset!r}; ingredients, scores or dataset changed"
-                    )
-                ok, s = bool(steps[j]["accepted"]), Score(float(steps[j][dataset]))
-            else:
-                cand = soup.candidate(f"<greedy soup + {name}>", ckpts[i])
-                s = ev.evaluate(cand, name=f"greedy soup of {soup.size} + {name}")
-                ok = better(s.score, best)
-                log.append({"kind": "greedy", "model_name": name, dataset: s.score, **s.metrics,
-                            "accepted": ok, "soup_size": soup.size + ok})  # fmt: skip
-            if ok:
-                soup.add(ckpts[i])
-                selected.append(name)
-                best = s.score
+        soup = _RunningSum(ckpts[order[0]], model_files_source(ckpts))
+        ranked = [(all_names[i], ckpts[i]) for i in order]
+        selected, best = _select(ev, better, ranked, soup, known, log, dataset)
         final = soup.candidate("<greedy soup>")
         test = test_evaluator.evaluate(final, name="greedy soup (test)") if test_evaluator else None
     finally:
@@ -167,6 +140,44 @@ def greedy_soup(
     weights = [1.0 / len(selected) if n in selected else 0.0 for n in all_names]
     return GreedyResult(all_names, selected, weights, best, known, log.records, final,
                         [warning] if warning else [], test)  # fmt: skip
+
+
+def _select(
+    ev: Evaluator,
+    better: Callable[[float, float], bool],
+    ranked: list[tuple[str, Checkpoint]],
+    soup: _RunningSum,
+    known: Mapping[str, float],
+    log: History,
+    dataset: str,
+) -> tuple[list[str], float]:
+    """Recipe 1 over `ranked` (best first; `soup` holds the first): the names kept, in order,
+    and the soup's held-out score. Steps logged before a crash are replayed, not re-scored."""
+    selected, best = [ranked[0][0]], known[ranked[0][0]]
+    steps = [r for r in log.records if r.get("kind") == "greedy"]
+    if not steps:
+        log.append({"kind": "greedy", "model_name": selected[0], dataset: best,
+                    "accepted": True, "soup_size": 1})  # fmt: skip
+        steps = [log.records[-1]]
+    for j, (name, ckpt) in enumerate(ranked[1:], start=1):
+        if j < len(steps):  # replay a step logged before the crash
+            if steps[j].get("model_name") != name or dataset not in steps[j]:
+                raise SoupError(
+                    f"{log.path}: logged step {j} is {steps[j].get('model_name')!r}, expected"
+                    f" {name!r} scored as {dataset!r}; ingredients, scores or dataset changed"
+                )
+            ok, s = bool(steps[j]["accepted"]), Score(float(steps[j][dataset]))
+        else:
+            cand = soup.candidate(f"<greedy soup + {name}>", ckpt)
+            s = ev.evaluate(cand, name=f"greedy soup of {soup.size} + {name}")
+            ok = better(s.score, best)
+            log.append({"kind": "greedy", "model_name": name, dataset: s.score, **s.metrics,
+                        "accepted": ok, "soup_size": soup.size + ok})  # fmt: skip
+        if ok:
+            soup.add(ckpt)
+            selected.append(name)
+            best = s.score
+    return selected, best
 
 
 def _score_ingredients(

@@ -25,9 +25,10 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
+from ..candidate import write_candidate
 from ..check import check_compatible, check_non_float
 from ..errors import IncompatibleError, SoupError
-from ..evaluate import Ingredient, close_all, open_ingredients, write_candidate
+from ..ingredients import Ingredient, close_all, open_ingredients
 from ..types import StateDict
 
 __all__ = ["LearnedSoupResult", "learned_soup"]

@@ -18,9 +18,10 @@ from collections.abc import Sequence
 
 import torch
 
+from ..candidate import LazyCheckpoint, materialize
 from ..check import check_compatible, check_non_float
 from ..errors import SoupError
-from ..evaluate import Ingredient, LazyCheckpoint, close_all, materialize, open_ingredients
+from ..ingredients import Ingredient, close_all, open_ingredients
 from ..io.base import Checkpoint
 from ..types import StateDict
 

@@ -15,7 +15,8 @@ from collections.abc import Callable, Sequence
 
 from ..average import weighted_state_dict
 from ..errors import SoupError
-from ..evaluate import Evaluator, Ingredient
+from ..evaluate import Evaluator
+from ..ingredients import Ingredient
 from ..types import StateDict
 from .wise_ft import ZERO_TO_ONE, SweepResult, sweep
 

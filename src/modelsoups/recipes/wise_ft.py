@@ -15,7 +15,8 @@ from dataclasses import dataclass
 
 from ..average import weighted_state_dict
 from ..errors import SoupError
-from ..evaluate import Evaluator, Ingredient, Score, as_evaluator
+from ..evaluate import Evaluator, Score, as_evaluator
+from ..ingredients import Ingredient
 from ..types import StateDict
 
 __all__ = ["SweepResult", "parse_alphas", "wise_ft", "wise_ft_sweep"]

@@ -1,0 +1,108 @@
+"""Soup candidates: checkpoints computed tensor by tensor when read, never stored whole.
+
+A recipe describes a candidate soup as a `LazyCheckpoint` whose `get(key)` computes that one
+tensor (e.g. `(Σθ + θₖ)/(k+1)` for a greedy step). Evaluators read it one tensor at a time
+(`load_candidate` into a module), all at once (`materialize`), or stream it to disk
+(`write_candidate`), so scoring or writing a candidate costs one pass over the weights.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from .errors import IncompatibleError
+from .io import HFFolder
+from .io.base import Checkpoint, TensorInfo
+from .io.writer import Entry, OutputPlan, ShardedWriter, atomic_path
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from .types import StateDict
+
+__all__ = [
+    "LazyCheckpoint",
+    "load_candidate",
+    "materialize",
+    "model_files_source",
+    "write_candidate",
+]
+
+
+class LazyCheckpoint(Checkpoint):
+    """A checkpoint whose tensors are computed on `get` (a candidate soup, never stored).
+
+    `model_files_from` names an HF folder whose config/tokenizer files go with the candidate
+    when it is written out, so that a folder-based eval command can load it.
+    """
+
+    def __init__(
+        self,
+        label: str,
+        infos: Mapping[str, TensorInfo],
+        compute: Callable[[str], torch.Tensor],
+        *,
+        model_files_from: Path | None = None,
+    ) -> None:
+        super().__init__(Path(label), "memory", dict(infos))
+        self._compute, self.model_files_from = compute, model_files_from
+        self.extra: dict[str, Any] = {}  # what a recipe learns while computing (e.g. ratios)
+
+    def get(self, name: str) -> torch.Tensor:
+        return self._compute(name)
+
+
+def model_files_source(ckpts: Sequence[Checkpoint]) -> Path | None:
+    """The first input that is an HF folder: its config/tokenizer files go with the soup."""
+    return next((c.path for c in ckpts if isinstance(c, HFFolder)), None)
+
+
+def materialize(candidate: Checkpoint) -> StateDict:
+    """Every tensor of `candidate` in its declared dtype, as a plain state dict."""
+    return {k: candidate.get(k).to(i.dtype) for k, i in candidate.infos.items()}
+
+
+def write_candidate(
+    candidate: Checkpoint,
+    out: Path,
+    *,
+    metadata: dict[str, str] | None = None,
+    overwrite: bool = False,
+    model_files_from: Path | None = None,
+) -> None:
+    """Stream `candidate` into `out` (a `.safetensors` file, else an HF folder), atomically."""
+    from .io.folder import copy_model_files
+
+    folder = out.suffix != ".safetensors"
+    entries = [Entry(n, i.dtype, i.shape) for n, i in candidate.infos.items()]
+    plan = OutputPlan(out, entries, {"format": "pt", **(metadata or {})}, folder)
+    with atomic_path(out, folder=folder, overwrite=overwrite) as tmp:
+        writer = ShardedWriter(tmp, plan)
+        try:
+            for name in candidate.infos:
+                writer.write(name, candidate.get(name))
+            writer.close()
+        finally:
+            writer.abort()
+        if folder and model_files_from is not None:
+            copy_model_files(model_files_from, tmp)
+
+
+def load_candidate(module: nn.Module, candidate: Checkpoint) -> nn.Module:
+    """Copy `candidate` into `module`'s existing tensors in place (one tensor at a time)."""
+    target = module.state_dict()
+    missing = [k for k in target if k not in candidate.infos]
+    unexpected = [k for k in candidate.infos if k not in target]
+    if missing or unexpected:
+        raise IncompatibleError(
+            f"{candidate.path}: does not fit the model from model_factory "
+            f"(missing {missing[:3]}, unexpected {unexpected[:3]})"
+        )
+    with torch.no_grad():
+        for k, t in target.items():
+            t.copy_(candidate.get(k))
+    return module
