@@ -18,11 +18,8 @@ import torch
 from conftest import save_as, tiny_state_dict
 from safetensors.torch import load_file, save_file
 
-from modelsoups import greedy_soup
+from modelsoups import CommandEvaluator, FunctionEvaluator, LocalExecutor, SoupError, greedy_soup
 from modelsoups.cli import main
-from modelsoups.errors import SoupError
-from modelsoups.evaluate import CommandEvaluator, FunctionEvaluator
-from modelsoups.executor import LocalExecutor
 
 ray = pytest.importorskip("ray")
 
