@@ -112,9 +112,9 @@ def test_uniform_soup_equals_its_recomputation(quick: tuple[Path, dict[str, Any]
     assert saved.keys() == soup.keys()
     for k in soup:
         torch.testing.assert_close(saved[k], soup[k], rtol=0, atol=0)
-    scorer = _scorer(report)
-    for split in SPLITS:
-        assert scorer.accuracy(soup, split) == report["methods"]["uniform_soup"][split]
+    scorer, row = _scorer(report), report["methods"]["uniform_soup"]
+    for split in SPLITS:  # equal up to float32 rounding of the mean: < 1 example in 10^5
+        assert scorer.accuracy(soup, split) == pytest.approx(row[split], abs=1e-6)
 
 
 @needs_demo
@@ -129,7 +129,7 @@ def test_greedy_soup_equals_its_recomputation(quick: tuple[Path, dict[str, Any]]
         torch.testing.assert_close(saved[k], soup[k], rtol=0, atol=1e-6)
     scorer = _scorer(report)
     for split in SPLITS:  # held-out: the score greedy selection measured
-        assert scorer.accuracy(soup, split) == pytest.approx(row[split], abs=1e-9)
+        assert scorer.accuracy(soup, split) == pytest.approx(row[split], abs=1e-6)
 
 
 @needs_demo

@@ -17,11 +17,12 @@ STARS = {  # method -> (label, colour)
     "greedy_soup": ("greedy soup", "tab:red"),
     "learned_soup": ("learned soup", "tab:purple"),
     "ensemble": ("ensemble (logits)", "tab:orange"),
+    "greedy_ensemble": ("greedy ensemble", "gold"),
     "wise_ft": ("WiSE-FT α=0.5 (LP init, best)", "tab:green"),
 }
 
 
-def _panel(ax: Any, seed: dict[str, Any]) -> None:
+def _panel(ax: Any, seed: dict[str, Any], sizes: bool) -> None:
     """Draw one seed's ingredients, init, best individual, soups and ensemble."""
     m = seed["methods"]
     xs = [100 * i["test"] for i in seed["ingredients"]]
@@ -51,7 +52,7 @@ def _panel(ax: Any, seed: dict[str, Any]) -> None:
     for name, (label, colour) in STARS.items():
         if name in m and m[name].get("test") is not None:
             size = m[name].get("size")
-            text = f"{label} ({size})" if name.endswith("soup") else label
+            text = f"{label} ({size})" if sizes and name != "wise_ft" else label
             ax.scatter(
                 100 * m[name]["test"],
                 100 * m[name]["shift"],
@@ -77,21 +78,22 @@ def write_figure(report: dict[str, Any], path: Path) -> None:
     seeds = report["seeds"]
     cols = min(len(seeds), 3)
     rows = (len(seeds) + cols - 1) // cols
-    fig, axes = plt.subplots(rows, cols, figsize=(5.2 * cols, 4.4 * rows + 0.9), squeeze=False)
+    ncol = 2 if cols == 1 else 4
+    legend_rows = (len(STARS) + 3 + ncol - 1) // ncol
+    height = 4.6 * rows + 0.22 * legend_rows + 0.7
+    fig, axes = plt.subplots(rows, cols, figsize=(max(7.5, 5.2 * cols), height), squeeze=False)
     for ax, seed in zip(axes.flat, seeds, strict=False):
-        _panel(ax, seed)
+        _panel(ax, seed, sizes=len(seeds) == 1)  # sizes differ between seeds
     for ax in list(axes.flat)[len(seeds) :]:
         ax.axis("off")
-    for ax in axes[-1]:
-        ax.set_xlabel("test accuracy (%)  — held-out movies")
+    for ax in axes.flat:
+        ax.set_xlabel("test accuracy (%) — unseen movies")
     for ax in axes[:, 0]:
-        ax.set_ylabel("shift accuracy (%)  — test with typos")
+        ax.set_ylabel("shift accuracy (%) — test snippets with typos")
     handles, labels = axes.flat[0].get_legend_handles_labels()
-    fig.legend(
-        handles, labels, loc="lower center", ncol=min(4, len(labels)), fontsize=8.5, frameon=False
-    )
-    fig.suptitle("Model soups on all-MiniLM-L6-v2 / Rotten Tomatoes (cf. paper Fig. 1)")
-    fig.tight_layout(rect=(0, 0.09 if rows == 1 else 0.05, 1, 1))
+    fig.legend(handles, labels, loc="lower center", ncol=ncol, fontsize=9, frameon=False)
+    fig.suptitle("Model soups: all-MiniLM-L6-v2 on Rotten Tomatoes (cf. paper Fig. 1)", fontsize=11)
+    fig.tight_layout(rect=(0, (0.22 * legend_rows + 0.1) / height, 1, 1))
     tmp = path.with_name(path.stem + ".tmp.png")
     fig.savefig(tmp, dpi=130)
     plt.close(fig)

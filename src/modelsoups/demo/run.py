@@ -64,15 +64,18 @@ class DemoConfig:
 
 
 def _executor(cfg: DemoConfig) -> Any:
-    """The project's executor: local worker processes, or Ray with `--ray`."""
-    from .. import executor
+    """The project's executor: `--workers` local processes, or Ray with `--ray`.
 
+    Ray: a local Ray runtime with `--workers` CPUs (or the cluster in `RAY_ADDRESS`); the
+    workers read the cache folder by path, so on a cluster it must be on a shared disk.
+    """
     if cfg.ray:
-        make = getattr(executor, "RayExecutor", None)
-        if make is None:
-            raise SoupError("--ray: this modelsoups has no Ray executor yet; drop --ray")
-        return make()
-    return executor.LocalExecutor(cfg.workers)
+        from ..executor_ray import RayExecutor
+
+        return RayExecutor(num_cpus=cfg.workers)
+    from ..executor import LocalExecutor
+
+    return LocalExecutor(cfg.workers)
 
 
 def _map_with_progress(
