@@ -2,8 +2,8 @@
 
 Every subcommand lives in a module of this package and registers itself on `app`. The
 library raises `SoupError`s; only `main` turns them into `soup: error: ...` and exit code 1
-(2 for usage errors; Ctrl-C or SIGTERM prints 'Aborted!' and exits 1). `--debug` anywhere
-on the line shows tracebacks.
+(2 for usage errors; Ctrl-C or SIGTERM removes temporaries, says so and exits 130).
+`--debug` anywhere on the line shows tracebacks.
 """
 
 from __future__ import annotations
@@ -54,11 +54,14 @@ def main(argv: list[str] | None = None) -> int:
             STATE["debug" if flag == "--debug" else "quiet"] = True
     signal.signal(signal.SIGTERM, _interrupt)
     try:
-        # standalone mode: click prints usage errors itself (exit 2) and turns Ctrl-C into
-        # "Aborted!" (exit 1); our own errors pass through to the handler below.
+        # standalone mode: click prints usage errors itself (exit 2) and typer turns Ctrl-C
+        # into a silent exit 130; our own errors pass through to the handler below.
         typer.main.get_command(app).main(args=args, prog_name="soup", standalone_mode=True)
     except SystemExit as e:
-        return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        if code == 130:
+            print("soup: interrupted; temporary files were removed", file=sys.stderr)
+        return code
     except SoupError as e:
         if STATE["debug"]:
             raise
