@@ -6,8 +6,9 @@ a sharded folder. What is measured is the peak of *anonymous* resident memory (R
 millisecond and, deterministically, at every tensor write (when the accumulator is alive).
 
 Why not ru_maxrss: the readers memory-map their inputs, and mapped file pages that were read
-count in RSS (RssFile) until unmapped, so ru_maxrss grows with N even though those pages are
-page cache the kernel can drop at will. The test prints ru_maxrss too, to show exactly that.
+count in RSS (RssFile) until unmapped, so ru_maxrss can grow with N (393 -> 472 MiB in one
+run) even though those pages are page cache the kernel can drop at will; when the imports'
+peak is higher it hides the soup altogether. The test prints it for comparison.
 
 Stated bound: peak RssAnon above the pre-soup baseline ≤ 2 × the largest tensor + 8 MiB (the
 stream keeps at most two float32 accumulators in flight, one per worker thread; the inputs
