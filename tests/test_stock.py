@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -74,3 +75,30 @@ def test_cli_stock_streams_the_same_soup(tmp_path: Path) -> None:
         for k, v in expected.items():
             torch.testing.assert_close(c.get(k), v)
     assert (tmp_path / "stock.report.json").exists()
+
+
+def test_cli_stock_writes_shards_of_max_shard_size(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    fts = [tiny_state_dict(i, noise=0.05) for i in range(3)]
+    base = save_as(BASE, tmp_path / "base", "safetensors")
+    paths = [str(save_as(sd, tmp_path / f"ft{i}", "safetensors")) for i, sd in enumerate(fts)]
+    argv = ["stock", *paths, "--base", str(base), "--max-shard-size", "300B", "-q"]
+    out = tmp_path / "stock"
+    assert main([*argv, "-o", str(out)]) == 0
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert index["metadata"]["recipe"] == "model-stock"
+    shards = sorted(set(index["weight_map"].values()))
+    assert len(shards) > 1
+    for shard in shards:  # one tensor larger than the limit gets a shard of its own
+        with open_checkpoint(out / shard) as c:
+            assert c.nbytes <= 300 or len(c.infos) == 1
+    expected, _ = model_stock(BASE, fts)
+    with open_checkpoint(out) as c:
+        for k, v in expected.items():
+            torch.testing.assert_close(c.get(k), v)
+    # like `soup uniform`: a size limit needs a folder output, and nothing is written
+    file_out = tmp_path / "stock.safetensors"
+    assert main([*argv, "-o", str(file_out)]) == 1
+    assert "--max-shard-size" in capsys.readouterr().err
+    assert not file_out.exists()

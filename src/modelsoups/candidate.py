@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .errors import IncompatibleError
+from .errors import IncompatibleError, OutputError
 from .io import HFFolder
 from .io.base import Checkpoint, TensorInfo
 from .io.writer import Entry, OutputPlan, ShardedWriter, atomic_path
@@ -73,13 +73,19 @@ def write_candidate(
     metadata: dict[str, str] | None = None,
     overwrite: bool = False,
     model_files_from: Path | None = None,
+    max_shard_size: int | None = None,
 ) -> None:
-    """Stream `candidate` into `out` (a `.safetensors` file, else an HF folder), atomically."""
+    """Stream `candidate` into `out` (a `.safetensors` file, else an HF folder), atomically.
+
+    `max_shard_size` (bytes) shards the folder as `save_pretrained` does.
+    """
     from .io.folder import copy_model_files
 
     folder = out.suffix != ".safetensors"
+    if max_shard_size is not None and not folder:
+        raise OutputError(f"{out}: --max-shard-size writes a folder; drop the .safetensors suffix")
     entries = [Entry(n, i.dtype, i.shape) for n, i in candidate.infos.items()]
-    plan = OutputPlan(out, entries, {"format": "pt", **(metadata or {})}, folder)
+    plan = OutputPlan(out, entries, {"format": "pt", **(metadata or {})}, folder, max_shard_size)
     with atomic_path(out, folder=folder, overwrite=overwrite) as tmp:
         writer = ShardedWriter(tmp, plan)
         try:

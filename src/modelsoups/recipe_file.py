@@ -49,7 +49,7 @@ METHOD_FIELDS: dict[str, set[str]] = {
     | {"accumulate", "non_float", "allow_nonfinite", "weights", "normalize", "allow_negative"},
     "greedy": _COMMON | _WRITE | _SCORED | _PARALLEL | {"scores", "accept", "tolerance"},
     "wise-ft": _COMMON | _WRITE | _SCORED | _PARALLEL | {"base", "alpha", "alphas"},
-    "stock": _COMMON | (_SCORED - {"resume"}) | {"base"},
+    "stock": _COMMON | _WRITE | (_SCORED - {"resume"}) | {"base"},
     "task-arithmetic": _COMMON | _WRITE | _SCORED | _PARALLEL | {"base", "scale", "scales"},
 }
 

@@ -380,6 +380,7 @@ def stock(
     key: Key = None,
     unsafe_pickle: UnsafePickle = False,
     dtype: Dtype = None,
+    max_shard_size: MaxShardSize = None,
     overwrite: Overwrite = False,
     quiet: Quiet = False,
 ) -> None:
@@ -420,16 +421,17 @@ def _write_stock(
     from ..recipes.stock import stock_checkpoint
     from ..stream import open_all, provenance
 
+    out_dtype, shard = parse_dtype(opts["dtype"]), parse_size(opts["max_shard_size"])
     ckpts = open_all(paths, key=opts["key"], unsafe_pickle=opts["unsafe_pickle"])
     try:
         lazy = stock_checkpoint(ckpts[0], ckpts[1:])
-        out_dtype = parse_dtype(opts["dtype"])
         if out_dtype is not None:
             lazy.infos = {k: dataclasses.replace(i, dtype=out_dtype) if i.is_float else i
                           for k, i in lazy.infos.items()}  # fmt: skip
         meta = provenance("model-stock", ckpts, [])
         write_candidate(lazy, output, metadata=meta, overwrite=opts["overwrite"],
-                        model_files_from=model_files_source(ckpts))  # fmt: skip
+                        model_files_from=model_files_source(ckpts),
+                        max_shard_size=shard)  # fmt: skip
     finally:
         close_all(ckpts)
     ratios: dict[str, tuple[float, float]] = lazy.extra["ratios"]
