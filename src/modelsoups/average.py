@@ -24,9 +24,9 @@ if TYPE_CHECKING:
 
 __all__ = [
     "accumulate_dtype",
-    "cast_checked",
     "check_finite",
     "load_soup",
+    "soup_tensor",
     "uniform_state_dict",
     "weighted_state_dict",
     "weighted_sum",
@@ -43,63 +43,95 @@ def accumulate_dtype(name: str | torch.dtype) -> torch.dtype:
     return table[str(name)]
 
 
+# Tensors are summed in slices of this many elements: each slice of the accumulator stays in
+# cache while the N inputs are added to it, and a bf16/fp16 input is widened one slice at a
+# time instead of into a full-size float32 temporary (which torch's type promotion makes).
+CHUNK = 1 << 18
+
+
 def weighted_sum(
     tensors: Sequence[torch.Tensor],
     weights: Sequence[float],
     *,
     accumulate: torch.dtype = torch.float32,
+    out_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
-    """Return Σ wᵢ·tᵢ as a new tensor of dtype `accumulate`.
+    """Return Σ wᵢ·tᵢ, accumulated in `accumulate`, as a new tensor of `out_dtype`.
 
-    Inputs are read once each and never modified; mixed input dtypes are upcast on the fly
-    by the in-place add (no per-input temporary copy).
+    `out_dtype` defaults to `accumulate`. Inputs are read once each and never modified.
+    Extra memory beyond the result is one slice of `CHUNK` elements, whatever the dtypes.
     """
-    acc = torch.empty(tensors[0].shape, dtype=accumulate)
-    acc.copy_(tensors[0])
-    if all(w == weights[0] for w in weights):  # uniform: sum first, scale once
-        for t in tensors[1:]:
-            acc.add_(_addable(t, accumulate))
-        acc.mul_(weights[0])
-    else:
-        acc.mul_(weights[0])
-        for t, w in zip(tensors[1:], weights[1:], strict=True):
-            acc.add_(_addable(t, accumulate), alpha=w)
-    return acc
+    out = torch.empty(tensors[0].shape, dtype=out_dtype or accumulate)
+    flat_out, flats = out.view(-1), [t.reshape(-1) for t in tensors]
+    numel = flat_out.numel()
+    direct = out.dtype == accumulate
+    scratch = None if direct else torch.empty(min(CHUNK, numel), dtype=accumulate)
+    uniform = all(w == weights[0] for w in weights)
+    for start in range(0, numel, CHUNK):
+        stop = min(start + CHUNK, numel)
+        acc = flat_out[start:stop] if scratch is None else scratch[: stop - start]
+        acc.copy_(flats[0][start:stop])
+        if uniform:  # sum first, scale once
+            for t in flats[1:]:
+                acc.add_(_addable(t[start:stop], accumulate))
+            acc.mul_(weights[0])
+        else:
+            acc.mul_(weights[0])
+            for t, w in zip(flats[1:], weights[1:], strict=True):
+                acc.add_(_addable(t[start:stop], accumulate), alpha=w)
+        if scratch is not None:
+            flat_out[start:stop].copy_(acc)
+    return out
 
 
 def _addable(t: torch.Tensor, accumulate: torch.dtype) -> torch.Tensor:
-    """torch has no type promotion for float8: widen those inputs first (one temporary)."""
-    return t.to(accumulate) if t.is_floating_point() and t.element_size() == 1 else t
+    """Inputs in another float dtype are widened first (a slice at a time): torch would make
+    the same temporary internally, and has no type promotion at all for float8."""
+    return t.to(accumulate) if t.is_floating_point() and t.dtype != accumulate else t
 
 
-def cast_checked(
-    name: str, acc: torch.Tensor, dtype: torch.dtype, *, allow_nonfinite: bool = False
+def soup_tensor(
+    name: str,
+    ckpts: Sequence[Checkpoint],
+    weights: Sequence[float],
+    *,
+    accumulate: torch.dtype = torch.float32,
+    dtype: torch.dtype | None = None,
+    allow_nonfinite: bool = False,
 ) -> torch.Tensor:
-    """`acc` in the output `dtype`; a cast that overflows to Inf/NaN is a `NonFiniteError`
-    (a finite float32 soup written as fp16 can hold values above 65504)."""
-    out = acc.to(dtype)
-    if allow_nonfinite or out is acc or not acc.is_floating_point():
-        return out
-    wide = _addable(out, torch.float32)
-    if bool(torch.isfinite(wide.sum())) or bool(torch.isfinite(wide).all()):
-        return out
-    raise NonFiniteError(
-        f"tensor {name!r}: the soup overflows {dtype} (largest magnitude "
-        f"{acc.abs().max().item():.4g}); write a wider --dtype or pass --allow-nonfinite"
-    )
+    """One tensor of the soup: the weighted mean of `name` across `ckpts`, in `dtype`
+    (default: the first input's); integer tensors are copied from the first input."""
+    info = ckpts[0].infos[name]
+    if not info.is_float:
+        return ckpts[0].get(name)
+    out_dtype = dtype or info.dtype
+    out = weighted_sum([c.get(name) for c in ckpts], weights, accumulate=accumulate,
+                       out_dtype=out_dtype)  # fmt: skip
+    if not allow_nonfinite:
+        check_finite(name, out, ckpts)
+    return out
 
 
-def check_finite(name: str, acc: torch.Tensor, ckpts: Sequence[Checkpoint]) -> None:
-    """Raise `NonFiniteError` naming the first input (and tensor) holding a NaN or Inf."""
-    if bool(torch.isfinite(acc.sum())) or bool(torch.isfinite(acc).all()):
+def _all_finite(t: torch.Tensor) -> bool:
+    t = _addable(t, torch.float32) if t.element_size() == 1 else t  # no isfinite for float8
+    return bool(torch.isfinite(t.sum())) or bool(torch.isfinite(t).all())
+
+
+def check_finite(name: str, out: torch.Tensor, ckpts: Sequence[Checkpoint]) -> None:
+    """Raise `NonFiniteError` if the soup tensor `out` holds a NaN or Inf, naming the input
+    that holds one, or else saying that the soup overflows its dtype."""
+    if _all_finite(out):
         return
     for c in ckpts:
-        if not bool(torch.isfinite(_addable(c.get(name), torch.float32)).all()):
+        if not _all_finite(c.get(name)):
             raise NonFiniteError(
                 f"{c.path}: tensor {name!r} contains NaN or Inf; fix the ingredient or pass "
                 "--allow-nonfinite"
             )
-    raise NonFiniteError(f"tensor {name!r}: the weighted sum overflows (weights too large?)")
+    raise NonFiniteError(
+        f"tensor {name!r}: the soup overflows {out.dtype} (weights too large, or values "
+        "beyond the output dtype's range); write a wider --dtype or pass --allow-nonfinite"
+    )
 
 
 class _Memory(Checkpoint):
@@ -166,10 +198,8 @@ def weighted_state_dict(
         if not info.is_float:
             out[name] = first.clone()
             continue
-        acc = weighted_sum([c.get(name) for c in ckpts], w, accumulate=acc_dtype)
-        if not allow_nonfinite:
-            check_finite(name, acc, ckpts)
-        out[name] = cast_checked(name, acc, dtype or info.dtype, allow_nonfinite=allow_nonfinite)
+        out[name] = soup_tensor(name, ckpts, w, accumulate=acc_dtype, dtype=dtype,
+                                allow_nonfinite=allow_nonfinite)  # fmt: skip
     return out
 
 

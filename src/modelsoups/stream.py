@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from .average import accumulate_dtype, cast_checked, check_finite, weighted_sum
+from .average import accumulate_dtype, soup_tensor
 from .check import check_compatible, check_non_float, resolve_weights
 from .errors import OutputError, SoupError
 from .io import HFFolder, open_checkpoint
@@ -112,14 +112,9 @@ def _stream_tensors(
     """
 
     def soup_of(name: str) -> torch.Tensor:
-        if not ckpts[0].infos[name].is_float:  # integer buffers are copied, never averaged
-            return ckpts[0].get(name)
-        acc = weighted_sum([c.get(name) for c in ckpts], weights, accumulate=acc_dtype)
-        if not allow_nonfinite:
-            check_finite(name, acc, ckpts)
-        if dtypes is None:
-            return acc
-        return cast_checked(name, acc, dtypes[name], allow_nonfinite=allow_nonfinite)
+        dtype = dtypes[name] if dtypes is not None else None
+        return soup_tensor(name, ckpts, weights, accumulate=acc_dtype, dtype=dtype,
+                           allow_nonfinite=allow_nonfinite)  # fmt: skip
 
     total, done = sum(c.nbytes for c in ckpts), 0
     pending: deque[tuple[str, Future[torch.Tensor]]] = deque()
