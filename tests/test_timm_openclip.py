@@ -8,7 +8,7 @@ and open_clip's CLIP (`cls_token`, `pos_embed`, `bn1.num_batches_tracked`, `logi
 as a 0-d tensor, `in_proj_weight`), so they run on any machine. Where `timm` / `open_clip`
 import, the same round trip also runs on their real tiny models; on a machine whose
 torchvision does not import (torchvision's `_C.so` built for another torch), both packages
-fail to import and those tests are skipped: see README-ecosystem.md.
+fail to import and those tests are skipped: see docs/ecosystem.md.
 """
 
 from __future__ import annotations
