@@ -48,6 +48,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--out", type=Path, default=None, help="results folder")
     p.add_argument("--soup", default=None, help="soup executable (default: on PATH)")
+    p.add_argument(
+        "--snapshot",
+        default="HEAD",
+        help="git ref whose src/ soup runs from, frozen for the whole run ('' = the live "
+        "work tree through the installed console script)",
+    )
     p.add_argument("--mergekit-venv", type=Path, default=HERE / ".venv-mergekit")
     p.add_argument(
         "--max-cache-frac",
@@ -186,7 +192,7 @@ def run_config(
             if note:
                 notes[m] = note
                 continue
-            res = measure.run(cmd, timeout_s=args.timeout)
+            res = measure.run(cmd, timeout_s=args.timeout, env=ctx.env_for(m))
             if res.returncode != 0:
                 notes[m] = f"failed rc={res.returncode}: {res.stderr_tail.strip()[-400:]}"
             elif rep == 0 and first_n and m in ("naive", "mergekit", "soup"):
@@ -219,6 +225,23 @@ def run_config(
             row["check"] = checks[m]
         rows.append(row)
     return rows
+
+
+def make_snapshot(ref: str) -> Path:
+    """Extract `src/` at git `ref` once; soup then runs from it, not from the live tree."""
+    sha = subprocess.run(
+        ["git", "-C", str(HERE), "rev-parse", "--short", ref],
+        capture_output=True, text=True, check=True,
+    ).stdout.strip()  # fmt: skip
+    root = HERE / ".cache" / f"snapshot-{sha}"
+    if not (root / "src" / "modelsoups" / "__init__.py").exists():
+        root.mkdir(parents=True, exist_ok=True)
+        archive = subprocess.run(
+            ["git", "-C", str(HERE.parent), "archive", sha, "src"], capture_output=True, check=True
+        ).stdout
+        subprocess.run(["tar", "-x", "-C", str(root)], input=archive, check=True)
+    print(f"soup runs from a snapshot of {ref} = {sha}: {root / 'src'}", flush=True)
+    return root / "src"
 
 
 def seconds_left(deadline: str | None) -> float:
@@ -281,8 +304,10 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     methods = [m for m in args.methods.split(",") if m]
-    ctx = runners.Context(args.soup, args.mergekit_venv, HERE / ".cache" / "out")
+    snapshot = make_snapshot(args.snapshot) if args.snapshot else None
+    ctx = runners.Context(args.soup, args.mergekit_venv, HERE / ".cache" / "out", snapshot)
     results: dict[str, object] = {"meta": meta(args, ctx), "runs": []}
+    results["meta"]["soup_snapshot"] = str(snapshot) if snapshot else "live work tree"  # type: ignore[index]
     print(f"versions: {results['meta']['versions']}", flush=True)  # type: ignore[index]
 
     def save() -> None:

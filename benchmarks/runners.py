@@ -9,6 +9,7 @@ from __future__ import annotations
 import collections
 import gzip
 import json
+import os
 import re
 import shutil
 import statistics
@@ -27,13 +28,23 @@ GREEDY_CANDIDATES = ["modelsoups.greedy_soup", "modelsoups.greedy", "modelsoups.
 
 
 class Context:
-    def __init__(self, soup: str | None, mergekit_venv: Path, out_dir: Path) -> None:
+    def __init__(
+        self, soup: str | None, mergekit_venv: Path, out_dir: Path, snapshot: Path | None = None
+    ) -> None:
         self.out_dir = out_dir
         out_dir.mkdir(parents=True, exist_ok=True)
         # The console script beside this interpreter, not a pyenv shim on PATH: a shim
         # costs ~0.2 s per start and would be charged to `soup --help`.
         sibling = Path(sys.executable).parent / "soup"
         self.soup = soup or (str(sibling) if sibling.exists() else shutil.which("soup"))
+        self.soup_cmd = [self.soup] if self.soup else []
+        self.env: dict[str, str] | None = None
+        if snapshot is not None:
+            # A frozen copy of the package: the editable install follows a work tree that
+            # others edit during the run, which would mix code versions between rows.
+            self.env = {**os.environ, "PYTHONPATH": str(snapshot)}
+            self.soup_cmd = [sys.executable, "-m", "modelsoups"]
+            self.soup = " ".join(self.soup_cmd)
         self.soup_note = self._probe_soup()
         mk = mergekit_venv / "bin" / "mergekit-yaml"
         self.mergekit = str(mk) if mk.exists() else None
@@ -41,7 +52,9 @@ class Context:
     def _probe_soup(self) -> str:
         if not self.soup:
             return "skipped: no `soup` on PATH (pip install -e /work/main)"
-        r = subprocess.run([self.soup, "uniform", "--help"], capture_output=True, text=True)
+        r = subprocess.run(
+            [*self.soup_cmd, "uniform", "--help"], capture_output=True, text=True, env=self.env
+        )
         if r.returncode != 0:
             return "skipped: `soup uniform --help` fails (CLI not landed yet?)"
         return ""
@@ -73,9 +86,13 @@ class Context:
         if method == "soup":
             if self.soup_note:
                 return [], out, self.soup_note
-            cmd = [str(self.soup), "--quiet", "uniform", *map(str, dirs), "-o", str(out)]
+            cmd = [*self.soup_cmd, "--quiet", "uniform", *map(str, dirs), "-o", str(out)]
             return cmd, out, ""
         raise ValueError(f"unknown method {method!r}")
+
+    def env_for(self, method: str) -> dict[str, str] | None:
+        """The environment a method runs in (the snapshot's PYTHONPATH for our code)."""
+        return self.env if method == "soup" else None
 
     def cleanup(self, out: Path) -> None:
         """Delete an output (frees its page cache too) so that the next run starts clean."""
@@ -117,8 +134,10 @@ class Context:
             )
             r = subprocess.run([py, "-c", code], capture_output=True, text=True)
             out["mergekit"] = r.stdout.strip() or "broken"
-        code = "import importlib.metadata as m; print(m.version('modelsoups'))"
-        r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+        code = "import modelsoups as m; print(m.__version__, m.__file__)"
+        r = subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, env=self.env
+        )
         out["modelsoups"] = r.stdout.strip() or "not installed"
         out["soup_executable"] = self.soup or "none"
         return out
@@ -135,7 +154,7 @@ class Context:
         """Wall time of `python -c pass`, `import torch`, `soup --help`, a tiny N=2 soup."""
 
         def med(cmd: list[str], k: int) -> float:
-            return statistics.median(measure.run(cmd).wall_s for _ in range(k))
+            return statistics.median(measure.run(cmd, env=self.env).wall_s for _ in range(k))
 
         res: dict[str, object] = {
             "python_pass_s": med([sys.executable, "-c", "pass"], 5),
@@ -144,14 +163,14 @@ class Context:
         if not self.soup:
             res["note"] = self.soup_note
             return res
-        res["soup_help_s"] = med([self.soup, "--help"], 5)
+        res["soup_help_s"] = med([*self.soup_cmd, "--help"], 5)
         if self.soup_note:
             res["note"] = self.soup_note
             return res
         cmd, out, _ = self.command("soup", tiny_dirs, [], "fp32")
         times = []
         for _ in range(max(3, reps)):
-            r = measure.run(cmd)
+            r = measure.run(cmd, env=self.env)
             self.cleanup(out)
             if r.returncode != 0:
                 res["note"] = f"tiny soup failed: {r.stderr_tail[-300:]}"
@@ -174,7 +193,9 @@ class Context:
             "    except Exception: pass\n"
             "print(json.dumps(found))"
         )
-        r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+        r = subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, env=self.env
+        )
         found = json.loads(r.stdout.strip() or "null")
         if not found:
             return {"status": "missing", "looked_for": GREEDY_CANDIDATES}
@@ -188,7 +209,7 @@ class Context:
         out = self.out_dir / "greedy.safetensors"
         self.cleanup(out)
         cmd = [sys.executable, METHODS_PY, "greedy", str(out), *map(str, dirs)]
-        r = measure.run(cmd, stdout_devnull=False)
+        r = measure.run(cmd, stdout_devnull=False, env=self.env)
         self.cleanup(out)
         try:
             timed: dict[str, object] = json.loads(r.stdout.strip().splitlines()[-1])
@@ -220,6 +241,7 @@ class Context:
             ],
             capture_output=True,
             text=True,
+            env=self.env,
         )
         self.cleanup(out)
         if r.returncode != 0 or not raw.exists():
