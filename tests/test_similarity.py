@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
 from conftest import save_as, tiny_state_dict
 
 from modelsoups import inspect_checkpoints, uniform
@@ -70,3 +71,21 @@ def test_inspect_and_uniform_report_it(tmp_path: Path, capsys) -> None:
     assert "cosine similarity of weights" in captured.out
     assert "deltas from the base" in captured.out
     assert "different initialisations" in captured.err
+
+
+def test_undefined_cosine_is_nan_and_not_flagged() -> None:
+    """An all-zero or non-finite sample has no direction: its cosine is undefined (NaN),
+    which says nothing about the initialisation and must not raise the warning."""
+    import math
+
+    zero = {k: torch.zeros_like(v) if v.is_floating_point() else v
+            for k, v in tiny_state_dict(0).items()}  # fmt: skip
+    nan = {k: torch.full_like(v, float("nan")) if v.is_floating_point() else v
+           for k, v in tiny_state_dict(0).items()}  # fmt: skip
+    for odd in (zero, nan):
+        r = similarity_report(_mem(tiny_state_dict(1), odd))
+        assert math.isnan(r.cosine[0][1]) and r.warning is None
+    same = similarity_report(
+        _mem(tiny_state_dict(1), tiny_state_dict(1)), base=_Memory(9, tiny_state_dict(1))
+    )
+    assert same.delta_cosine is not None and math.isnan(same.delta_cosine[0][1])

@@ -14,6 +14,7 @@ initialisations are uncorrelated in any block; fine-tunes of one base agree in e
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -52,10 +53,14 @@ def sample_vector(
 
 
 def cosine_matrix(vectors: Sequence[torch.Tensor]) -> list[list[float]]:
-    """Pairwise cosine similarities of `vectors` (0 where a vector is all zeros)."""
+    """Pairwise cosine similarities of `vectors`; NaN where it is undefined: a vector that is
+    all zeros (e.g. zero-initialised tensors, or a delta of 0) or holds NaN/Inf."""
     m = torch.stack(list(vectors))
-    norms = m.norm(dim=1).clamp_min(1e-30)
-    cos = (m @ m.T) / (norms[:, None] * norms[None, :])
+    norms = m.norm(dim=1)
+    ok = torch.isfinite(norms) & (norms > 0)
+    unit = m / torch.where(ok, norms, 1.0)[:, None]  # scaled first: no under/overflow
+    cos = (unit @ unit.T).clamp(-1.0, 1.0)
+    cos[~(ok[:, None] & ok[None, :])] = float("nan")
     return [[round(float(x), 6) for x in row] for row in cos]
 
 
@@ -95,6 +100,7 @@ def similarity_report(
 def _warning(names: list[str], cos: list[list[float]], threshold: float) -> str | None:
     n = len(names)
     pairs = [(cos[i][j], i, j) for i in range(n) for j in range(i + 1, n)]
+    pairs = [p for p in pairs if not math.isnan(p[0])]  # undefined: says nothing of the init
     if not pairs:
         return None
     worst, i, j = min(pairs)
