@@ -1,6 +1,7 @@
 """Ingredients: what a recipe is given (paths, state dicts, modules), named and opened.
 
-`open_ingredients` turns them into lazily read `Checkpoint`s with one distinct name each;
+`open_ingredients` turns them into lazily read `Checkpoint`s with one distinct name each
+(`open_sources` without the names: `stream.open_all` is the same loop over paths);
 `ingredient_sources` makes `(name, path or state dict)` pairs small enough to send to a
 worker process, where `score_ingredients` opens and scores each one independently.
 """
@@ -28,6 +29,7 @@ __all__ = [
     "ingredient_names",
     "ingredient_sources",
     "open_ingredients",
+    "open_sources",
     "score_ingredients",
 ]
 
@@ -57,14 +59,22 @@ def open_ingredients(
     unsafe_pickle: bool = False,
 ) -> tuple[list[str], list[Checkpoint]]:
     """Names and lazily opened checkpoints of paths, state dicts or modules."""
-    from .average import _Memory
-    from .io import open_checkpoint
-
     if not ingredients:
         raise SoupError("no ingredients: give at least one checkpoint")
     out_names = list(names) if names is not None else ingredient_names(ingredients)
     if len(out_names) != len(ingredients) or len(set(out_names)) != len(out_names):
         raise SoupError(f"give one distinct name per ingredient, got {out_names}")
+    return out_names, open_sources(ingredients, key=key, unsafe_pickle=unsafe_pickle)
+
+
+def open_sources(
+    ingredients: Sequence[Ingredient], *, key: str | None = None, unsafe_pickle: bool = False
+) -> list[Checkpoint]:
+    """Open paths lazily (headers only) and wrap state dicts or modules, in order; on any
+    error close those already open and re-raise."""
+    from .average import _Memory
+    from .io import open_checkpoint
+
     ckpts: list[Checkpoint] = []
     try:
         for i, x in enumerate(ingredients):
@@ -75,7 +85,7 @@ def open_ingredients(
     except BaseException:
         close_all(ckpts)
         raise
-    return out_names, ckpts
+    return ckpts
 
 
 def ingredient_sources(

@@ -23,7 +23,8 @@ import torch
 from .average import accumulate_dtype, soup_tensor
 from .check import check_compatible, check_non_float, resolve_weights
 from .errors import OutputError, SoupError
-from .io import HFFolder, open_checkpoint
+from .ingredients import open_sources
+from .io import HFFolder
 from .io.base import Checkpoint
 from .io.folder import copy_model_files
 from .io.writer import Entry, OutputPlan, ShardedWriter, atomic_path
@@ -51,15 +52,7 @@ def open_all(
     inputs: Sequence[PathLike], *, key: str | None = None, unsafe_pickle: bool = False
 ) -> list[Checkpoint]:
     """Open every input lazily; on any error close those already open and re-raise."""
-    ckpts: list[Checkpoint] = []
-    try:
-        for p in inputs:
-            ckpts.append(open_checkpoint(p, key=key, unsafe_pickle=unsafe_pickle))
-    except BaseException:
-        for c in ckpts:
-            c.close()
-        raise
-    return ckpts
+    return open_sources(inputs, key=key, unsafe_pickle=unsafe_pickle)
 
 
 def provenance(
