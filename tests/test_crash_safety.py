@@ -1,8 +1,8 @@
 """Crash safety: a killed or starved soup never leaves a half-written checkpoint behind.
 
 - SIGKILL in the middle of writing a large output (file and sharded folder): the final
-  name does not exist, only a temporary named `.NAME.soup-partial-PID`, which the next run
-  removes; the inputs are byte-for-byte unchanged.
+  name does not exist, only a temporary named `.NAME.soup-partial-HOST-PID`, which the next
+  run on this host removes; the inputs are byte-for-byte unchanged.
 - SIGTERM at the same point: the CLI cleans up itself and exits 130.
 - A concurrent run never removes the temporary of a run that is still alive.
 - Disk full (a 1 MiB tmpfs, when mountable) and a file-size limit (RLIMIT_FSIZE): one clear
@@ -18,6 +18,7 @@ import hashlib
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -139,7 +140,7 @@ def test_sigkill_mid_write_leaves_no_output(tmp_path: Path, kind: str) -> None:
 
     proc = start_paused(argv)
     (partial,) = partials(tmp_path)
-    assert partial.name == f".{out.name}.soup-partial-{proc.pid}"  # clearly named
+    assert partial.name == f".{out.name}.soup-partial-{socket.gethostname()}-{proc.pid}"
     written = sum(p.stat().st_size for p in [partial, *partial.rglob("*")] if p.is_file())
     assert written >= (TENSORS // 2 - 1) * NUMEL * 4, "the kill should land mid-write"
     remove_stale_partials(out)  # what a concurrent run does: a live run's partial stays
@@ -204,6 +205,21 @@ def test_sigterm_mid_write_cleans_up(tmp_path: Path) -> None:
     assert not out.exists()
     assert partials(tmp_path) == []
     assert digests(inputs) == before
+
+
+def test_only_this_hosts_dead_temporaries_are_removed(tmp_path: Path) -> None:
+    """On a shared filesystem a pid from another host means nothing here: its temporary
+    (maybe of a live run) is left; this host's temporary of a dead process is removed."""
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)  # fmt: skip
+    pid = int(dead.stdout)
+    out = tmp_path / "soup.safetensors"
+    mine = tmp_path / f".soup.safetensors.soup-partial-{socket.gethostname()}-{pid}"
+    other = tmp_path / f".soup.safetensors.soup-partial-other-host.example-{pid}"
+    mine.write_bytes(b"x")
+    other.mkdir()
+    remove_stale_partials(out)
+    assert not mine.exists() and other.is_dir()
 
 
 # ---------------------------------------------------------------------------------------

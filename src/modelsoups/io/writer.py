@@ -2,18 +2,22 @@
 
 The header is computed from names, shapes and dtypes before any data exists, so each
 tensor can be averaged and written straight away: peak memory is one tensor, not a model.
-Everything is written under a temporary name next to the destination (`.NAME.soup-partial-PID`),
-fsynced, then renamed; on any error or interrupt the temporary is removed, so the final
-name either holds a complete checkpoint or does not exist.
+Everything is written under a temporary name next to the destination
+(`.NAME.soup-partial-HOST-PID`), fsynced, then renamed; on any error or interrupt the
+temporary is removed, so the final name either holds a complete checkpoint or does not
+exist. A SIGKILL leaves the temporary behind: the next run on the same host removes it once
+its process is gone (a run on another host sharing the folder cannot tell, and leaves it).
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import glob
 import json
 import os
 import shutil
+import socket
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +28,13 @@ import torch
 from ..errors import OutputError
 from .safetensors_file import DTYPE_NAMES
 
-__all__ = ["OutputPlan", "ShardedWriter", "atomic_path", "remove_stale_partials"]
+__all__ = [
+    "OutputPlan",
+    "ShardedWriter",
+    "atomic_path",
+    "remove_stale_partials",
+    "temporary_name",
+]
 
 PARTIAL = ".soup-partial-"
 
@@ -162,12 +172,22 @@ class ShardedWriter:
             self._writer = self._file = None
 
 
-def remove_stale_partials(dest: Path) -> None:
-    """Remove temporaries of earlier runs for the same destination whose process is gone."""
-    for p in dest.parent.glob(f".{dest.name}{PARTIAL}*"):
-        pid = p.name.rsplit("-", 1)[-1]
+def temporary_name(dest: Path, marker: str = PARTIAL) -> Path:
+    """This process's temporary next to `dest`: `.NAME{marker}HOST-PID`."""
+    return dest.parent / f".{dest.name}{marker}{socket.gethostname()}-{os.getpid()}"
+
+
+def remove_stale_partials(dest: Path, marker: str = PARTIAL) -> None:
+    """Remove temporaries of earlier runs for the same destination whose process is gone.
+
+    Only this host's: on a shared filesystem another host's pid means nothing here, so its
+    temporaries (live or not) are left alone, as are unnamed ones from older versions.
+    """
+    prefix = f".{dest.name}{marker}{socket.gethostname()}-"
+    for p in dest.parent.glob(f"{glob.escape(prefix)}*"):
+        pid = p.name.removeprefix(prefix)
         if pid.isdigit() and not _alive(int(pid)):
-            shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
+            _remove(p)
 
 
 def _alive(pid: int) -> bool:
@@ -188,7 +208,7 @@ def atomic_path(dest: Path, *, folder: bool, overwrite: bool = False) -> Iterato
     if dest.exists() and not overwrite:
         raise OutputError(f"{dest}: already exists; choose another name or pass --overwrite")
     remove_stale_partials(dest)
-    tmp = dest.parent / f".{dest.name}{PARTIAL}{os.getpid()}"
+    tmp = temporary_name(dest)
     try:
         if folder:
             tmp.mkdir()
