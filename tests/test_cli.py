@@ -89,3 +89,25 @@ def test_console_script_runs_in_a_fresh_process(make_ingredients, tmp_path) -> N
         capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert help_proc.stdout.strip() == "False", "the CLI must import torch lazily"
+
+
+def test_recipe_commands_live_in_their_own_modules() -> None:
+    """greedy, the two sweeps and stock each register from their own module; the similarity
+    tables are `soup inspect`'s (core)."""
+    import typer
+
+    from modelsoups.cli import core, greedy, stock, sweeps
+
+    names = {}
+    for module in (greedy, sweeps, stock):
+        app = typer.Typer()
+        module.register(app)
+        names[module.__name__] = sorted(
+            c.name or c.callback.__name__ for c in app.registered_commands if c.callback
+        )
+    assert names == {
+        "modelsoups.cli.greedy": ["greedy"],
+        "modelsoups.cli.sweeps": ["task-arithmetic", "wise-ft"],
+        "modelsoups.cli.stock": ["stock"],
+    }
+    assert callable(core.print_similarity)

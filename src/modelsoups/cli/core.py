@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from pathlib import Path
+from typing import Annotated, Any
 
 import typer
 
@@ -19,6 +20,7 @@ from .common import (
     Overwrite,
     Quiet,
     UnsafePickle,
+    err,
     parse_dtype,
     parse_floats,
     parse_size,
@@ -67,9 +69,24 @@ def inspect(
         raise IncompatibleError(report.verdict.removeprefix("incompatible: "))
     console.print(report.verdict, markup=False)
     if "similarity" in report.extra:
-        from .recipes import print_similarity
-
         print_similarity(console, report.extra["similarity"])
+
+
+def print_similarity(console: Any, sim: Any) -> None:
+    """`soup inspect`'s similarity tables (a `SimilarityReport`) and its warning."""
+    from rich.table import Table
+
+    short = [Path(n).name for n in sim.names]
+    tables = [("weights", sim.cosine)]
+    if sim.delta_cosine is not None:
+        tables.append(("deltas from the base", sim.delta_cosine))
+    for what, matrix in tables:
+        table = Table("", *short, title=f"cosine similarity of {what} (sampled)")
+        for name, row in zip(short, matrix, strict=True):
+            table.add_row(name, *(f"{x:.3f}" for x in row))
+        console.print(table)
+    if sim.warning:
+        err(f"soup: warning: {sim.warning}")
 
 
 def _average(

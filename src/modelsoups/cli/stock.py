@@ -1,0 +1,109 @@
+"""`soup stock`: Model Stock over checkpoint files, streamed; optionally scored once."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from .common import (
+    STATE,
+    Dtype,
+    Inputs,
+    Key,
+    MaxShardSize,
+    Output,
+    Overwrite,
+    Quiet,
+    UnsafePickle,
+    parse_dtype,
+    parse_size,
+    say,
+)
+from .recipes import (
+    Dataset,
+    Eval,
+    EvalTimeout,
+    History,
+    Report,
+    evaluator,
+    prepare,
+    sidecar,
+    write_report,
+)
+
+
+def stock(
+    finetuned: Inputs,
+    output: Output,
+    base: Annotated[str, typer.Option(help="The pretrained checkpoint θ₀.")],
+    eval_command: Eval = None,
+    eval_timeout: EvalTimeout = None,
+    dataset: Dataset = "held_out",
+    history: History = None,
+    report: Report = None,
+    key: Key = None,
+    unsafe_pickle: UnsafePickle = False,
+    dtype: Dtype = None,
+    max_shard_size: MaxShardSize = None,
+    overwrite: Overwrite = False,
+    quiet: Quiet = False,
+) -> None:
+    """Model Stock: per layer, pull the fine-tunes' mean towards θ₀ by their angle."""
+    from ..history import History as Log
+    from ..io import expand_inputs
+
+    opts = dict(locals())
+    STATE["quiet"] = STATE["quiet"] or quiet
+    started, paths = time.perf_counter(), [Path(base), *expand_inputs(finetuned)]
+    prepare(output, paths, overwrite)
+    ratios = _write_stock(paths, output, opts)
+    say(f"wrote {output} (model stock of {len(paths) - 1} over {paths[0]}, mean t = "
+        f"{sum(t for _, t in ratios.values()) / max(len(ratios), 1):.3f})")  # fmt: skip
+    held_out = None
+    if eval_command is not None:
+        score = evaluator(eval_command, eval_timeout, output).run(output, "model stock")
+        held_out = score.score
+        Log(sidecar(output, ".history.jsonl", history), resume=True).append(
+            {"kind": "final", "model_name": "model_stock", dataset: score.score, **score.metrics}
+        )
+    write_report(sidecar(output, ".report.json", report), {
+        "recipe": "model-stock", "output": str(output), "base": str(paths[0]),
+        "ingredients": [str(p) for p in paths[1:]], "held_out": held_out, "dataset": dataset,
+        "ratios": {k: {"cos": c, "t": t} for k, (c, t) in ratios.items()},
+        "seconds": {"total": time.perf_counter() - started},
+    })  # fmt: skip
+
+
+def _write_stock(
+    paths: list[Path], output: Path, opts: dict[str, Any]
+) -> dict[str, tuple[float, float]]:
+    """Stream Model Stock of `paths` (base first) into `output`; the per-tensor (cos θ, t)."""
+    import dataclasses
+
+    from ..candidate import model_files_source, write_candidate
+    from ..ingredients import close_all
+    from ..recipes.stock import stock_checkpoint
+    from ..stream import open_all, provenance
+
+    out_dtype, shard = parse_dtype(opts["dtype"]), parse_size(opts["max_shard_size"])
+    ckpts = open_all(paths, key=opts["key"], unsafe_pickle=opts["unsafe_pickle"])
+    try:
+        lazy = stock_checkpoint(ckpts[0], ckpts[1:])
+        if out_dtype is not None:
+            lazy.infos = {k: dataclasses.replace(i, dtype=out_dtype) if i.is_float else i
+                          for k, i in lazy.infos.items()}  # fmt: skip
+        meta = provenance("model-stock", ckpts, [])
+        write_candidate(lazy, output, metadata=meta, overwrite=opts["overwrite"],
+                        model_files_from=model_files_source(ckpts),
+                        max_shard_size=shard)  # fmt: skip
+    finally:
+        close_all(ckpts)
+    ratios: dict[str, tuple[float, float]] = lazy.extra["ratios"]
+    return ratios
+
+
+def register(app: typer.Typer) -> None:
+    app.command()(stock)
