@@ -266,7 +266,8 @@ def _fmt(row: dict[str, Any] | None, split: str) -> str:
         return "—"
     v = row[split]
     if isinstance(v, dict):  # summary over seeds
-        return f"{100 * v['mean']:.1f}" + (f" ± {100 * v['se']:.1f}" if v["se"] else "")
+        se = v["se"]
+        return f"{100 * v['mean']:.1f}" + ("" if se is None else f" ± {100 * se:.1f}")
     ci = row.get("ci95", {}).get(split)
     return f"{100 * v:.1f}" + (f" [{100 * ci[0]:.1f}, {100 * ci[1]:.1f}]" if ci else "")
 
