@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -225,3 +226,21 @@ def test_candidates_are_incremental_not_re_averaged(n: int) -> None:
     # each ingredient's tensor is read a fixed number of times whatever the soup size:
     # its own score, the similarity sample, the candidate (or the first soup), the sum
     assert max(max(sd.reads.values()) for sd in sds) <= 4
+
+
+def test_cli_max_shard_size_with_a_file_output_fails_before_any_evaluation(
+    tmp_path: Path, make_ingredients, capsys
+) -> None:
+    """--max-shard-size needs a folder output: refused up front, not after N evaluations."""
+    from modelsoups.cli import main
+
+    paths = make_ingredients(2)
+    calls = tmp_path / "calls.txt"
+    script = tmp_path / "ev.py"
+    script.write_text(f"open({str(calls)!r}, 'a').write('x\\n'); print(1.0)")
+    out = tmp_path / "soup.safetensors"
+    cmd = f"{sys.executable} {script} {{ckpt}}"
+    argv = [*map(str, paths), "-o", str(out), "--eval", cmd, "--max-shard-size", "1MB", "-q"]
+    assert main(["greedy", *argv]) == 1
+    assert "--max-shard-size writes a folder" in capsys.readouterr().err
+    assert not calls.exists() and not out.exists()

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .errors import IncompatibleError, OutputError
+from .errors import IncompatibleError
 from .io import HFFolder
 from .io.base import Checkpoint, TensorInfo
 from .io.writer import Entry, OutputPlan, ShardedWriter, atomic_path
@@ -80,10 +80,10 @@ def write_candidate(
     `max_shard_size` (bytes) shards the folder as `save_pretrained` does.
     """
     from .io.folder import copy_model_files
+    from .stream import check_sharding
 
     folder = out.suffix != ".safetensors"
-    if max_shard_size is not None and not folder:
-        raise OutputError(f"{out}: --max-shard-size writes a folder; drop the .safetensors suffix")
+    check_sharding(out, max_shard_size)
     entries = [Entry(n, i.dtype, i.shape) for n, i in candidate.infos.items()]
     plan = OutputPlan(out, entries, {"format": "pt", **(metadata or {})}, folder, max_shard_size)
     with atomic_path(out, folder=folder, overwrite=overwrite) as tmp:

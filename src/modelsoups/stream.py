@@ -31,7 +31,7 @@ from .io.writer import Entry, OutputPlan, ShardedWriter, atomic_path
 from .similarity import init_warning
 from .types import PathLike, Progress, SoupResult
 
-__all__ = ["average_checkpoints", "check_output", "open_all", "provenance"]
+__all__ = ["average_checkpoints", "check_output", "check_sharding", "open_all", "provenance"]
 
 
 def check_output(out: Path, inputs: Sequence[Path], *, folder: bool) -> None:
@@ -46,6 +46,13 @@ def check_output(out: Path, inputs: Sequence[Path], *, folder: bool) -> None:
         same = ro == rp or (out.exists() and p.exists() and os.path.samefile(out, p))
         if same or ro in rp.parents or (rp.is_dir() and rp in ro.parents):
             raise OutputError(f"{out}: output path is (or contains, or is inside) input {p}")
+
+
+def check_sharding(out: Path, max_shard_size: int | None) -> None:
+    """Refuse `max_shard_size` with a `.safetensors` output (shards need a folder); callers
+    that evaluate before writing check it up front, not after the evaluations."""
+    if max_shard_size is not None and out.suffix == ".safetensors":
+        raise OutputError(f"{out}: --max-shard-size writes a folder; drop the .safetensors suffix")
 
 
 def open_all(
@@ -163,8 +170,7 @@ def average_checkpoints(
     started = time.perf_counter()
     paths, out = [Path(p) for p in inputs], Path(out)
     folder = out.suffix != ".safetensors"
-    if max_shard_size is not None and not folder:
-        raise OutputError(f"{out}: --max-shard-size writes a folder; drop the .safetensors suffix")
+    check_sharding(out, max_shard_size)
     if not paths:
         raise SoupError("no ingredients: give at least one checkpoint")
     check_output(out, paths, folder=folder)

@@ -77,7 +77,7 @@ def greedy(
     opts = dict(locals())
     STATE["quiet"] = STATE["quiet"] or quiet
     started, paths = time.perf_counter(), expand_inputs(inputs)
-    prepare(output, paths, overwrite)
+    prepare(output, paths, overwrite, max_shard_size)
     if eval_command is None:
         raise SoupError("greedy needs --eval to score candidate soups (--scores only replaces "
                         "the N individual evaluations)")  # fmt: skip

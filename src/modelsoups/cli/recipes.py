@@ -47,11 +47,12 @@ def sidecar(out: Path, suffix: str, given: Path | None) -> Path:
     )
 
 
-def prepare(out: Path, inputs: list[Path], overwrite: bool) -> None:
+def prepare(out: Path, inputs: list[Path], overwrite: bool, max_shard_size: str | None) -> None:
     """Fail before any evaluation if the output could not be written at the end."""
-    from ..stream import check_output
+    from ..stream import check_output, check_sharding
 
     check_output(out, inputs, folder=out.suffix != ".safetensors")
+    check_sharding(out, parse_size(max_shard_size))
     if not out.parent.is_dir():
         raise OutputError(f"{out}: output folder {out.parent} does not exist")
     if out.exists() and not overwrite:
