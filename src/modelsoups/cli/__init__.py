@@ -15,7 +15,7 @@ from typing import NoReturn
 import typer
 
 from ..errors import SoupError
-from . import core, greedy, integrations, stock, sweeps
+from . import core, demo, greedy, integrations, stock, sweeps
 from . import report as report_cli
 from . import run as run_cli
 from .common import STATE
@@ -28,7 +28,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
-for module in (core, greedy, sweeps, stock, run_cli, report_cli, integrations):
+for module in (core, greedy, sweeps, stock, run_cli, report_cli, integrations, demo):
     module.register(app)
 
 
