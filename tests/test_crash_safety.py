@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -376,6 +377,10 @@ def test_greedy_history_survives_sigkill_and_resume_continues(
     assert proc.returncode == -signal.SIGKILL, proc.stderr
     out = tmp_path / "crash" / "soup.safetensors"
     assert not out.exists() and partials(out.parent) == []
+    # The killed evaluation's candidate folder is left, named for the host and the pid...
+    (leftover,) = [p.name for p in out.parent.glob(".*soup-candidate-*")]
+    host = re.escape(socket.gethostname())
+    assert re.fullmatch(rf"\.soup\.safetensors\.soup-candidate-{host}-\d+", leftover), leftover
     history = (tmp_path / "crash" / "soup.history.jsonl").read_text().splitlines()
     assert history == ref_history[:7]  # 5 ingredients, the first soup, one scored step
 
@@ -391,9 +396,9 @@ def test_greedy_history_survives_sigkill_and_resume_continues(
     assert soup.keys() == ref_soup.keys()
     assert all(torch.equal(soup[k], ref_soup[k]) for k in soup)
     assert digests(inputs) == before
-    # Known leftover: the killed evaluation's candidate folder (soup-candidate-*) stays in
-    # the output folder; no run removes it. It never carries the output's name.
+    # ...and the next run removes it: nothing but the soup and its sidecars remains.
     assert partials(out.parent) == []
+    assert not list(out.parent.glob(".*soup-candidate-*"))
 
 
 # ---------------------------------------------------------------------------------------

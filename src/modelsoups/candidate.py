@@ -4,11 +4,14 @@ A recipe describes a candidate soup as a `LazyCheckpoint` whose `get(key)` compu
 tensor (e.g. `(Σθ + θₖ)/(k+1)` for a greedy step). Evaluators read it one tensor at a time
 (`load_candidate` into a module), all at once (`materialize`), or stream it to disk
 (`write_candidate`), so scoring or writing a candidate costs one pass over the weights.
+An eval command reads them from files in `candidate_folder`, a temporary next to the output.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+import contextlib
+import shutil
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -17,7 +20,14 @@ import torch
 from .errors import IncompatibleError
 from .io import HFFolder
 from .io.base import Checkpoint, TensorInfo
-from .io.writer import Entry, OutputPlan, ShardedWriter, atomic_path
+from .io.writer import (
+    Entry,
+    OutputPlan,
+    ShardedWriter,
+    atomic_path,
+    remove_stale_partials,
+    temporary_name,
+)
 
 if TYPE_CHECKING:
     from torch import nn
@@ -26,6 +36,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "LazyCheckpoint",
+    "candidate_folder",
     "load_candidate",
     "materialize",
     "model_files_source",
@@ -96,6 +107,25 @@ def write_candidate(
             writer.abort()
         if folder and model_files_from is not None:
             copy_model_files(model_files_from, tmp)
+
+
+CANDIDATES = ".soup-candidate-"
+
+
+@contextlib.contextmanager
+def candidate_folder(out: Path) -> Iterator[Path]:
+    """This run's folder for candidate files next to `out`: `.NAME.soup-candidate-HOST-PID`.
+
+    Removed when the block ends; one left by a killed run is removed by the next run on
+    this host for the same output once its process is gone, as partial outputs are.
+    """
+    remove_stale_partials(out, CANDIDATES)
+    folder = temporary_name(out, CANDIDATES)
+    folder.mkdir(exist_ok=True)
+    try:
+        yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def load_candidate(module: nn.Module, candidate: Checkpoint) -> nn.Module:

@@ -72,6 +72,7 @@ def greedy(
     quiet: Quiet = False,
 ) -> None:
     """Greedy soup (paper's Recipe 1): add ingredients, best first, while held-out score holds."""
+    from ..candidate import candidate_folder
     from ..io import expand_inputs
 
     opts = dict(locals())
@@ -82,7 +83,8 @@ def greedy(
         raise SoupError("greedy needs --eval to score candidate soups (--scores only replaces "
                         "the N individual evaluations)")  # fmt: skip
     hist = sidecar(output, ".history.jsonl", history)
-    r = _select(paths, output, hist, opts)
+    with candidate_folder(output) as work:
+        r = _select(paths, work, hist, opts)
     for w in r.warnings:
         err(f"soup: warning: {w}")
     evaluated = time.perf_counter()
@@ -99,8 +101,9 @@ def greedy(
                  _report(r, paths, hist, result.warnings, seconds, opts))  # fmt: skip
 
 
-def _select(paths: list[Path], output: Path, hist: Path, opts: dict[str, Any]) -> Any:
-    """Run `greedy_soup` on the files with `soup greedy`'s options; returns its result."""
+def _select(paths: list[Path], work: Path, hist: Path, opts: dict[str, Any]) -> Any:
+    """Run `greedy_soup` on the files with `soup greedy`'s options (candidates are written
+    under `work`); returns its result."""
     from ..executor_ray import make_executor
     from ..ingredients import ingredient_names
     from ..recipes.greedy import greedy_soup
@@ -110,7 +113,7 @@ def _select(paths: list[Path], output: Path, hist: Path, opts: dict[str, Any]) -
     scores = opts["scores"]
     return greedy_soup(
         paths,
-        evaluator(opts["eval_command"], opts["eval_timeout"], output),
+        evaluator(opts["eval_command"], opts["eval_timeout"], work),
         names=names,
         scores=load_scores(scores, names) if scores is not None else None,
         accept=opts["accept"],
@@ -119,7 +122,7 @@ def _select(paths: list[Path], output: Path, hist: Path, opts: dict[str, Any]) -
         history=str(hist),
         resume=opts["resume"],
         executor=make_executor(opts["workers"], ray=opts["ray"], ray_address=opts["ray_address"]),
-        test_evaluator=evaluator(opts["test_eval"], opts["eval_timeout"], output),
+        test_evaluator=evaluator(opts["test_eval"], opts["eval_timeout"], work),
         key=opts["key"],
         unsafe_pickle=opts["unsafe_pickle"],
     )

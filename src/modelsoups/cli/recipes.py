@@ -59,13 +59,14 @@ def prepare(out: Path, inputs: list[Path], overwrite: bool, max_shard_size: str 
         raise OutputError(f"{out}: already exists; choose another name or pass --overwrite")
 
 
-def evaluator(command: str | None, timeout: float | None, out: Path) -> Any:
-    """A `CommandEvaluator` writing its candidates next to `out`, or None without a command."""
+def evaluator(command: str | None, timeout: float | None, workdir: Path) -> Any:
+    """A `CommandEvaluator` writing its candidates under `workdir` (a `candidate_folder`),
+    or None without a command."""
     if command is None:
         return None
     from ..evaluate import CommandEvaluator
 
-    return CommandEvaluator(command, timeout=timeout, workdir=out.parent)
+    return CommandEvaluator(command, timeout=timeout, workdir=workdir)
 
 
 def write_report(path: Path, report: dict[str, Any]) -> None:

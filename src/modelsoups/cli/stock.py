@@ -64,7 +64,7 @@ def stock(
         f"{sum(t for _, t in ratios.values()) / max(len(ratios), 1):.3f})")  # fmt: skip
     held_out = None
     if eval_command is not None:
-        score = evaluator(eval_command, eval_timeout, output).run(output, "model stock")
+        score = evaluator(eval_command, eval_timeout, output.parent).run(output, "model stock")
         held_out = score.score
         Log(sidecar(output, ".history.jsonl", history), resume=True).append(
             {"kind": "final", "model_name": "model_stock", dataset: score.score, **score.metrics}

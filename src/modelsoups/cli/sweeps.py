@@ -82,6 +82,7 @@ def _sweep(
     opts: dict[str, Any],
 ) -> tuple[float, list[dict[str, Any]]]:
     """Score each mixing value on held-out data (resumably); return the best and the log."""
+    from ..candidate import candidate_folder
     from ..errors import EvaluationError
     from ..evaluate import Score
     from ..executor_ray import make_executor
@@ -92,11 +93,12 @@ def _sweep(
     done = {r["model_name"]: r for r in log.records if r.get("kind") == "sweep"}
     todo = [(f"{recipe}_{what}={v:g}", weights_of(v)) for v in values]
     todo = [t for t in todo if t[0] not in done]
-    ev = evaluator(opts["eval_command"], opts["eval_timeout"], output)
-    fn = functools.partial(_score_mix, ev, paths, {"key": opts["key"],
-                           "unsafe_pickle": opts["unsafe_pickle"]})  # fmt: skip
     executor = make_executor(opts["workers"], ray=opts["ray"], ray_address=opts["ray_address"])
-    results = executor.map(fn, todo)
+    with candidate_folder(output) as work:
+        ev = evaluator(opts["eval_command"], opts["eval_timeout"], work)
+        fn = functools.partial(_score_mix, ev, paths, {"key": opts["key"],
+                               "unsafe_pickle": opts["unsafe_pickle"]})  # fmt: skip
+        results = executor.map(fn, todo)
     for (name, _), s in zip(todo, results, strict=True):
         if isinstance(s, Score):
             v = values[[f"{recipe}_{what}={x:g}" for x in values].index(name)]
