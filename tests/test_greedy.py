@@ -244,3 +244,21 @@ def test_cli_max_shard_size_with_a_file_output_fails_before_any_evaluation(
     assert main(["greedy", *argv]) == 1
     assert "--max-shard-size writes a folder" in capsys.readouterr().err
     assert not calls.exists() and not out.exists()
+
+
+def test_cli_greedy_warns_about_different_initialisations_once(tmp_path: Path, capsys) -> None:
+    """Selection and the final write both check the initialisation: one warning, not two."""
+    from conftest import save_as
+
+    from modelsoups.cli import main
+
+    a = save_as(tiny_state_dict(0), tmp_path / "a", "safetensors")
+    b = save_as(tiny_state_dict(1, base_seed=4), tmp_path / "b", "safetensors")
+    script = tmp_path / "ev.py"
+    script.write_text("print(1.0)")  # every candidate ties: both are kept ('ge')
+    out = tmp_path / "soup.safetensors"
+    cmd = f"{sys.executable} {script} {{ckpt}}"
+    assert main(["greedy", str(a), str(b), "-o", str(out), "--eval", cmd, "-q"]) == 0
+    assert capsys.readouterr().err.count("different initialisations") == 1
+    report = json.loads((tmp_path / "soup.report.json").read_text())
+    assert sum("different initialisations" in w for w in report["warnings"]) == 1

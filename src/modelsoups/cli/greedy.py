@@ -90,7 +90,7 @@ def greedy(
     evaluated = time.perf_counter()
     chosen = [p for p, n in zip(paths, r.names, strict=True) if n in r.selected]
     write = {"key": key, "unsafe_pickle": unsafe_pickle, "overwrite": overwrite}
-    result = write_mean(chosen, output, None, recipe="greedy", dtype=dtype,
+    result = write_mean(chosen, output, None, r.warnings, recipe="greedy", dtype=dtype,
                         max_shard_size=max_shard_size, **write)  # fmt: skip
     best = max(r.ingredient_scores.values())
     say(f"greedy soup of {len(r.selected)}/{len(r.names)}: {dataset} {r.score:.6g} "

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -78,13 +79,23 @@ def write_report(path: Path, report: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
-def write_mean(paths: list[Path], out: Path, weights: list[float] | None, **opts: Any) -> Any:
-    """Stream the (weighted) mean of `paths` into `out` with a progress bar; print the result."""
+def write_mean(
+    paths: list[Path],
+    out: Path,
+    weights: list[float] | None,
+    shown: Sequence[str] = (),
+    **opts: Any,
+) -> Any:
+    """Stream the (weighted) mean of `paths` into `out` with a progress bar; print the result.
+
+    Warnings in `shown` (printed already, e.g. by the selection) are dropped, not repeated.
+    """
     from ..stream import average_checkpoints
 
     opts["dtype"] = parse_dtype(opts.pop("dtype"))
     opts["max_shard_size"] = parse_size(opts.pop("max_shard_size"))
     with progress_bar(f"{opts['recipe']} soup") as bar:
         result = average_checkpoints(paths, out, weights=weights, progress=bar, **opts)
+    result.warnings = [w for w in result.warnings if w not in shown]
     report_result(result)
     return result
