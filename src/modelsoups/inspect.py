@@ -13,7 +13,7 @@ from .similarity import similarity_report
 from .stream import open_all
 from .types import PathLike
 
-__all__ = ["CheckpointSummary", "InspectReport", "inspect_checkpoints"]
+__all__ = ["CheckpointSummary", "InspectReport", "human_bytes", "inspect_checkpoints"]
 
 
 @dataclass
@@ -97,6 +97,3 @@ def human_bytes(n: float) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1000
     return f"{n:.1f} GB"
-
-
-__all__ += ["human_bytes"]

@@ -37,8 +37,12 @@ def inspect(
         str | None, typer.Option(help="Pretrained checkpoint: also compare deltas from it.")
     ] = None,
 ) -> None:
-    """Show format, tensors, parameters, dtypes and size of each checkpoint, whether the set
-    can be souped (exit code 1 if not), and how similar the ingredients are."""
+    """Format, tensors, dtypes and size of each checkpoint; can the set be souped?
+
+    Exits 1 if the set is incompatible (keys, shapes or dtypes differ), and prints how
+    similar the ingredients are. Ingredients fine-tuned from different initialisations make useless soups: a low weight
+    cosine similarity says so before you spend time on them.
+    """
     from rich.console import Console
     from rich.table import Table
 
