@@ -40,8 +40,8 @@ def inspect(
     """Format, tensors, dtypes and size of each checkpoint; can the set be souped?
 
     Exits 1 if the set is incompatible (keys, shapes or dtypes differ), and prints how
-    similar the ingredients are. Ingredients fine-tuned from different initialisations make useless soups: a low weight
-    cosine similarity says so before you spend time on them.
+    similar the ingredients are: ingredients fine-tuned from different initialisations
+    make useless soups, and a low weight cosine similarity says so before you spend time.
     """
     from rich.console import Console
     from rich.table import Table
