@@ -9,7 +9,6 @@ temporary output into place. Memory holds one accumulated tensor at a time, what
 from __future__ import annotations
 
 import contextlib
-import itertools
 import json
 import os
 import time
@@ -100,10 +99,10 @@ def _stream_tensors(
     weights: Sequence[float],
     writer: ShardedWriter,
     acc_dtype: torch.dtype,
+    dtype: torch.dtype | None,
     allow_nonfinite: bool,
     progress: Progress | None,
     threads: int = 2,
-    dtypes: dict[str, torch.dtype] | None = None,
 ) -> None:
     """Average tensor after tensor on `threads` workers; write them in order as they finish.
 
@@ -112,25 +111,28 @@ def _stream_tensors(
     """
 
     def soup_of(name: str) -> torch.Tensor:
-        dtype = dtypes[name] if dtypes is not None else None
         return soup_tensor(name, ckpts, weights, accumulate=acc_dtype, dtype=dtype,
                            allow_nonfinite=allow_nonfinite)  # fmt: skip
 
     total, done = sum(c.nbytes for c in ckpts), 0
     pending: deque[tuple[str, Future[torch.Tensor]]] = deque()
-    names = iter(ckpts[0].infos)
+
+    def write_oldest() -> None:
+        nonlocal done
+        name, future = pending.popleft()
+        writer.write(name, future.result())  # the future is dropped here: memory freed
+        done += sum(c.infos[name].nbytes for c in ckpts)
+        if progress is not None:
+            progress(done, total)
+
     with _one_intra_op_thread(), ThreadPoolExecutor(threads) as pool:
         try:
-            for name in itertools.chain(names, [None] * threads):
-                if name is not None:
-                    pending.append((name, pool.submit(soup_of, name)))
-                if pending and (len(pending) >= threads or name is None):
-                    ready, future = pending.popleft()
-                    writer.write(ready, future.result())
-                    del future  # free this accumulator before the next one is submitted
-                    done += sum(c.infos[ready].nbytes for c in ckpts)
-                    if progress is not None:
-                        progress(done, total)
+            for name in ckpts[0].infos:
+                pending.append((name, pool.submit(soup_of, name)))
+                if len(pending) >= threads:
+                    write_oldest()
+            while pending:
+                write_oldest()
         except BaseException:
             pool.shutdown(wait=True, cancel_futures=True)
             raise
@@ -191,10 +193,7 @@ def average_checkpoints(
         with atomic_path(out, folder=folder, overwrite=overwrite) as tmp:
             writer = ShardedWriter(tmp, plan)
             try:
-                dtypes = {e.name: e.dtype for e in entries}
-                _stream_tensors(
-                    ckpts, w, writer, acc_dtype, allow_nonfinite, progress, dtypes=dtypes
-                )
+                _stream_tensors(ckpts, w, writer, acc_dtype, dtype, allow_nonfinite, progress)
                 writer.close()
             finally:
                 writer.abort()

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from ..errors import CheckpointError
-from .base import Checkpoint, TensorInfo
+from .base import Checkpoint, TensorInfo, strip_wrappers
 from .pickle_file import PickleFile
 from .safetensors_file import SafetensorsFile
 
@@ -95,7 +95,9 @@ class HFFolder(Checkpoint):
                     )
         for raw_key, shard_name in weight_map.items():
             shard = self._shards[shard_name]
-            found = next((n for n in (raw_key, _strip(raw_key)) if n in shard.infos), None)
+            found = next(
+                (n for n in (raw_key, strip_wrappers(raw_key)[0]) if n in shard.infos), None
+            )
             if found is None:
                 raise CheckpointError(
                     f"{self.path / shard_name}: tensor {raw_key!r} listed in {index.name} "
@@ -113,12 +115,6 @@ class HFFolder(Checkpoint):
     def close(self) -> None:
         for shard in self._shards.values():
             shard.close()
-
-
-def _strip(key: str) -> str:
-    from .base import strip_wrappers
-
-    return strip_wrappers(key)[0]
 
 
 # Files that carry weights; everything else in a model folder (config, tokenizer, ...) is
