@@ -34,7 +34,7 @@ from safetensors.torch import load_file, save_file
 
 from modelsoups.cli import main
 from modelsoups.cli.common import STATE
-from modelsoups.io.safetensors_file import DTYPES
+from modelsoups.dtypes import DTYPES
 
 Maker = Callable[..., list[Path]]
 
@@ -309,7 +309,7 @@ def overflow_in_output_dtype(c: Ctx) -> Setup:
     (a,) = c.make(1)
     b = _modify(c, lambda sd: sd["fc.weight"].__setitem__((0, 0), 3e5))
     argv = uniform(a, b, out=c.out, extra=("--dtype", "fp16"))
-    return Setup(argv, ["'fc.weight'", "overflows torch.float16"])
+    return Setup(argv, ["'fc.weight'", "overflows float16"])
 
 
 def inf_weight(c: Ctx) -> Setup:
@@ -795,7 +795,7 @@ def test_integer_buffers_first_passes(tmp_path: Path, make_ingredients: Maker) -
 @pytest.mark.parametrize("dtype_name", sorted(DTYPES))
 def test_every_safetensors_dtype_soups(dtype_name: str, tmp_path: Path) -> None:
     """Every dtype the reader accepts can be souped (float8 once crashed the sum)."""
-    dtype = DTYPES[dtype_name]
+    dtype = DTYPES[dtype_name].to_torch()
     paths = []
     for i in range(2):
         t = ((torch.arange(6) + i) % 3).to(torch.float32).reshape(2, 3)

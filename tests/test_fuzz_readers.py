@@ -29,9 +29,9 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from modelsoups.dtypes import DTYPES
 from modelsoups.errors import CheckpointError, SoupError
 from modelsoups.io import open_checkpoint
-from modelsoups.io.safetensors_file import DTYPES
 
 SECONDS = 2  # per example: generous for a file of a few hundred bytes
 FUZZ = settings(
@@ -74,7 +74,7 @@ def read_everything(path: Path) -> SoupError | None:
             for name in list(ckpt.infos):
                 t = ckpt.get(name)
                 assert tuple(t.shape) == ckpt.infos[name].shape
-                assert t.dtype == ckpt.infos[name].dtype
+                assert t.dtype == ckpt.infos[name].dtype.to_torch()
                 handed_out += t.numel() * t.element_size()
                 # What the soup does next: widen to float32 (must not blow up either).
                 t.to(torch.float32 if t.dtype.is_floating_point else t.dtype).sum()
@@ -260,7 +260,7 @@ def ingredient(draw: st.DrawFn, schema: dict[str, tuple[str, tuple[int, ...]]]) 
         if numel and special is not None:  # one extreme or non-finite value, at most
             elements[draw(st.integers(0, numel - 1))] = special
         data = torch.tensor(elements)
-        sd[key] = data.reshape(shape).to(DTYPES[dtype_name])
+        sd[key] = data.reshape(shape).to(DTYPES[dtype_name].to_torch())
     return sd
 
 

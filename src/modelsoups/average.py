@@ -1,8 +1,12 @@
-"""The weighted mean at the heart of every soup, on tensors and on in-memory state dicts.
+"""The weighted mean at the heart of every soup, on arrays and on in-memory state dicts.
 
-`weighted_sum` is the kernel shared by the streaming file path (`soup.py`) and the in-memory
-API below: it accumulates in float32 (or float64) whatever the input dtype, so bf16/fp16
-ingredients lose nothing in the sum, and integer buffers never reach it (they are copied).
+`weighted_sum_arrays` is the one kernel, shared by the streaming file path (`stream.py`)
+and the in-memory torch API below (`weighted_sum`, `weighted_state_dict`, which view their
+tensors as numpy arrays and their results as tensors, without copies). It is numpy, so
+that a soup of safetensors files never imports torch: it accumulates in float32 (or
+float64) whatever the input dtype, so bf16/fp16 ingredients lose nothing in the sum, and
+integer buffers never reach it (they are copied). bf16 is widened and rounded here, on its
+bits: exactly what torch does (round to nearest, ties to even). float8 goes through torch.
 """
 
 from __future__ import annotations
@@ -11,13 +15,16 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import torch
+import numpy as np
 
 from .check import check_compatible, check_non_float, resolve_weights
+from .dtypes import BF16, F32, F64, DType, as_dtype, to_numpy, to_torch
 from .errors import NonFiniteError, SoupError
 from .io.base import Checkpoint, TensorInfo
+from .io.pickle_file import tensor_dtype
 
 if TYPE_CHECKING:
+    import torch
     from torch import nn
 
     from .types import StateDict
@@ -26,68 +33,189 @@ __all__ = [
     "accumulate_dtype",
     "check_finite",
     "load_soup",
+    "output_dtype",
     "soup_tensor",
     "uniform_state_dict",
     "weighted_state_dict",
     "weighted_sum",
+    "weighted_sum_arrays",
 ]
 
 
-def accumulate_dtype(name: str | torch.dtype) -> torch.dtype:
-    """`"float32"` (default everywhere) or `"float64"` as a torch dtype."""
-    table = {"float32": torch.float32, "float64": torch.float64}
-    if isinstance(name, torch.dtype) and name in table.values():
-        return name
-    if name not in table:
+def accumulate_dtype(name: str | DType | torch.dtype) -> DType:
+    """`"float32"` (default everywhere) or `"float64"` (or those torch dtypes) as a `DType`."""
+    try:
+        dtype = as_dtype(name)
+    except ValueError:
+        dtype = None
+    if dtype not in (F32, F64):
         raise SoupError(f"accumulate must be 'float32' or 'float64', got {name!r}")
-    return table[str(name)]
+    assert dtype is not None
+    return dtype
 
 
-# Tensors are summed in slices of this many elements: each slice of the accumulator stays in
+def output_dtype(dtype: str | DType | torch.dtype | None) -> DType | None:
+    """The output dtype of floating tensors (`None`: each input's own) as a `DType`."""
+    if dtype is None:
+        return None
+    try:
+        found = as_dtype(dtype)
+    except ValueError:
+        found = None
+    if found is None or not found.is_float:
+        raise SoupError(f"unknown output dtype {dtype!r}; use one of fp32, fp16, bf16, fp64")
+    return found
+
+
+# Arrays are summed in slices of this many elements: each slice of the accumulator stays in
 # cache while the N inputs are added to it, and a bf16/fp16 input is widened one slice at a
-# time instead of into a full-size float32 temporary (which torch's type promotion makes).
+# time instead of into a full-size float32 temporary.
 CHUNK = 1 << 18
+
+
+class _Scratch:
+    """The per-call buffers of one slice: `tmp` (accumulator dtype), `wide` (float32, a
+    widened bf16/float8 slice) and `bits` (uint32, bf16 rounding)."""
+
+    def __init__(self, n: int, accumulate: DType) -> None:
+        self.tmp = np.empty(n, accumulate.numpy)
+        self.wide = np.empty(n, np.float32)
+        self.bits = np.empty(n, np.uint32)
+
+
+def weighted_sum_arrays(
+    arrays: Sequence[np.ndarray],
+    dtypes: Sequence[DType],
+    weights: Sequence[float],
+    *,
+    accumulate: DType = F32,
+    out_dtype: DType | None = None,
+) -> tuple[np.ndarray, bool]:
+    """Return Σ wᵢ·aᵢ, accumulated in `accumulate`, as a new array of `out_dtype`, and
+    whether it is all finite.
+
+    Arrays hold `dtypes[i]` in its storage type (`DType.storage`: bf16 as uint16 bits);
+    the result holds `out_dtype` (default `accumulate`) the same way. Inputs are read once
+    each and never modified. Extra memory beyond the result is a few slices of `CHUNK`.
+    """
+    out_dtype = out_dtype or accumulate
+    out = np.empty(arrays[0].shape, dtype=out_dtype.numpy)
+    flat_out, flats = out.reshape(-1), [a.reshape(-1) for a in arrays]
+    numel = flat_out.size
+    s = _Scratch(min(CHUNK, numel), accumulate)
+    direct = out_dtype == accumulate
+    acc_buf = None if direct else np.empty(min(CHUNK, numel), accumulate.numpy)
+    uniform = all(w == weights[0] for w in weights)
+    acc_np, finite = accumulate.numpy, True
+    with np.errstate(all="ignore"):  # overflow gives inf, as in torch; checked below
+        for start in range(0, numel, CHUNK):
+            stop = min(start + CHUNK, numel)
+            m = stop - start
+            acc = flat_out[start:stop] if acc_buf is None else acc_buf[:m]
+            np.copyto(acc, _widen(flats[0][start:stop], dtypes[0], s), casting="unsafe")
+            if uniform:  # sum first, scale once
+                for a, d in zip(flats[1:], dtypes[1:], strict=True):
+                    np.add(acc, _widen(a[start:stop], d, s), out=acc, dtype=acc_np)
+                np.multiply(acc, weights[0], out=acc, dtype=acc_np)
+            else:
+                np.multiply(acc, weights[0], out=acc, dtype=acc_np)
+                for a, d, w in zip(flats[1:], dtypes[1:], weights[1:], strict=True):
+                    tmp = s.tmp[:m]
+                    np.multiply(_widen(a[start:stop], d, s), w, out=tmp, dtype=acc_np)
+                    np.add(acc, tmp, out=acc, dtype=acc_np)
+            if acc_buf is not None:
+                _narrow(acc, flat_out[start:stop], out_dtype, s)
+            finite = finite and _chunk_finite(flat_out[start:stop], out_dtype, s)
+    return out, finite
+
+
+def _widen(x: np.ndarray, dtype: DType, s: _Scratch) -> np.ndarray:
+    """A float view of slice `x`: itself if numpy computes in its dtype, else widened to
+    float32 in `s.wide` (bf16: its 16 bits are the top half of a float32's)."""
+    if dtype.native:
+        return x
+    wide = s.wide[: x.size]
+    if dtype == BF16:
+        np.left_shift(x, 16, out=wide.view(np.uint32), dtype=np.uint32)
+    else:  # float8: rare enough to go through torch
+        import torch
+
+        t = torch.from_numpy(x).view(dtype.to_torch())
+        np.copyto(wide, t.to(torch.float32).numpy())
+    return wide
+
+
+def _narrow(acc: np.ndarray, out: np.ndarray, dtype: DType, s: _Scratch) -> None:
+    """Round the accumulated slice `acc` into `out`, of `dtype`, as torch's `.to` does."""
+    if dtype.itemsize >= 4:
+        np.copyto(out, acc, casting="unsafe")  # round to nearest even; overflow gives inf
+        return
+    f32 = acc if acc.dtype == np.float32 else s.wide[: acc.size]
+    if f32 is not acc:  # float64 -> float32 first, as torch does for 16- and 8-bit floats
+        np.copyto(f32, acc, casting="unsafe")
+    if dtype.native:
+        np.copyto(out, f32, casting="unsafe")
+        return
+    if dtype == BF16:  # round to nearest, ties to even, on the bits (c10's BFloat16)
+        u, b = f32.view(np.uint32), s.bits[: acc.size]
+        np.right_shift(u, 16, out=b)
+        np.bitwise_and(b, 1, out=b)
+        np.add(b, 0x7FFF, out=b)
+        np.add(b, u, out=b)
+        np.right_shift(b, 16, out=b)
+        np.copyto(out, b, casting="unsafe")
+        nan = np.isnan(f32)
+        if nan.any():  # the rounding would carry a NaN's payload into the exponent
+            out[nan] = 0x7FC0
+    else:
+        import torch
+
+        t = torch.from_numpy(f32).to(dtype.to_torch())
+        np.copyto(out, t.view(torch.uint8).numpy())
+
+
+def _chunk_finite(x: np.ndarray, dtype: DType, s: _Scratch) -> bool:
+    """True if slice `x` (of `dtype`, at most `CHUNK` elements) holds no NaN or Inf."""
+    if not x.size:
+        return True
+    if dtype == BF16:  # exponent bits all ones
+        low = s.bits[: x.size]
+        np.bitwise_and(x, 0x7FFF, out=low, dtype=np.uint32)
+        return bool(low.max() < 0x7F80)
+    x = _widen(x, dtype, s)
+    with np.errstate(all="ignore"):  # the sum may overflow although every term is finite
+        total = np.add.reduce(x, dtype=np.float64 if x.dtype == np.float64 else np.float32)
+        return bool(np.isfinite(total)) or bool(np.isfinite(x).all())
+
+
+def all_finite(x: np.ndarray, dtype: DType) -> bool:
+    """True if array `x` (of `dtype`, in its storage type) holds no NaN or Inf."""
+    flat = x.reshape(-1)
+    s = _Scratch(min(CHUNK, flat.size), F32)
+    return all(_chunk_finite(flat[i : i + CHUNK], dtype, s) for i in range(0, flat.size, CHUNK))
 
 
 def weighted_sum(
     tensors: Sequence[torch.Tensor],
     weights: Sequence[float],
     *,
-    accumulate: torch.dtype = torch.float32,
+    accumulate: str | torch.dtype = "float32",
     out_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """Return Σ wᵢ·tᵢ, accumulated in `accumulate`, as a new tensor of `out_dtype`.
 
     `out_dtype` defaults to `accumulate`. Inputs are read once each and never modified.
-    Extra memory beyond the result is one slice of `CHUNK` elements, whatever the dtypes.
+    Extra memory beyond the result is a few slices of `CHUNK` elements, whatever the dtypes.
+
+    Example:
+        >>> weighted_sum([sd1["w"], sd2["w"]], [0.5, 0.5])  # doctest: +SKIP
     """
-    out = torch.empty(tensors[0].shape, dtype=out_dtype or accumulate)
-    flat_out, flats = out.view(-1), [t.reshape(-1) for t in tensors]
-    numel = flat_out.numel()
-    direct = out.dtype == accumulate
-    scratch = None if direct else torch.empty(min(CHUNK, numel), dtype=accumulate)
-    uniform = all(w == weights[0] for w in weights)
-    for start in range(0, numel, CHUNK):
-        stop = min(start + CHUNK, numel)
-        acc = flat_out[start:stop] if scratch is None else scratch[: stop - start]
-        acc.copy_(flats[0][start:stop])
-        if uniform:  # sum first, scale once
-            for t in flats[1:]:
-                acc.add_(_addable(t[start:stop], accumulate))
-            acc.mul_(weights[0])
-        else:
-            acc.mul_(weights[0])
-            for t, w in zip(flats[1:], weights[1:], strict=True):
-                acc.add_(_addable(t[start:stop], accumulate), alpha=w)
-        if scratch is not None:
-            flat_out[start:stop].copy_(acc)
-    return out
-
-
-def _addable(t: torch.Tensor, accumulate: torch.dtype) -> torch.Tensor:
-    """Inputs in another float dtype are widened first (a slice at a time): torch would make
-    the same temporary internally, and has no type promotion at all for float8."""
-    return t.to(accumulate) if t.is_floating_point() and t.dtype != accumulate else t
+    acc = accumulate_dtype(accumulate)
+    out = as_dtype(out_dtype) if out_dtype is not None else acc
+    dtypes = [as_dtype(t.dtype) for t in tensors]
+    result, _ = weighted_sum_arrays([to_numpy(t) for t in tensors], dtypes, weights,
+                                    accumulate=acc, out_dtype=out)  # fmt: skip
+    return to_torch(result, out)
 
 
 def soup_tensor(
@@ -95,53 +223,56 @@ def soup_tensor(
     ckpts: Sequence[Checkpoint],
     weights: Sequence[float],
     *,
-    accumulate: torch.dtype = torch.float32,
-    dtype: torch.dtype | None = None,
+    accumulate: DType = F32,
+    dtype: DType | None = None,
     allow_nonfinite: bool = False,
-) -> torch.Tensor:
+) -> np.ndarray:
     """One tensor of the soup: the weighted mean of `name` across `ckpts`, in `dtype`
-    (default: the first input's); integer tensors are copied from the first input."""
+    (default: the first input's), as an array in its storage type; integer tensors are
+    copied from the first input."""
     info = ckpts[0].infos[name]
     if not info.is_float:
-        return ckpts[0].get(name)
-    out_dtype = dtype or info.dtype
-    out = weighted_sum([c.get(name) for c in ckpts], weights, accumulate=accumulate,
-                       out_dtype=out_dtype)  # fmt: skip
-    if not allow_nonfinite:
-        check_finite(name, out, ckpts)
+        return ckpts[0].array(name)
+    out, finite = weighted_sum_arrays(
+        [c.array(name) for c in ckpts],
+        [c.infos[name].dtype for c in ckpts],
+        weights,
+        accumulate=accumulate,
+        out_dtype=dtype or info.dtype,
+    )
+    if not finite and not allow_nonfinite:
+        check_finite(name, dtype or info.dtype, ckpts)
     return out
 
 
-def _all_finite(t: torch.Tensor) -> bool:
-    t = _addable(t, torch.float32) if t.element_size() == 1 else t  # no isfinite for float8
-    return bool(torch.isfinite(t.sum())) or bool(torch.isfinite(t).all())
-
-
-def check_finite(name: str, out: torch.Tensor, ckpts: Sequence[Checkpoint]) -> None:
-    """Raise `NonFiniteError` if the soup tensor `out` holds a NaN or Inf, naming the input
-    that holds one, or else saying that the soup overflows its dtype."""
-    if _all_finite(out):
-        return
+def check_finite(name: str, dtype: DType, ckpts: Sequence[Checkpoint]) -> None:
+    """Raise `NonFiniteError` for a soup tensor `name` of `dtype` that holds a NaN or Inf,
+    naming the input that holds one, or else saying that the soup overflows its dtype."""
     for c in ckpts:
-        if not _all_finite(c.get(name)):
+        if not all_finite(c.array(name), c.infos[name].dtype):
             raise NonFiniteError(
                 f"{c.path}: tensor {name!r} contains NaN or Inf; fix the ingredient or pass "
                 "--allow-nonfinite"
             )
     raise NonFiniteError(
-        f"tensor {name!r}: the soup overflows {out.dtype} (weights too large, or values "
+        f"tensor {name!r}: the soup overflows {dtype} (weights too large, or values "
         "beyond the output dtype's range); write a wider --dtype or pass --allow-nonfinite"
     )
 
 
 class _Memory(Checkpoint):
+    """An in-memory state dict as a checkpoint (`array` views its tensors, no copies)."""
+
     def __init__(self, index: int, sd: StateDict) -> None:
+        import torch
+
         super().__init__(Path(f"<state dict {index}>"), "memory")
         self._sd = sd
         for k, t in sd.items():
             if not isinstance(t, torch.Tensor):
                 raise SoupError(f"{self.path}: {k!r} is a {type(t).__name__}, not a tensor")
-            self.infos[k] = TensorInfo(k, tuple(t.shape), t.dtype, self.path)
+            self.infos[k] = TensorInfo(k, tuple(t.shape), tensor_dtype(t, k, self.path),
+                                       self.path)  # fmt: skip
 
     def get(self, name: str) -> torch.Tensor:
         return self._sd[name]
@@ -158,7 +289,7 @@ def weighted_state_dict(
     normalize: bool = True,
     allow_negative: bool = False,
     accumulate: str | torch.dtype = "float32",
-    dtype: torch.dtype | None = None,
+    dtype: str | torch.dtype | None = None,
     non_float: str = "error",
     allow_nonfinite: bool = False,
 ) -> StateDict:
@@ -180,7 +311,7 @@ def weighted_state_dict(
     w = resolve_weights(weights, len(ckpts), normalize=normalize, allow_negative=allow_negative)
     check_compatible(ckpts)
     check_non_float(ckpts, non_float=non_float)
-    acc_dtype = accumulate_dtype(accumulate)
+    acc_dtype, out_dtype = accumulate_dtype(accumulate), output_dtype(dtype)
     out: StateDict = {}
     seen: dict[tuple[object, ...], str] = {}
     for name, info in ckpts[0].infos.items():
@@ -198,8 +329,9 @@ def weighted_state_dict(
         if not info.is_float:
             out[name] = first.clone()
             continue
-        out[name] = soup_tensor(name, ckpts, w, accumulate=acc_dtype, dtype=dtype,
-                                allow_nonfinite=allow_nonfinite)  # fmt: skip
+        soup = soup_tensor(name, ckpts, w, accumulate=acc_dtype, dtype=out_dtype,
+                           allow_nonfinite=allow_nonfinite)  # fmt: skip
+        out[name] = to_torch(soup, out_dtype or info.dtype)
     return out
 
 
@@ -207,7 +339,7 @@ def uniform_state_dict(
     state_dicts: Sequence[StateDict | nn.Module],
     *,
     accumulate: str | torch.dtype = "float32",
-    dtype: torch.dtype | None = None,
+    dtype: str | torch.dtype | None = None,
     non_float: str = "error",
     allow_nonfinite: bool = False,
 ) -> StateDict:

@@ -15,8 +15,10 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 
+from .dtypes import to_numpy
 from .errors import IncompatibleError
 from .io import HFFolder
 from .io.base import Checkpoint, TensorInfo
@@ -66,6 +68,10 @@ class LazyCheckpoint(Checkpoint):
     def get(self, name: str) -> torch.Tensor:
         return self._compute(name)
 
+    def array(self, name: str) -> np.ndarray:
+        """Tensor `name` in its declared dtype (`get` may return it wider), as numpy."""
+        return to_numpy(self.get(name).to(self.infos[name].dtype.to_torch()))
+
 
 def model_files_source(ckpts: Sequence[Checkpoint]) -> Path | None:
     """The first input that is an HF folder: its config/tokenizer files go with the soup."""
@@ -74,7 +80,7 @@ def model_files_source(ckpts: Sequence[Checkpoint]) -> Path | None:
 
 def materialize(candidate: Checkpoint) -> StateDict:
     """Every tensor of `candidate` in its declared dtype, as a plain state dict."""
-    return {k: candidate.get(k).to(i.dtype) for k, i in candidate.infos.items()}
+    return {k: candidate.get(k).to(i.dtype.to_torch()) for k, i in candidate.infos.items()}
 
 
 def write_candidate(
@@ -101,7 +107,7 @@ def write_candidate(
         writer = ShardedWriter(tmp, plan)
         try:
             for name in candidate.infos:
-                writer.write(name, candidate.get(name))
+                writer.write(name, candidate.array(name))
             writer.close()
         finally:
             writer.abort()

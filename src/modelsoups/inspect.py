@@ -70,7 +70,7 @@ def inspect_checkpoints(
                 format=c.format,
                 tensors=len(c.infos),
                 parameters=sum(i.numel for i in c.infos.values() if i.is_float),
-                dtypes=dict(Counter(str(i.dtype).removeprefix("torch.") for i in c.infos.values())),
+                dtypes=dict(Counter(str(i.dtype) for i in c.infos.values())),
                 size_on_disk=_disk_size(c.path),
                 notes=list(c.notes),
                 metadata=dict(c.metadata),

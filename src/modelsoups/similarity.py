@@ -18,8 +18,9 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-import torch
+import numpy as np
 
+from .dtypes import DType
 from .io.base import Checkpoint
 
 __all__ = [
@@ -38,7 +39,7 @@ SAME_INIT_THRESHOLD = 0.5
 
 def sample_vector(
     ckpt: Checkpoint, *, per_tensor: int = 128, names: Sequence[str] | None = None
-) -> torch.Tensor:
+) -> np.ndarray:
     """A float64 vector of `per_tensor` contiguous elements from the middle of each floating
     tensor (all of it when smaller), in the order of `names` (default: the file's order)."""
     parts = []
@@ -46,21 +47,32 @@ def sample_vector(
         info = ckpt.infos[name]
         if not info.is_float or info.numel == 0:
             continue
-        flat = ckpt.get(name).reshape(-1)
+        flat = ckpt.array(name).reshape(-1)
         start = max(0, info.numel // 2 - per_tensor // 2)
-        parts.append(flat[start : start + per_tensor].to(torch.float64))
-    return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.float64)
+        block = flat[start : start + per_tensor]
+        parts.append(block if info.dtype.native else _widened(block, info.dtype))
+    if not parts:
+        return np.zeros(0, dtype=np.float64)
+    return np.concatenate([p.astype(np.float64) for p in parts])
 
 
-def cosine_matrix(vectors: Sequence[torch.Tensor]) -> list[list[float]]:
+def _widened(block: np.ndarray, dtype: DType) -> np.ndarray:
+    """A bf16/float8 block as float32 (the soup kernel's widening, weight 1: exact)."""
+    from .average import weighted_sum_arrays
+
+    return weighted_sum_arrays([block], [dtype], [1.0])[0]
+
+
+def cosine_matrix(vectors: Sequence[np.ndarray]) -> list[list[float]]:
     """Pairwise cosine similarities of `vectors`; NaN where it is undefined: a vector that is
     all zeros (e.g. zero-initialised tensors, or a delta of 0) or holds NaN/Inf."""
-    m = torch.stack(list(vectors))
-    norms = m.norm(dim=1)
-    ok = torch.isfinite(norms) & (norms > 0)
-    unit = m / torch.where(ok, norms, 1.0)[:, None]  # scaled first: no under/overflow
-    cos = (unit @ unit.T).clamp(-1.0, 1.0)
-    cos[~(ok[:, None] & ok[None, :])] = float("nan")
+    m = np.stack([np.asarray(v, dtype=np.float64) for v in vectors])
+    with np.errstate(all="ignore"):
+        norms = np.linalg.norm(m, axis=1)
+        ok = np.isfinite(norms) & (norms > 0)
+        unit = m / np.where(ok, norms, 1.0)[:, None]  # scaled first: no under/overflow
+        cos = np.clip(unit @ unit.T, -1.0, 1.0)
+    cos[~(ok[:, None] & ok[None, :])] = np.nan
     return [[round(float(x), 6) for x in row] for row in cos]
 
 

@@ -8,18 +8,18 @@ temporary output into place. Memory holds one accumulated tensor at a time, what
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import time
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
+import numpy as np
 
-from .average import accumulate_dtype, soup_tensor
+from .average import accumulate_dtype, output_dtype, soup_tensor
 from .check import check_compatible, check_non_float, resolve_weights
 from .errors import OutputError, SoupError
 from .ingredients import open_sources
@@ -29,6 +29,11 @@ from .io.folder import copy_model_files
 from .io.writer import Entry, OutputPlan, ShardedWriter, atomic_path
 from .similarity import init_warning
 from .types import PathLike, Progress, SoupResult
+
+if TYPE_CHECKING:
+    import torch
+
+    from .dtypes import DType
 
 __all__ = ["average_checkpoints", "check_output", "check_sharding", "open_all", "provenance"]
 
@@ -78,28 +83,12 @@ def provenance(
     return meta
 
 
-@contextlib.contextmanager
-def _one_intra_op_thread() -> Iterator[None]:
-    """Run torch ops single-threaded for the duration (restored afterwards).
-
-    Element-wise adds are memory-bound: one core nearly saturates memory bandwidth, and
-    torch's OpenMP barriers spin for milliseconds when the machine is busy (measured 5-10×
-    slower at load 8 on 2 cores). Parallelism comes from whole tensors on our own threads.
-    """
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
 def _stream_tensors(
     ckpts: Sequence[Checkpoint],
     weights: Sequence[float],
     writer: ShardedWriter,
-    acc_dtype: torch.dtype,
-    dtype: torch.dtype | None,
+    acc_dtype: DType,
+    dtype: DType | None,
     allow_nonfinite: bool,
     progress: Progress | None,
     threads: int = 2,
@@ -110,12 +99,12 @@ def _stream_tensors(
     of the largest tensor whatever the number of inputs.
     """
 
-    def soup_of(name: str) -> torch.Tensor:
+    def soup_of(name: str) -> np.ndarray:
         return soup_tensor(name, ckpts, weights, accumulate=acc_dtype, dtype=dtype,
                            allow_nonfinite=allow_nonfinite)  # fmt: skip
 
     total, done = sum(c.nbytes for c in ckpts), 0
-    pending: deque[tuple[str, Future[torch.Tensor]]] = deque()
+    pending: deque[tuple[str, Future[np.ndarray]]] = deque()
 
     def write_oldest() -> None:
         nonlocal done
@@ -125,7 +114,8 @@ def _stream_tensors(
         if progress is not None:
             progress(done, total)
 
-    with _one_intra_op_thread(), ThreadPoolExecutor(threads) as pool:
+    # numpy releases the GIL in its loops: the workers use both cores.
+    with ThreadPoolExecutor(threads) as pool:
         try:
             for name in ckpts[0].infos:
                 pending.append((name, pool.submit(soup_of, name)))
@@ -146,7 +136,7 @@ def average_checkpoints(
     normalize: bool = True,
     allow_negative: bool = False,
     accumulate: str = "float32",
-    dtype: torch.dtype | None = None,
+    dtype: str | torch.dtype | None = None,
     non_float: str = "error",
     allow_nonfinite: bool = False,
     max_shard_size: int | None = None,
@@ -164,7 +154,8 @@ def average_checkpoints(
             when `max_shard_size` bytes is given), with config/tokenizer files copied from
             the first input that is a folder.
         weights: one per input (`None`: uniform); normalised to sum 1 unless told not to.
-        dtype: output dtype of floating tensors (default: the first input's).
+        dtype: output dtype of floating tensors (default: the first input's): a torch
+            dtype or a name (`"bf16"`, `"float32"`, `"F16"`).
 
     Returns:
         A `SoupResult`; the output header also carries the recipe, inputs and weights.
@@ -182,10 +173,10 @@ def average_checkpoints(
         check_compatible(ckpts)
         check_non_float(ckpts, non_float=non_float)
         different_inits = init_warning(ckpts)  # a fixed sample per tensor, not a pass
-        acc_dtype = accumulate_dtype(accumulate)
+        acc_dtype, out_dtype = accumulate_dtype(accumulate), output_dtype(dtype)
         infos = ckpts[0].infos
         entries = [
-            Entry(n, dtype if (dtype is not None and i.is_float) else i.dtype, i.shape)
+            Entry(n, out_dtype if (out_dtype is not None and i.is_float) else i.dtype, i.shape)
             for n, i in infos.items()
         ]
         meta = provenance(recipe, ckpts, w, accumulate=accumulate)
@@ -193,7 +184,7 @@ def average_checkpoints(
         with atomic_path(out, folder=folder, overwrite=overwrite) as tmp:
             writer = ShardedWriter(tmp, plan)
             try:
-                _stream_tensors(ckpts, w, writer, acc_dtype, dtype, allow_nonfinite, progress)
+                _stream_tensors(ckpts, w, writer, acc_dtype, out_dtype, allow_nonfinite, progress)
                 writer.close()
             finally:
                 writer.abort()

@@ -17,8 +17,7 @@ import typer
 from ..errors import SoupError
 
 if TYPE_CHECKING:
-    import torch
-
+    from ..dtypes import DType
     from ..types import Progress
 
 STATE: dict[str, bool] = {"quiet": False, "debug": False}
@@ -50,23 +49,19 @@ MaxShardSize = Annotated[
 Overwrite = Annotated[bool, typer.Option("--overwrite", help="Replace an existing output.")]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or summaries.")]
 
-_DTYPES = {
-    "fp32": "float32", "float32": "float32", "float": "float32",
-    "fp16": "float16", "float16": "float16", "half": "float16",
-    "bf16": "bfloat16", "bfloat16": "bfloat16",
-    "fp64": "float64", "float64": "float64", "double": "float64",
-}  # fmt: skip
 
-
-def parse_dtype(name: str | None) -> torch.dtype | None:
-    """'bf16' -> torch.bfloat16; None stays None (keep the inputs' dtype)."""
+def parse_dtype(name: str | None) -> DType | None:
+    """'bf16' -> the BF16 `DType`; None stays None (keep the inputs' dtype)."""
     if name is None:
         return None
-    import torch
+    from ..dtypes import as_dtype
 
-    if name.lower() not in _DTYPES:
+    try:
+        dtype = as_dtype(name)
+    except ValueError:
+        dtype = None
+    if dtype is None or not dtype.is_float or dtype.name.startswith("F8"):
         raise SoupError(f"unknown dtype {name!r}; use one of fp32, fp16, bf16, fp64")
-    dtype: torch.dtype = getattr(torch, _DTYPES[name.lower()])
     return dtype
 
 

@@ -6,9 +6,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from ..dtypes import DType, to_numpy, to_torch
 from ..errors import CheckpointError
 
 if TYPE_CHECKING:
+    import numpy as np
     import torch
 
 __all__ = ["Checkpoint", "TensorInfo", "normalise_keys", "strip_wrappers"]
@@ -24,7 +26,7 @@ class TensorInfo:
 
     name: str
     shape: tuple[int, ...]
-    dtype: torch.dtype
+    dtype: DType
     file: Path
 
     @property
@@ -40,7 +42,7 @@ class TensorInfo:
 
     @property
     def is_float(self) -> bool:
-        return self.dtype.is_floating_point
+        return self.dtype.is_float
 
 
 def strip_wrappers(key: str) -> tuple[str, dict[str, int]]:
@@ -84,7 +86,9 @@ class Checkpoint:
     """A lazily read checkpoint: names, shapes and dtypes first, tensors one at a time.
 
     Subclasses fill `infos` (normalised name -> TensorInfo, in file order) and implement
-    `get`. `get` returns a tensor that may be a view of a memory map: treat it as read-only.
+    `array` (numpy, what the file path computes with, without importing torch) or `get`
+    (torch, for the Python API); each defaults to a zero-copy conversion of the other. Both
+    may return a view of a memory map or of an input tensor: treat them as read-only.
     """
 
     path: Path
@@ -97,7 +101,17 @@ class Checkpoint:
         return list(self.infos)
 
     def get(self, name: str) -> torch.Tensor:
-        raise NotImplementedError
+        """Tensor `name` as a torch tensor of its dtype."""
+        if type(self).array is Checkpoint.array:
+            raise NotImplementedError(f"{type(self).__name__} implements neither get nor array")
+        return to_torch(self.array(name), self.infos[name].dtype)
+
+    def array(self, name: str) -> np.ndarray:
+        """Tensor `name` as a numpy array in its dtype's storage type (`DType.storage`:
+        bf16 and float8 as their bits)."""
+        if type(self).get is Checkpoint.get:
+            raise NotImplementedError(f"{type(self).__name__} implements neither get nor array")
+        return to_numpy(self.get(name))
 
     def close(self) -> None:
         """Release file handles and memory maps."""

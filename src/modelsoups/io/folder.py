@@ -11,13 +11,16 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from ..errors import CheckpointError
 from .base import Checkpoint, TensorInfo, strip_wrappers
 from .pickle_file import PickleFile
 from .safetensors_file import SafetensorsFile
+
+if TYPE_CHECKING:
+    import numpy as np
+    import torch
 
 __all__ = ["WEIGHT_FILES", "HFFolder"]
 
@@ -111,6 +114,9 @@ class HFFolder(Checkpoint):
 
     def get(self, name: str) -> torch.Tensor:
         return self._where[name].get(name)
+
+    def array(self, name: str) -> np.ndarray:
+        return self._where[name].array(name)
 
     def close(self) -> None:
         for shard in self._shards.values():

@@ -12,18 +12,22 @@ import os
 import pickle
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-
+from ..dtypes import DType, as_dtype
 from ..errors import CheckpointError, UnsafePickleError
 from .base import Checkpoint, TensorInfo, normalise_keys
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = ["PickleFile", "load_pickle"]
 
 
 def load_pickle(path: Path, *, unsafe_pickle: bool = False) -> Any:
     """`torch.load` on CPU with mmap where the format allows it; errors name the file."""
+    import torch  # here, not at the top: reading safetensors never imports torch
+
     if not path.is_file():
         raise CheckpointError(f"{path}: no such file")
     if path.stat().st_size == 0:
@@ -60,6 +64,8 @@ def _first_line(e: BaseException) -> str:
 
 
 def _is_state_dict(obj: Any) -> bool:
+    import torch
+
     return (
         isinstance(obj, Mapping)
         and len(obj) > 0
@@ -69,6 +75,8 @@ def _is_state_dict(obj: Any) -> bool:
 
 def select_state_dict(obj: Any, path: Path, key: str | None) -> tuple[Mapping[str, Any], str]:
     """Find the weights inside a loaded pickle; returns them and a note on where they were."""
+    import torch
+
     if not isinstance(obj, Mapping):
         raise CheckpointError(
             f"{path}: contains a {type(obj).__name__}, not a dict of tensors (state dict)"
@@ -100,6 +108,16 @@ def select_state_dict(obj: Any, path: Path, key: str | None) -> tuple[Mapping[st
     )
 
 
+def tensor_dtype(t: torch.Tensor, name: str, path: Path) -> DType:
+    """The `DType` of a tensor; a dtype safetensors cannot hold (complex...) is an error."""
+    try:
+        return as_dtype(t.dtype)
+    except ValueError:
+        raise CheckpointError(
+            f"{path}: tensor {name!r} is {t.dtype}, which modelsoups cannot soup"
+        ) from None
+
+
 class PickleFile(Checkpoint):
     """A `torch.save`d state dict (possibly nested in a training checkpoint)."""
 
@@ -111,6 +129,8 @@ class PickleFile(Checkpoint):
         unsafe_pickle: bool = False,
         obj: Any = None,
     ) -> None:
+        import torch
+
         super().__init__(Path(path), "pytorch pickle")
         loaded = load_pickle(self.path, unsafe_pickle=unsafe_pickle) if obj is None else obj
         sd, note = select_state_dict(loaded, self.path, key)
@@ -134,7 +154,8 @@ class PickleFile(Checkpoint):
             self.notes.insert(0, note)
         self._tensors = {name: sd[raw] for name, raw in names.items()}
         for name, t in self._tensors.items():
-            self.infos[name] = TensorInfo(name, tuple(t.shape), t.dtype, self.path)
+            self.infos[name] = TensorInfo(name, tuple(t.shape), tensor_dtype(t, name, self.path),
+                                          self.path)  # fmt: skip
 
     def get(self, name: str) -> torch.Tensor:
         return self._tensors[name]

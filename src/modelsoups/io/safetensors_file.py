@@ -17,31 +17,14 @@ import struct
 from pathlib import Path
 from typing import Any
 
-import torch
+import numpy as np
 
+from ..dtypes import DTYPES
 from ..errors import CheckpointError
 from .base import Checkpoint, TensorInfo, normalise_keys
 
-__all__ = ["DTYPES", "DTYPE_NAMES", "SafetensorsFile"]
+__all__ = ["DTYPES", "SafetensorsFile"]
 
-DTYPES: dict[str, torch.dtype] = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "F8_E4M3": torch.float8_e4m3fn,
-    "F8_E5M2": torch.float8_e5m2,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U64": torch.uint64,
-    "U32": torch.uint32,
-    "U16": torch.uint16,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
-}
-DTYPE_NAMES: dict[torch.dtype, str] = {v: k for k, v in DTYPES.items()}
 MAX_HEADER = 100 * 1024 * 1024  # the reference implementation's own limit
 
 
@@ -75,9 +58,10 @@ def _tensor_info(path: Path, name: str, entry: Any, data_size: int) -> tuple[Ten
     shape, offsets = entry.get("shape"), entry.get("data_offsets")
     if (
         not isinstance(shape, list)
-        or len(shape) > 64  # torch's own limit on dimensions
+        or len(shape) > 64  # torch's and numpy's limit on dimensions
         or not all(type(d) is int and d >= 0 for d in shape)  # bool is an int: refuse it
-        or math.prod(max(d, 1) for d in shape) >= 2**63  # torch's strides must fit int64
+        # strides must fit int64 (numpy counts them in bytes), even for an empty tensor
+        or math.prod(max(d, 1) for d in shape) * dtype.itemsize >= 2**63
     ):
         raise CheckpointError(f"{path}: tensor {name!r}: invalid shape {shape!r}")
     if (
@@ -103,7 +87,7 @@ def _tensor_info(path: Path, name: str, entry: Any, data_size: int) -> tuple[Ten
 
 
 class SafetensorsFile(Checkpoint):
-    """One `.safetensors` file, memory-mapped; `get` returns zero-copy views."""
+    """One `.safetensors` file, memory-mapped; `array` (and `get`) return zero-copy views."""
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         super().__init__(Path(path), "safetensors")
@@ -118,8 +102,8 @@ class SafetensorsFile(Checkpoint):
                 n_claimed = int.from_bytes(head, "little")
                 head += os.pread(fd, min(n_claimed, size - 8, MAX_HEADER), 8)
             n, header = _parse_header(self.path, size, head)
-            # ACCESS_COPY: a private mapping gives torch a writable buffer without any
-            # possibility of writing back to the file.
+            # ACCESS_COPY: a private mapping gives writable arrays (torch.from_numpy wants
+            # them) without any possibility of writing back to the file.
             self._mm = mmap.mmap(fd, 0, access=mmap.ACCESS_COPY)
         finally:
             os.close(fd)
@@ -145,14 +129,14 @@ class SafetensorsFile(Checkpoint):
             self.infos[name] = TensorInfo(name, info.shape, info.dtype, self.path)
             self._offsets[name] = self._data_start + begin
 
-    def get(self, name: str) -> torch.Tensor:
+    def array(self, name: str) -> np.ndarray:
         info, start = self.infos[name], self._offsets[name]
+        storage = info.dtype.numpy
         if info.numel == 0:
-            return torch.empty(info.shape, dtype=info.dtype)
-        if start % info.dtype.itemsize:  # unaligned: torch needs aligned storage
-            buf = bytearray(self._mm[start : start + info.nbytes])
-            return torch.frombuffer(buf, dtype=info.dtype).reshape(info.shape)
-        flat = torch.frombuffer(self._mm, dtype=info.dtype, count=info.numel, offset=start)
+            return np.empty(info.shape, dtype=storage)
+        flat = np.frombuffer(self._mm, dtype=storage, count=info.numel, offset=start)
+        if start % info.dtype.itemsize:  # unaligned: an aligned copy (torch needs one)
+            flat = flat.copy()
         return flat.reshape(info.shape)
 
     def raw_name(self, name: str) -> str:

@@ -23,10 +23,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
-import torch
+import numpy as np
 
+from ..dtypes import DType
 from ..errors import OutputError
-from .safetensors_file import DTYPE_NAMES
 
 __all__ = [
     "OutputPlan",
@@ -42,7 +42,7 @@ PARTIAL = ".soup-partial-"
 @dataclass(frozen=True)
 class Entry:
     name: str
-    dtype: torch.dtype
+    dtype: DType
     shape: tuple[int, ...]
 
     @property
@@ -61,7 +61,7 @@ class _FileWriter:
         offset = 0
         for e in entries:
             header[e.name] = {
-                "dtype": DTYPE_NAMES[e.dtype],
+                "dtype": e.dtype.name,
                 "shape": list(e.shape),
                 "data_offsets": [offset, offset + e.nbytes],
             }
@@ -72,13 +72,15 @@ class _FileWriter:
         f.write(raw)
         self._f, self._pending = f, list(reversed(entries))
 
-    def write(self, name: str, tensor: torch.Tensor) -> None:
+    def write(self, name: str, array: np.ndarray) -> None:
+        """Append `name`'s data: an array in the entry dtype's storage type (`DType.storage`)."""
         expected = self._pending.pop()
-        if expected.name != name or tuple(tensor.shape) != expected.shape:
-            raise RuntimeError(f"writer expected {expected}, got {name} {tuple(tensor.shape)}")
-        tensor = tensor.to(expected.dtype).contiguous()
-        if tensor.numel():
-            self._f.write(tensor.reshape(-1).view(torch.uint8).numpy().data)
+        if expected.name != name or array.shape != expected.shape:
+            raise RuntimeError(f"writer expected {expected}, got {name} {array.shape}")
+        if array.dtype != expected.dtype.numpy:
+            raise RuntimeError(f"writer expected {expected}, got {name} as {array.dtype}")
+        if array.size:
+            self._f.write(np.ascontiguousarray(array).data)
 
     def close(self) -> None:
         if self._pending:
@@ -141,11 +143,11 @@ class ShardedWriter:
             }
             (target / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
 
-    def write(self, name: str, tensor: torch.Tensor) -> None:
+    def write(self, name: str, array: np.ndarray) -> None:
         if self._writer is None:
             self._file = open(self._paths[self._index], "wb")  # noqa: SIM115
             self._writer = _FileWriter(self._file, self._shards[self._index], self._metadata)
-        self._writer.write(name, tensor)
+        self._writer.write(name, array)
         self._remaining[self._index] -= 1
         if self._remaining[self._index] == 0:
             self._finish_file()

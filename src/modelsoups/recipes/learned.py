@@ -147,7 +147,7 @@ def learned_soup(
         losses.append(total / count)
     with torch.no_grad():
         final = mix()
-        sd = {k: final[canon[k]].to(i.dtype) for k, i in infos.items()}
+        sd = {k: final[canon[k]].to(i.dtype.to_torch()) for k, i in infos.items()}
         w = torch.softmax(a, dim=0)
     if bn_loader is not None:
         from .bn import recalibrate_bn
