@@ -142,3 +142,23 @@ def test_soup_folder_loads_with_from_pretrained(quick: tuple[Path, dict[str, Any
     torch.testing.assert_close(
         model.encoder.layer[5].output.dense.weight.detach(), learned["layers.1.output.dense.weight"]
     )
+
+
+SIZES = {"pool": 3000, "held_out": 1000, "test": 2500}
+
+
+def test_time_budget_keeps_every_ingredient_when_it_fits() -> None:
+    from modelsoups.demo.run import ingredients_that_fit
+
+    assert ingredients_that_fit(8, 2, 0.003, SIZES, 2, seconds=1e6) == 8
+
+
+def test_time_budget_trims_ingredients_with_the_time_but_never_below_four() -> None:
+    from modelsoups.demo.run import ingredients_that_fit
+
+    fits = [ingredients_that_fit(8, 2, 0.003, SIZES, 2, seconds=s) for s in range(0, 400, 5)]
+    assert fits[0] == 4  # the floor, even when nothing fits
+    assert fits == sorted(fits)  # more time never trains fewer
+    assert 6 in fits and fits[-1] == 8
+    # one worker needs a round per ingredient: the same time fits fewer
+    assert ingredients_that_fit(8, 1, 0.003, SIZES, 2, seconds=300) < fits[60]

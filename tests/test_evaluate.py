@@ -193,6 +193,23 @@ def test_local_executor_keeps_order_inline_and_in_processes() -> None:
         LocalExecutor(0)
 
 
+def test_local_executor_in_a_with_block_reuses_its_worker_processes() -> None:
+    import os
+
+    with LocalExecutor(2) as ex:
+        first = ex.map(_pid, [1, 2, 3, 4])
+        second = ex.map(_pid, [1, 2, 3, 4])
+    assert len(set(first) | set(second)) <= 2  # fresh pools would start new processes
+    assert os.getpid() not in first
+    assert set(LocalExecutor(2).map(_pid, [1, 2])).isdisjoint(first)  # pool shut down
+
+
+def _pid(_: int) -> int:
+    import os
+
+    return os.getpid()
+
+
 @pytest.mark.slow  # two spawned workers each import torch
 def test_ingredients_scored_in_worker_processes_match_inline(tmp_path: Path) -> None:
     from modelsoups import greedy_soup

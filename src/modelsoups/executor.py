@@ -48,15 +48,16 @@ class LocalExecutor:
         if workers < 1:
             raise SoupError(f"workers must be at least 1, got {workers}")
         self.workers = workers
+        self._pool: ProcessPoolExecutor | None = None
 
     def map(self, fn: Callable[[T], R], items: Sequence[T]) -> list[R]:
         items = list(items)
         if self.workers == 1 or len(items) <= 1:
             return [fn(x) for x in items]
-        context = multiprocessing.get_context("spawn")
-        workers = min(self.workers, len(items))
         try:
-            with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
+            if self._pool is not None:
+                return list(self._pool.map(fn, items))
+            with _pool(min(self.workers, len(items))) as pool:
                 return list(pool.map(fn, items))
         except (pickle.PicklingError, AttributeError, TypeError) as e:
             if "pickle" not in str(e):
@@ -66,8 +67,24 @@ class LocalExecutor:
                 "module-level functions (not lambdas or closures), or workers=1"
             ) from e
 
+    def __enter__(self) -> LocalExecutor:
+        """Keep one pool of worker processes for every `map` until the block ends, instead
+        of starting (and importing torch in) fresh processes for each call."""
+        if self.workers > 1 and self._pool is None:
+            self._pool = _pool(self.workers)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
+
     def __repr__(self) -> str:
         return f"LocalExecutor(workers={self.workers})"
+
+
+def _pool(workers: int) -> ProcessPoolExecutor:
+    return ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"))
 
 
 def get_executor(executor: Executor | int | None) -> Executor:

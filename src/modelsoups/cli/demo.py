@@ -54,7 +54,11 @@ def demo(
     ] = None,
     time_budget: Annotated[
         float | None,
-        typer.Option("--time-budget", help="Seconds for the whole run; trims ingredients (≥ 4)."),
+        typer.Option(
+            "--time-budget",
+            help="Seconds for the whole run [default: 300 per seed; 0: no limit]; when the "
+            "machine is too slow for --ingredients, fewer are trained (at least 4).",
+        ),
     ] = None,
     workers: Annotated[
         int, typer.Option("--workers", help="Worker processes for fine-tuning and scoring.")

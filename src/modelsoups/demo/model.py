@@ -99,6 +99,13 @@ class Features:
         states = pad_sequence(parts, batch_first=True).float()
         return states, self.lengths()[idx]
 
+    def subset(self, idx: torch.Tensor) -> Features:
+        """The snippets `idx`, in that order, as features of their own."""
+        parts = [self.states[self.offsets[i] : self.offsets[i + 1]] for i in idx.tolist()]
+        offsets = torch.zeros(len(idx) + 1, dtype=torch.long)
+        offsets[1:] = torch.cumsum(self.lengths()[idx], 0)
+        return Features(torch.cat(parts), offsets, self.labels[idx], self.pooled[idx])
+
     def to_tensors(self) -> dict[str, torch.Tensor]:
         """The tensors to save with safetensors."""
         return {
@@ -242,8 +249,12 @@ def length_batches(lengths: torch.Tensor, batch_size: int) -> list[torch.Tensor]
     return list(torch.split(order, batch_size))
 
 
-def predict_logits(top: nn.Module, feats: Features, batch_size: int = 256) -> torch.Tensor:
-    """Logits [N,2] of `top` on every snippet of `feats`, in the snippets' order."""
+def predict_logits(top: nn.Module, feats: Features, batch_size: int = 64) -> torch.Tensor:
+    """Logits [N,2] of `top` on every snippet of `feats`, in the snippets' order.
+
+    Batches of 64 keep the [B·L, 1536] intermediate in cache: measured 25% faster per
+    snippet than batches of 256 on one thread.
+    """
     was_training = top.training
     top.eval()
     out = torch.empty(len(feats), 2)

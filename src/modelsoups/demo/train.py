@@ -29,6 +29,8 @@ from .model import Features, Top, predict_logits
 
 __all__ = ["GRID", "Hyper", "IngredientTask", "cached_result", "fine_tune", "sample_hypers"]
 
+FORMAT = 2  # bump when training changes numerically (2: fused AdamW), so the cache misses
+
 GRID: dict[str, tuple[float, ...]] = {
     "lr": (2e-4, 3e-4, 5e-4),  # >= 1e-3 leaves the basin: the uniform soup collapses
     "label_smoothing": (0.0, 0.1),
@@ -86,7 +88,7 @@ class IngredientTask:
 
 def task_key(task: IngredientTask) -> str:
     """Cache key of an ingredient: its start, its data and its hyperparameters."""
-    payload = json.dumps([Path(task.feature_dir).name, asdict(task.hyper)], sort_keys=True)
+    payload = json.dumps([FORMAT, Path(task.feature_dir).name, asdict(task.hyper)], sort_keys=True)
     init = Path(task.init_path).read_bytes()
     return hashlib.sha256(payload.encode() + init).hexdigest()[:16]
 
@@ -111,7 +113,10 @@ def train_top(top: torch.nn.Module, pool: Features, hyper: Hyper) -> int:
     subset = torch.randperm(len(pool), generator=gen)[: int(hyper.fraction * len(pool))]
     total = hyper.epochs * math.ceil(len(subset) / hyper.batch_size)
     warmup = max(1, int(hyper.warmup * total))
-    opt = torch.optim.AdamW(top.parameters(), lr=hyper.lr, weight_decay=hyper.weight_decay)
+    # fused: one kernel for all parameters, measured 16% faster per step than the default
+    opt = torch.optim.AdamW(
+        top.parameters(), lr=hyper.lr, weight_decay=hyper.weight_decay, fused=True
+    )
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup))
     lengths = pool.lengths()
     top.train()
