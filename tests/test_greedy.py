@@ -224,8 +224,25 @@ def test_candidates_are_incremental_not_re_averaged(n: int) -> None:
     r = greedy_soup(sds, lambda sd: 0.0)  # every candidate ties: all are accepted
     assert len(r.selected) == n
     # each ingredient's tensor is read a fixed number of times whatever the soup size:
-    # its own score, the similarity sample, the candidate (or the first soup), the sum
-    assert max(max(sd.reads.values()) for sd in sds) <= 4
+    # its own score, the similarity sample, the candidate (or the first soup); accepting a
+    # candidate keeps its sum instead of adding the ingredient again
+    assert max(max(sd.reads.values()) for sd in sds) <= 3
+
+
+def test_candidates_reuse_buffers_and_the_result_owns_its_tensors() -> None:
+    sds = [tiny_state_dict(i) for i in range(4)]
+    seen: list[int] = []
+
+    def score(sd: dict[str, torch.Tensor]) -> float:
+        seen.append(sd["fc.weight"].data_ptr())
+        return 0.0  # every candidate ties: all are accepted
+
+    r = greedy_soup(sds, score)
+    candidates = seen[len(sds) :]  # after each ingredient's own score
+    assert len(candidates) == 3 and len(set(candidates)) == 1  # no fresh memory per step
+    soup = r.state_dict()
+    assert soup["fc.weight"].data_ptr() not in candidates
+    torch.testing.assert_close(soup["fc.weight"], uniform_state_dict(sds)["fc.weight"])
 
 
 def test_cli_max_shard_size_with_a_file_output_fails_before_any_evaluation(

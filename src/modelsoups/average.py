@@ -39,6 +39,7 @@ __all__ = [
     "weighted_state_dict",
     "weighted_sum",
     "weighted_sum_arrays",
+    "widen",
 ]
 
 
@@ -112,16 +113,16 @@ def weighted_sum_arrays(
             stop = min(start + CHUNK, numel)
             m = stop - start
             acc = flat_out[start:stop] if acc_buf is None else acc_buf[:m]
-            np.copyto(acc, _widen(flats[0][start:stop], dtypes[0], s), casting="unsafe")
+            np.copyto(acc, widen(flats[0][start:stop], dtypes[0], s.wide), casting="unsafe")
             if uniform:  # sum first, scale once
                 for a, d in zip(flats[1:], dtypes[1:], strict=True):
-                    np.add(acc, _widen(a[start:stop], d, s), out=acc, dtype=acc_np)
+                    np.add(acc, widen(a[start:stop], d, s.wide), out=acc, dtype=acc_np)
                 np.multiply(acc, weights[0], out=acc, dtype=acc_np)
             else:
                 np.multiply(acc, weights[0], out=acc, dtype=acc_np)
                 for a, d, w in zip(flats[1:], dtypes[1:], weights[1:], strict=True):
                     tmp = s.tmp[:m]
-                    np.multiply(_widen(a[start:stop], d, s), w, out=tmp, dtype=acc_np)
+                    np.multiply(widen(a[start:stop], d, s.wide), w, out=tmp, dtype=acc_np)
                     np.add(acc, tmp, out=acc, dtype=acc_np)
             if acc_buf is not None:
                 _narrow(acc, flat_out[start:stop], out_dtype, s)
@@ -129,12 +130,13 @@ def weighted_sum_arrays(
     return out, finite
 
 
-def _widen(x: np.ndarray, dtype: DType, s: _Scratch) -> np.ndarray:
-    """A float view of slice `x`: itself if numpy computes in its dtype, else widened to
-    float32 in `s.wide` (bf16: its 16 bits are the top half of a float32's)."""
+def widen(x: np.ndarray, dtype: DType, buffer: np.ndarray) -> np.ndarray:
+    """A float view of the 1-d slice `x`: itself if numpy computes in its dtype, else
+    widened to float32 in `buffer` (float32, at least as long; bf16: its 16 bits are the
+    top half of a float32's)."""
     if dtype.native:
         return x
-    wide = s.wide[: x.size]
+    wide = buffer[: x.size]
     if dtype == BF16:
         np.left_shift(x, 16, out=wide.view(np.uint32), dtype=np.uint32)
     else:  # float8: rare enough to go through torch
@@ -182,7 +184,7 @@ def _chunk_finite(x: np.ndarray, dtype: DType, s: _Scratch) -> bool:
         low = s.bits[: x.size]
         np.bitwise_and(x, 0x7FFF, out=low, dtype=np.uint32)
         return bool(low.max() < 0x7F80)
-    x = _widen(x, dtype, s)
+    x = widen(x, dtype, s.wide)
     with np.errstate(all="ignore"):  # the sum may overflow although every term is finite
         total = np.add.reduce(x, dtype=np.float64 if x.dtype == np.float64 else np.float32)
         return bool(np.isfinite(total)) or bool(np.isfinite(x).all())

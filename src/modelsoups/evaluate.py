@@ -17,6 +17,9 @@ Each returns a `Score(score, metrics)`. A crash, a timeout, unreadable output or
 with `load_scores` (`scores.py`) instead of being recomputed. Your own evaluator is any
 object with `evaluate(candidate, *, name) -> Score`: read tensors one at a time with
 `candidate.get(key)` (keys in `candidate.infos`) or all at once with `materialize(candidate)`.
+A greedy candidate's tensors live in buffers that the next candidate reuses: they are only
+valid during `evaluate` (the evaluators here copy or write them before returning); copy
+whatever you keep.
 """
 
 from __future__ import annotations
@@ -121,7 +124,8 @@ class Evaluator(Protocol):
 
 
 class FunctionEvaluator:
-    """`fn(state_dict) -> float | dict` as an evaluator (the candidate is materialised)."""
+    """`fn(state_dict) -> float | dict` as an evaluator (the candidate is materialised; its
+    tensors may be reused by the next candidate, so `fn` must copy any it keeps)."""
 
     def __init__(self, fn: Callable[[StateDict], object]) -> None:
         self.fn = fn

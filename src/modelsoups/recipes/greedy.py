@@ -6,9 +6,11 @@
         if score(mean(soup ∪ {θ})) ≥ score(mean(soup)):   # paper: ≥; official code: >
             soup ← soup ∪ {θ}
 
-Incremental: a float32 running sum of the soup is kept (memory: one float32 model), so a
-candidate (sum + θ)/(k+1) is computed tensor by tensor while it is scored — one pass over
-the weights, never a re-average. Selection only sees the held-out `evaluator`;
+Incremental: a float32 running sum of the soup is kept, and a candidate (sum + θ)/(k+1) is
+computed tensor by tensor while it is scored, into buffers reused at every step: one pass
+over the weights, never a re-average, and an accepted candidate's sum becomes the soup's
+without reading θ again (memory: three float32 models). The candidate an evaluator gets is
+therefore only valid during its call. Selection only sees the held-out `evaluator`;
 `test_evaluator` scores the final soup once, after selection. Every evaluation is logged to
 `history` (JSON lines); `resume=True` replays it after a crash, evaluating nothing twice.
 """
@@ -17,12 +19,15 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
+from ..average import CHUNK, weighted_sum_arrays, widen
 from ..candidate import LazyCheckpoint, materialize, model_files_source
 from ..check import check_compatible, check_non_float
 from ..errors import EvaluationError, SoupError
@@ -61,29 +66,90 @@ class GreedyResult:
 
 
 class _RunningSum:
-    """Σθ over the soup's ingredients in float32; integer tensors from the first."""
+    """Σθ over the soup's ingredients in float32 (integer tensors: the first's), and the
+    candidates built from it.
 
-    def __init__(self, first: Checkpoint, model_files_from: Path | None) -> None:
+    A candidate (Σθ + θₖ)/(k+1) is built in one pass, slice by slice: `nsum = sum + θₖ`,
+    `cand = nsum / n`, into `nsum` and `cand` buffers allocated once and reused at every
+    step (fresh memory would be page-faulted in every time), on `threads` threads. If the
+    candidate is accepted, `sum` and `nsum` swap: θₖ is not read a second time. So a
+    candidate's tensors are only valid until the next candidate is built.
+    """
+
+    def __init__(self, first: Checkpoint, model_files_from: Path | None, threads: int = 2) -> None:
         self.infos, self.size, self.folder = first.infos, 1, model_files_from
-        self.sums = {  # copies: the inputs are never modified
-            k: first.get(k).to(torch.float32 if i.is_float else None, copy=True)
-            for k, i in self.infos.items()
+        self.floats = [k for k, i in self.infos.items() if i.is_float]
+        self.sums = {  # float32 copies (weight 1 is exact): the inputs are never modified
+            k: weighted_sum_arrays([first.array(k)], [self.infos[k].dtype], [1.0])[0]
+            for k in self.floats
         }
+        self.fixed = {k: first.get(k).clone() for k, i in self.infos.items() if not i.is_float}
+        self.nsum: dict[str, np.ndarray] = {}
+        self.cand: dict[str, np.ndarray] = {}
+        self.built: tuple[Checkpoint, set[str]] | None = None  # ingredient, tensors done
+        self.pool = ThreadPoolExecutor(threads)
+        self.threads = threads
 
     def add(self, c: Checkpoint) -> None:
+        """Add ingredient `c` to the soup (free if the last candidate was built with it)."""
         self.size += 1
-        for k in (k for k, i in self.infos.items() if i.is_float):
-            self.sums[k].add_(c.get(k))
+        if self.built is not None and self.built[0] is c and self.built[1] >= set(self.floats):
+            self.sums, self.nsum = self.nsum, self.sums
+        else:  # a step replayed from the history: no candidate was built
+            for k in self.floats:
+                self._run(k, c, self.sums[k], None)
+        self.built = None
 
     def candidate(self, label: str, extra: Checkpoint | None = None) -> LazyCheckpoint:
+        """The soup plus `extra` (or the soup itself: fresh tensors, kept by the caller)."""
         n = self.size + (extra is not None)
+        if extra is not None:
+            self.built = (extra, set())
 
         def compute(k: str) -> torch.Tensor:
             if not self.infos[k].is_float:
-                return self.sums[k]
-            return (self.sums[k] if extra is None else self.sums[k] + extra.get(k)) / n
+                return self.fixed[k]
+            if extra is None:
+                return torch.from_numpy(self.sums[k] / n)
+            if self.built is None or self.built[0] is not extra:
+                raise RuntimeError(f"{label}: read after the next candidate was built")
+            nsum = self.nsum.setdefault(k, np.empty_like(self.sums[k]))
+            cand = self.cand.setdefault(k, np.empty_like(self.sums[k]))
+            self._run(k, extra, nsum, (cand, n))
+            self.built[1].add(k)
+            return torch.from_numpy(cand)
 
         return LazyCheckpoint(label, self.infos, compute, model_files_from=self.folder)
+
+    def _run(
+        self, k: str, c: Checkpoint, nsum: np.ndarray, scaled: tuple[np.ndarray, int] | None
+    ) -> None:
+        """nsum = sum + c[k] (and, if given, cand = nsum / n), split across the threads."""
+        x, dtype = c.array(k).reshape(-1), c.infos[k].dtype
+        total, flat = self.sums[k].reshape(-1), nsum.reshape(-1)
+        out = None if scaled is None else (scaled[0].reshape(-1), scaled[1])
+
+        def part(lo: int, hi: int) -> None:
+            wide = np.empty(min(CHUNK, hi - lo), np.float32)
+            for a in range(lo, hi, CHUNK):
+                b = min(a + CHUNK, hi)
+                np.add(total[a:b], widen(x[a:b], dtype, wide), out=flat[a:b], dtype=np.float32)
+                if out is not None:
+                    np.divide(flat[a:b], out[1], out=out[0][a:b])
+
+        # whole slices per thread; a tensor under two slices stays on this thread
+        step = -(-x.size // self.threads // CHUNK) * CHUNK if x.size >= 2 * CHUNK else x.size
+        bounds = [(lo, min(lo + step, x.size)) for lo in range(0, x.size, max(step, 1))]
+        others = [self.pool.submit(part, lo, hi) for lo, hi in bounds[1:]]
+        try:
+            if bounds:
+                part(*bounds[0])
+        finally:
+            for f in others:
+                f.result()
+
+    def close(self) -> None:
+        self.pool.shutdown()
 
 
 def greedy_soup(
@@ -107,6 +173,8 @@ def greedy_soup(
     Args:
         ingredients: checkpoint paths, state dicts or modules of one architecture.
         evaluator: scores a candidate on HELD-OUT data (`Evaluator`, or `fn(state_dict)`).
+            The candidate (and the state dict `fn` gets) reuses memory from one step to the
+            next: it is only valid during the call; copy what you want to keep.
         names: one per ingredient (default: file stems, or `ingredient_i`).
         scores: held-out scores already known (name → score), e.g. from `load_scores`;
             the ingredients not in it are evaluated, through `executor` (int = workers).
@@ -131,8 +199,11 @@ def greedy_soup(
         known = _score_ingredients(ev, todo, log, dataset, scores or {}, opts)
         order = sorted(range(len(ckpts)), key=lambda i: -known[all_names[i]])
         soup = _RunningSum(ckpts[order[0]], model_files_source(ckpts))
-        ranked = [(all_names[i], ckpts[i]) for i in order]
-        selected, best = _select(ev, better, ranked, soup, known, log, dataset)
+        try:
+            ranked = [(all_names[i], ckpts[i]) for i in order]
+            selected, best = _select(ev, better, ranked, soup, known, log, dataset)
+        finally:
+            soup.close()
         final = soup.candidate("<greedy soup>")
         test = test_evaluator.evaluate(final, name="greedy soup (test)") if test_evaluator else None
     finally:
