@@ -307,7 +307,8 @@ def run_demo(cfg: DemoConfig, console: Console | None = None) -> dict[str, Any]:
             trimmed = f" (of {cfg.ingredients}: the time budget)" if n < cfg.ingredients else ""
             console.log(f"seed {seed}: {n} ingredients{trimmed}")
             runs.append(run_seed(ex, prep, cfg, seed, n))
-    report = build_report(prep, runs, asdict(cfg), time.perf_counter() - t0)
+    config = {**asdict(cfg), "time_budget": _budget(cfg)}  # the budget in force, in seconds
+    report = build_report(prep, runs, config, time.perf_counter() - t0)
     start = time.perf_counter()
     if cfg.export:
         export_soups(prep, runs, report, cfg.out, console)
