@@ -111,3 +111,16 @@ def test_recipe_commands_live_in_their_own_modules() -> None:
         "modelsoups.cli.stock": ["stock"],
     }
     assert callable(core.print_similarity)
+
+
+def test_option_help_has_no_square_brackets_that_rich_would_swallow_as_markup() -> None:
+    import typer
+
+    from modelsoups.cli import app
+
+    commands = typer.main.get_command(app).commands  # type: ignore[attr-defined]
+    assert "uniform" in commands and "demo" in commands
+    for name, command in commands.items():
+        for param in command.params:
+            text = getattr(param, "help", None) or ""
+            assert "[" not in text, f"soup {name} {param.name}: {text!r}"

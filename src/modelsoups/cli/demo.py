@@ -50,13 +50,13 @@ def demo(
     fresh: Annotated[bool, typer.Option("--fresh", help="Ignore and rebuild the cache.")] = False,
     cache_dir: Annotated[
         Path | None,
-        typer.Option("--cache-dir", help="Cache folder [default: ~/.cache/modelsoups/demo]."),
+        typer.Option("--cache-dir", help="Cache folder (default: ~/.cache/modelsoups/demo)."),
     ] = None,
     time_budget: Annotated[
         float | None,
         typer.Option(
             "--time-budget",
-            help="Seconds for the whole run [default: 300 per seed; 0: no limit]; when the "
+            help="Seconds for the whole run (default: 300 per seed; 0: no limit); when the "
             "machine is too slow for --ingredients, fewer are trained (at least 4).",
         ),
     ] = None,

@@ -27,15 +27,15 @@ Eval = Annotated[
 EvalTimeout = Annotated[float | None, typer.Option(help="Seconds before an eval is killed.")]
 Workers = Annotated[int, typer.Option(help="Parallel evaluations of independent candidates.")]
 Ray = Annotated[
-    bool, typer.Option("--ray", help="Evaluate on a local Ray runtime (modelsoups[ray]).")
+    bool, typer.Option("--ray", help="Evaluate on a local Ray runtime (the ray extra).")
 ]
 RayAddress = Annotated[
     str | None,
     typer.Option(help="Evaluate on this Ray cluster; checkpoints go by path (shared disk)."),
 ]
 Dataset = Annotated[str, typer.Option(help="Name of the held-out metric in the history.")]
-History = Annotated[Path | None, typer.Option(help="History JSONL [default: SOUP.history.jsonl].")]
-Report = Annotated[Path | None, typer.Option(help="JSON report [default: SOUP.report.json].")]
+History = Annotated[Path | None, typer.Option(help="History JSONL (default: SOUP.history.jsonl).")]
+Report = Annotated[Path | None, typer.Option(help="JSON report (default: SOUP.report.json).")]
 Resume = Annotated[bool, typer.Option("--resume", help="Continue from an existing history.")]
 
 
