@@ -11,6 +11,8 @@ bits: exactly what torch does (round to nearest, ties to even). float8 goes thro
 
 from __future__ import annotations
 
+import math
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -40,6 +42,7 @@ __all__ = [
     "weighted_sum",
     "weighted_sum_arrays",
     "widen",
+    "widen_buffer",
 ]
 
 
@@ -75,13 +78,36 @@ CHUNK = 1 << 18
 
 
 class _Scratch:
-    """The per-call buffers of one slice: `tmp` (accumulator dtype), `wide` (float32, a
-    widened bf16/float8 slice) and `bits` (uint32, bf16 rounding)."""
+    """One thread's buffers of one slice, allocated once and reused by every call on that
+    thread (fresh pages cost a fault and a zeroing each time): `acc`/`tmp` per accumulator
+    dtype, `wide` (float32: a widened bf16/float8 slice), `bits` (uint32: bf16 rounding)."""
 
-    def __init__(self, n: int, accumulate: DType) -> None:
-        self.tmp = np.empty(n, accumulate.numpy)
-        self.wide = np.empty(n, np.float32)
-        self.bits = np.empty(n, np.uint32)
+    def __init__(self) -> None:
+        self.wide = np.empty(CHUNK, np.float32)
+        self.bits = np.empty(CHUNK, np.uint32)
+        self._acc: dict[str, np.ndarray] = {}
+        self._tmp: dict[str, np.ndarray] = {}
+
+    def acc(self, dtype: DType) -> np.ndarray:
+        return self._acc.setdefault(dtype.name, np.empty(CHUNK, dtype.numpy))
+
+    def tmp(self, dtype: DType) -> np.ndarray:
+        return self._tmp.setdefault(dtype.name, np.empty(CHUNK, dtype.numpy))
+
+
+_LOCAL = threading.local()
+
+
+def _scratch() -> _Scratch:
+    s: _Scratch | None = getattr(_LOCAL, "scratch", None)
+    if s is None:
+        s = _LOCAL.scratch = _Scratch()
+    return s
+
+
+def widen_buffer() -> np.ndarray:
+    """This thread's float32 buffer of `CHUNK` elements for `widen`."""
+    return _scratch().wide
 
 
 def weighted_sum_arrays(
@@ -91,21 +117,27 @@ def weighted_sum_arrays(
     *,
     accumulate: DType = F32,
     out_dtype: DType | None = None,
+    buffer: np.ndarray | None = None,
 ) -> tuple[np.ndarray, bool]:
     """Return Σ wᵢ·aᵢ, accumulated in `accumulate`, as a new array of `out_dtype`, and
     whether it is all finite.
 
     Arrays hold `dtypes[i]` in its storage type (`DType.storage`: bf16 as uint16 bits);
-    the result holds `out_dtype` (default `accumulate`) the same way. Inputs are read once
-    each and never modified. Extra memory beyond the result is a few slices of `CHUNK`.
+    the result holds `out_dtype` (default `accumulate`) the same way, in a new array or in
+    the start of `buffer` (bytes, reused by the caller). Inputs are read once each and never
+    modified. Extra memory beyond the result is a few slices of `CHUNK`.
     """
     out_dtype = out_dtype or accumulate
-    out = np.empty(arrays[0].shape, dtype=out_dtype.numpy)
+    if buffer is None:
+        out = np.empty(arrays[0].shape, dtype=out_dtype.numpy)
+    else:  # the result goes into (the start of) a byte buffer the caller reuses
+        size = math.prod(arrays[0].shape) * out_dtype.itemsize
+        out = buffer.reshape(-1).view(np.uint8)[:size].view(out_dtype.numpy)
+        out = out.reshape(arrays[0].shape)
     flat_out, flats = out.reshape(-1), [a.reshape(-1) for a in arrays]
     numel = flat_out.size
-    s = _Scratch(min(CHUNK, numel), accumulate)
-    direct = out_dtype == accumulate
-    acc_buf = None if direct else np.empty(min(CHUNK, numel), accumulate.numpy)
+    s = _scratch()
+    acc_buf = None if out_dtype == accumulate else s.acc(accumulate)
     uniform = all(w == weights[0] for w in weights)
     acc_np, finite = accumulate.numpy, True
     with np.errstate(all="ignore"):  # overflow gives inf, as in torch; checked below
@@ -121,7 +153,7 @@ def weighted_sum_arrays(
             else:
                 np.multiply(acc, weights[0], out=acc, dtype=acc_np)
                 for a, d, w in zip(flats[1:], dtypes[1:], weights[1:], strict=True):
-                    tmp = s.tmp[:m]
+                    tmp = s.tmp(accumulate)[:m]
                     np.multiply(widen(a[start:stop], d, s.wide), w, out=tmp, dtype=acc_np)
                     np.add(acc, tmp, out=acc, dtype=acc_np)
             if acc_buf is not None:
@@ -193,7 +225,7 @@ def _chunk_finite(x: np.ndarray, dtype: DType, s: _Scratch) -> bool:
 def all_finite(x: np.ndarray, dtype: DType) -> bool:
     """True if array `x` (of `dtype`, in its storage type) holds no NaN or Inf."""
     flat = x.reshape(-1)
-    s = _Scratch(min(CHUNK, flat.size), F32)
+    s = _scratch()
     return all(_chunk_finite(flat[i : i + CHUNK], dtype, s) for i in range(0, flat.size, CHUNK))
 
 
@@ -228,10 +260,11 @@ def soup_tensor(
     accumulate: DType = F32,
     dtype: DType | None = None,
     allow_nonfinite: bool = False,
+    buffer: np.ndarray | None = None,
 ) -> np.ndarray:
     """One tensor of the soup: the weighted mean of `name` across `ckpts`, in `dtype`
-    (default: the first input's), as an array in its storage type; integer tensors are
-    copied from the first input."""
+    (default: the first input's), as an array in its storage type (in `buffer` if given);
+    integer tensors are the first input's (a view)."""
     info = ckpts[0].infos[name]
     if not info.is_float:
         return ckpts[0].array(name)
@@ -241,6 +274,7 @@ def soup_tensor(
         weights,
         accumulate=accumulate,
         out_dtype=dtype or info.dtype,
+        buffer=buffer,
     )
     if not finite and not allow_nonfinite:
         check_finite(name, dtype or info.dtype, ckpts)

@@ -71,7 +71,9 @@ def cosine_matrix(vectors: Sequence[np.ndarray]) -> list[list[float]]:
         norms = np.linalg.norm(m, axis=1)
         ok = np.isfinite(norms) & (norms > 0)
         unit = m / np.where(ok, norms, 1.0)[:, None]  # scaled first: no under/overflow
-        cos = np.clip(unit @ unit.T, -1.0, 1.0)
+        # einsum, not `unit @ unit.T`: a BLAS call leaves OpenBLAS threads spinning on the
+        # cores the soup is about to use
+        cos = np.clip(np.einsum("ik,jk->ij", unit, unit), -1.0, 1.0)
     cos[~(ok[:, None] & ok[None, :])] = np.nan
     return [[round(float(x), 6) for x in row] for row in cos]
 

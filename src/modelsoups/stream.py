@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 import time
 from collections import deque
 from collections.abc import Sequence
@@ -22,7 +23,7 @@ import numpy as np
 from .average import accumulate_dtype, output_dtype, soup_tensor
 from .check import check_compatible, check_non_float, resolve_weights
 from .errors import OutputError, SoupError
-from .ingredients import open_sources
+from .ingredients import close_all, open_sources
 from .io import HFFolder
 from .io.base import Checkpoint
 from .io.folder import copy_model_files
@@ -95,21 +96,25 @@ def _stream_tensors(
 ) -> None:
     """Average tensor after tensor on `threads` workers; write them in order as they finish.
 
-    At most `threads` accumulated tensors exist at once, so memory stays a small multiple
-    of the largest tensor whatever the number of inputs.
+    Each worker's result goes into one of `threads` buffers of the largest output tensor,
+    reused for the whole run: memory stays that whatever the number of inputs, and no
+    tensor faults in fresh pages.
     """
+    largest = max((e.nbytes for e in writer.entries), default=0)
+    free = [np.empty(largest, np.uint8) for _ in range(threads)]
 
-    def soup_of(name: str) -> np.ndarray:
+    def soup_of(name: str, buffer: np.ndarray) -> np.ndarray:
         return soup_tensor(name, ckpts, weights, accumulate=acc_dtype, dtype=dtype,
-                           allow_nonfinite=allow_nonfinite)  # fmt: skip
+                           allow_nonfinite=allow_nonfinite, buffer=buffer)  # fmt: skip
 
     total, done = sum(c.nbytes for c in ckpts), 0
-    pending: deque[tuple[str, Future[np.ndarray]]] = deque()
+    pending: deque[tuple[str, np.ndarray, Future[np.ndarray]]] = deque()
 
     def write_oldest() -> None:
         nonlocal done
-        name, future = pending.popleft()
-        writer.write(name, future.result())  # the future is dropped here: memory freed
+        name, buffer, future = pending.popleft()
+        writer.write(name, future.result())
+        free.append(buffer)  # written: the next tensor may overwrite it
         done += sum(c.infos[name].nbytes for c in ckpts)
         if progress is not None:
             progress(done, total)
@@ -118,8 +123,9 @@ def _stream_tensors(
     with ThreadPoolExecutor(threads) as pool:
         try:
             for name in ckpts[0].infos:
-                pending.append((name, pool.submit(soup_of, name)))
-                if len(pending) >= threads:
+                buffer = free.pop()
+                pending.append((name, buffer, pool.submit(soup_of, name, buffer)))
+                if not free:
                     write_oldest()
             while pending:
                 write_oldest()
@@ -185,7 +191,13 @@ def average_checkpoints(
             writer = ShardedWriter(tmp, plan)
             try:
                 _stream_tensors(ckpts, w, writer, acc_dtype, out_dtype, allow_nonfinite, progress)
-                writer.close()
+                # unmapping the inputs (CPU: page tables of every input) overlaps the fsync
+                closer = threading.Thread(target=close_all, args=(ckpts,))
+                closer.start()
+                try:
+                    writer.close()
+                finally:
+                    closer.join()
             finally:
                 writer.abort()
             source = next((c for c in ckpts if isinstance(c, HFFolder)), None)

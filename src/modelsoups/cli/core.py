@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import sys
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -46,6 +48,7 @@ def inspect(
     from rich.console import Console
     from rich.table import Table
 
+    _no_blas_threads()
     from ..errors import IncompatibleError
     from ..inspect import human_bytes, inspect_checkpoints
     from ..io import expand_inputs
@@ -93,6 +96,13 @@ def print_similarity(console: Any, sim: Any) -> None:
         err(f"soup: warning: {sim.warning}")
 
 
+def _no_blas_threads() -> None:
+    """Before numpy is imported: these commands never call BLAS, whose idle threads would
+    otherwise spin on the cores the soup uses (measured: 1-4% of a soup's CPU)."""
+    if "numpy" not in sys.modules:
+        os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
+
 def _average(
     inputs: list[str],
     output: typer.models.OptionInfo | object,
@@ -100,6 +110,7 @@ def _average(
     recipe: str,
     **options: object,
 ) -> None:
+    _no_blas_threads()
     from ..io import expand_inputs
     from ..stream import average_checkpoints
 

@@ -21,12 +21,13 @@ import socket
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import Protocol
 
 import numpy as np
 
 from ..dtypes import DType
 from ..errors import OutputError
+from .direct import DirectFile
 
 __all__ = [
     "OutputPlan",
@@ -53,10 +54,14 @@ class Entry:
         return n
 
 
+class _Writable(Protocol):
+    def write(self, data: bytes | memoryview, /) -> object: ...
+
+
 class _FileWriter:
     """Writes one safetensors file whose entries are known up front, in order."""
 
-    def __init__(self, f: BinaryIO, entries: list[Entry], metadata: dict[str, str]) -> None:
+    def __init__(self, f: _Writable, entries: list[Entry], metadata: dict[str, str]) -> None:
         header: dict[str, object] = {"__metadata__": metadata} if metadata else {}
         offset = 0
         for e in entries:
@@ -118,6 +123,7 @@ class ShardedWriter:
     """Writes an `OutputPlan` into an (already temporary) destination, tensor by tensor."""
 
     def __init__(self, target: Path, plan: OutputPlan) -> None:
+        self.entries = plan.entries
         self._shards = plan_shards(plan.entries, plan.max_shard_size if plan.folder else None)
         n = len(self._shards)
         if plan.folder:
@@ -131,7 +137,7 @@ class ShardedWriter:
             self._paths = [target]
         self._metadata, self._index = plan.metadata, 0
         self._writer: _FileWriter | None = None
-        self._file: BinaryIO | None = None
+        self._file: DirectFile | None = None
         self._remaining = [len(s) for s in self._shards]  # shards are never empty...
         if n > 1:
             weight_map = {
@@ -145,7 +151,7 @@ class ShardedWriter:
 
     def write(self, name: str, array: np.ndarray) -> None:
         if self._writer is None:
-            self._file = open(self._paths[self._index], "wb")  # noqa: SIM115
+            self._file = DirectFile(self._paths[self._index])
             self._writer = _FileWriter(self._file, self._shards[self._index], self._metadata)
         self._writer.write(name, array)
         self._remaining[self._index] -= 1
@@ -156,21 +162,27 @@ class ShardedWriter:
     def _finish_file(self) -> None:
         assert self._writer is not None and self._file is not None
         self._writer.close()
-        self._file.flush()
-        os.fsync(self._file.fileno())
         self._file.close()
         self._writer = self._file = None
 
     def close(self) -> None:
+        """Check that everything was written, then fsync every file (all at the end: the
+        kernel writes the first shards back while the soup goes on)."""
         if any(self._remaining):
             raise RuntimeError("soup output closed before every tensor was written")
         if not self._shards[0]:  # ...except for a checkpoint with no tensors at all
             with open(self._paths[0], "wb") as f:
                 _FileWriter(f, [], self._metadata).close()
+        for path in self._paths:
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
 
     def abort(self) -> None:
         if self._file is not None:
-            self._file.close()
+            self._file.abort()
             self._writer = self._file = None
 
 

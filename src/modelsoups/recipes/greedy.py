@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..average import CHUNK, weighted_sum_arrays, widen
+from ..average import CHUNK, weighted_sum_arrays, widen, widen_buffer
 from ..candidate import LazyCheckpoint, materialize, model_files_source
 from ..check import check_compatible, check_non_float
 from ..errors import EvaluationError, SoupError
@@ -130,7 +130,7 @@ class _RunningSum:
         out = None if scaled is None else (scaled[0].reshape(-1), scaled[1])
 
         def part(lo: int, hi: int) -> None:
-            wide = np.empty(min(CHUNK, hi - lo), np.float32)
+            wide = widen_buffer()
             for a in range(lo, hi, CHUNK):
                 b = min(a + CHUNK, hi)
                 np.add(total[a:b], widen(x[a:b], dtype, wide), out=flat[a:b], dtype=np.float32)
