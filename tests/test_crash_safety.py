@@ -143,7 +143,9 @@ def test_sigkill_mid_write_leaves_no_output(tmp_path: Path, kind: str) -> None:
     (partial,) = partials(tmp_path)
     assert partial.name == f".{out.name}.soup-partial-{socket.gethostname()}-{proc.pid}"
     written = sum(p.stat().st_size for p in [partial, *partial.rglob("*")] if p.is_file())
-    assert written >= (TENSORS // 2 - 1) * NUMEL * 4, "the kill should land mid-write"
+    # half the tensors were handed to the writer; what reached the file depends on its
+    # staging buffers (2 MiB blocks), but some of it did
+    assert 0 < written < TENSORS * NUMEL * 4, "the kill should land mid-write"
     remove_stale_partials(out)  # what a concurrent run does: a live run's partial stays
     assert partial.exists()
     proc.kill()
