@@ -64,6 +64,9 @@ class DirectFile:
             self._fill, view = self._fill + n, view[n:]
             if self._fill == STAGE:
                 self._flush()
+                if self._stage is None:  # went buffered
+                    _write_all(self._fd, view)
+                    return
 
     def _flush(self) -> None:
         """Write the stage out (padded to `ALIGN`: cut on close) and switch stages."""
