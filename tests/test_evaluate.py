@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import sys
@@ -202,6 +203,25 @@ def test_local_executor_in_a_with_block_reuses_its_worker_processes() -> None:
     assert len(set(first) | set(second)) <= 2  # fresh pools would start new processes
     assert os.getpid() not in first
     assert set(LocalExecutor(2).map(_pid, [1, 2])).isdisjoint(first)  # pool shut down
+
+
+def test_local_executor_leaving_its_with_block_by_an_error_stops_running_jobs() -> None:
+    import os
+    import threading
+
+    with pytest.raises(KeyboardInterrupt), LocalExecutor(2) as ex:
+        pids = set(ex.map(_pid, [1, 2, 3, 4]))
+        threading.Thread(target=_map_quietly, args=(ex,), daemon=True).start()
+        time.sleep(1.0)
+        raise KeyboardInterrupt  # Ctrl-C while both workers are busy
+    for pid in pids:  # terminated, not left to finish their 10-minute jobs
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+
+
+def _map_quietly(ex: LocalExecutor) -> None:
+    with contextlib.suppress(Exception):  # the pool breaks when its workers are terminated
+        ex.map(time.sleep, [600, 600])
 
 
 def _pid(_: int) -> int:

@@ -74,10 +74,14 @@ class LocalExecutor:
             self._pool = _pool(self.workers)
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=True, cancel_futures=True)
-            self._pool = None
+    def __exit__(self, exc_type: type[BaseException] | None, *exc: object) -> None:
+        pool, self._pool = self._pool, None
+        if pool is None:
+            return
+        if exc_type is not None:  # failed or interrupted: stop running jobs, do not wait
+            for process in list((getattr(pool, "_processes", None) or {}).values()):
+                process.terminate()
+        pool.shutdown(wait=True, cancel_futures=True)
 
     def __repr__(self) -> str:
         return f"LocalExecutor(workers={self.workers})"
