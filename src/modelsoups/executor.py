@@ -42,6 +42,9 @@ class LocalExecutor:
     Example:
         >>> LocalExecutor(2).map(abs, [-1, -2, 3])
         [1, 2, 3]
+        >>> with LocalExecutor(2) as ex:  # one pool of processes for every map inside
+        ...     ex.map(abs, [-1]) + ex.map(abs, [-2])
+        [1, 2]
     """
 
     def __init__(self, workers: int = 1) -> None:

@@ -204,7 +204,7 @@ def _n_ingredients(cfg: DemoConfig, prep: Prepared, elapsed: float, seeds_left: 
     The price of one forward pass of the trained layers over one snippet is measured here
     on 256 held-out snippets with one thread, as the workers run.
     """
-    n = min(cfg.ingredients, 4) if cfg.quick else cfg.ingredients
+    n = _wanted(cfg)
     budget = _budget(cfg)
     if budget is None:
         return n
@@ -248,6 +248,11 @@ def ingredients_that_fit(
         if rounds * per_ingredient + soups <= seconds:
             return k
     return min(n, MIN_INGREDIENTS)
+
+
+def _wanted(cfg: DemoConfig) -> int:
+    """Ingredients per seed before the budget: `--ingredients`, at most 4 with `--quick`."""
+    return min(cfg.ingredients, 4) if cfg.quick else cfg.ingredients
 
 
 def _budget(cfg: DemoConfig) -> float | None:
@@ -309,7 +314,7 @@ def run_demo(cfg: DemoConfig, console: Console | None = None) -> dict[str, Any]:
         runs = []
         for k, seed in enumerate(cfg.seeds):
             n = _n_ingredients(cfg, prep, time.perf_counter() - t0, len(cfg.seeds) - k)
-            trimmed = f" (of {cfg.ingredients}: the time budget)" if n < cfg.ingredients else ""
+            trimmed = f" (of {_wanted(cfg)}: the time budget)" if n < _wanted(cfg) else ""
             console.log(f"seed {seed}: {n} ingredients{trimmed}")
             runs.append(run_seed(ex, prep, cfg, seed, n))
     config = {**asdict(cfg), "time_budget": _budget(cfg)}  # the budget in force, in seconds
