@@ -1,9 +1,10 @@
 """Bounded memory, measured: the uniform soup's peak memory does not grow with N.
 
-The soup of N=2 and of N=8 same-size checkpoints runs in a fresh child process each, writing
-a sharded folder. What is measured is the peak of *anonymous* resident memory (RssAnon in
-/proc/PID/status: heap, accumulators, torch allocations), sampled by a thread every half
-millisecond and, deterministically, at every tensor write (when the accumulator is alive).
+The soup of N=2 and of N=8 same-size checkpoints (safetensors, then `.bin` pickles) runs in a
+fresh child process each, writing a sharded folder. What is measured is the peak of
+*anonymous* resident memory (RssAnon in /proc/PID/status: heap, accumulators, torch
+allocations), sampled by a thread every half millisecond and, deterministically, at every
+tensor write (when the accumulator is alive).
 
 Why not ru_maxrss: the readers memory-map their inputs, and mapped file pages that were read
 count in RSS (RssFile) until unmapped, so ru_maxrss can grow with N (393 -> 472 MiB in one
@@ -83,18 +84,22 @@ CHILD = textwrap.dedent(
 )
 
 
-@pytest.fixture(scope="module")
-def eight_checkpoints(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
-    """Eight fine-tunes of one base, 22 MiB each, written once for both runs."""
-    folder = tmp_path_factory.mktemp("memory")
+@pytest.fixture(scope="module", params=["safetensors", "bin"])
+def eight_checkpoints(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> list[Path]:
+    """Eight fine-tunes of one base, 22 MiB each, written once for both runs: safetensors
+    files, or PyTorch pickles (`.bin`, read through torch.load's mmap)."""
+    fmt = request.param
+    folder = tmp_path_factory.mktemp(f"memory-{fmt}")
     g = torch.Generator().manual_seed(0)
     base = {f"big{i}.weight": torch.randn(LARGEST // 4, generator=g) for i in range(2)}
     base |= {f"layer{i}.weight": torch.randn(SMALL // 4, generator=g) for i in range(6)}
     paths = []
     for i in range(8):
         sd = {k: v + 0.01 * torch.randn(v.shape, generator=g) for k, v in base.items()}
-        paths.append(folder / f"run{i}.safetensors")
-        save_file(sd, paths[-1])
+        paths.append(folder / f"run{i}.{fmt}")
+        save_file(sd, paths[-1]) if fmt == "safetensors" else torch.save(sd, paths[-1])
     return paths
 
 
