@@ -219,6 +219,51 @@ def test_local_executor_leaving_its_with_block_by_an_error_stops_running_jobs() 
             os.kill(pid, 0)
 
 
+ORPHAN = """
+import os, sys, time
+from modelsoups import LocalExecutor
+
+def pid(_):
+    return os.getpid()
+
+if __name__ == "__main__":
+    with LocalExecutor(2) as ex:
+        print(*set(ex.map(pid, [1, 2, 3, 4])), flush=True)
+        ex.map(time.sleep, [600, 600])
+"""
+
+
+@pytest.mark.slow  # spawns workers that import modelsoups
+def test_local_executor_workers_exit_when_their_parent_is_killed(tmp_path: Path) -> None:
+    import os
+    import signal
+    import subprocess
+
+    (tmp_path / "orphan.py").write_text(ORPHAN)
+    parent = subprocess.Popen([sys.executable, "orphan.py"], cwd=tmp_path, stdout=subprocess.PIPE)
+    assert parent.stdout is not None
+    pids = [int(p) for p in parent.stdout.readline().split()]
+    assert pids
+    os.kill(parent.pid, signal.SIGKILL)  # no chance to stop its workers itself
+    parent.wait()
+    deadline = time.monotonic() + 30
+    alive = set(pids)
+    while alive and time.monotonic() < deadline:
+        alive = {p for p in alive if _alive(p)}
+        time.sleep(0.2)
+    assert not alive, f"workers {alive} outlived their parent"
+
+
+def _alive(pid: int) -> bool:
+    import os
+
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
 def _map_quietly(ex: LocalExecutor) -> None:
     with contextlib.suppress(Exception):  # the pool breaks when its workers are terminated
         ex.map(time.sleep, [600, 600])
