@@ -5,7 +5,11 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
+import signal
+import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -195,8 +199,6 @@ def test_local_executor_keeps_order_inline_and_in_processes() -> None:
 
 
 def test_local_executor_in_a_with_block_reuses_its_worker_processes() -> None:
-    import os
-
     with LocalExecutor(2) as ex:
         first = ex.map(_pid, [1, 2, 3, 4])
         second = ex.map(_pid, [1, 2, 3, 4])
@@ -206,17 +208,12 @@ def test_local_executor_in_a_with_block_reuses_its_worker_processes() -> None:
 
 
 def test_local_executor_leaving_its_with_block_by_an_error_stops_running_jobs() -> None:
-    import os
-    import threading
-
     with pytest.raises(KeyboardInterrupt), LocalExecutor(2) as ex:
         pids = set(ex.map(_pid, [1, 2, 3, 4]))
         threading.Thread(target=_map_quietly, args=(ex,), daemon=True).start()
         time.sleep(1.0)
         raise KeyboardInterrupt  # Ctrl-C while both workers are busy
-    for pid in pids:  # terminated, not left to finish their 10-minute jobs
-        with pytest.raises(ProcessLookupError):
-            os.kill(pid, 0)
+    assert not any(_alive(p) for p in pids)  # terminated, not left to finish their jobs
 
 
 ORPHAN = """
@@ -235,10 +232,6 @@ if __name__ == "__main__":
 
 @pytest.mark.slow  # spawns workers that import modelsoups
 def test_local_executor_workers_exit_when_their_parent_is_killed(tmp_path: Path) -> None:
-    import os
-    import signal
-    import subprocess
-
     (tmp_path / "orphan.py").write_text(ORPHAN)
     parent = subprocess.Popen([sys.executable, "orphan.py"], cwd=tmp_path, stdout=subprocess.PIPE)
     assert parent.stdout is not None
@@ -255,8 +248,6 @@ def test_local_executor_workers_exit_when_their_parent_is_killed(tmp_path: Path)
 
 
 def _alive(pid: int) -> bool:
-    import os
-
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -270,8 +261,6 @@ def _map_quietly(ex: LocalExecutor) -> None:
 
 
 def _pid(_: int) -> int:
-    import os
-
     return os.getpid()
 
 
