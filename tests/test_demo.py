@@ -1,7 +1,7 @@
 """`soup demo --quick`: the real demo on little data, end to end, checked against the API.
 
 Runs the same code path as the full demo (real MiniLM, real Rotten Tomatoes snippets,
-ingredients fine-tuned in worker processes) in about a minute, then checks that the report
+ingredients fine-tuned in worker processes) in about 30 s, then checks that the report
 has the promised structure and that the soups it reports are what the public API computes
 from the saved ingredients: same weights, same accuracies.
 """

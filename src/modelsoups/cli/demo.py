@@ -45,7 +45,7 @@ def demo(
         str, typer.Option("--seeds", help="Seeds of the hyperparameter search, e.g. 0,1,2,3,4.")
     ] = "0",
     quick: Annotated[
-        bool, typer.Option("--quick", help="Same code path on little data (~1 minute).")
+        bool, typer.Option("--quick", help="Same code path on little data (~30 s).")
     ] = False,
     fresh: Annotated[bool, typer.Option("--fresh", help="Ignore and rebuild the cache.")] = False,
     cache_dir: Annotated[
