@@ -124,3 +124,22 @@ def test_option_help_has_no_square_brackets_that_rich_would_swallow_as_markup() 
         for param in command.params:
             text = getattr(param, "help", None) or ""
             assert "[" not in text, f"soup {name} {param.name}: {text!r}"
+
+
+@pytest.mark.parametrize(
+    "command", [["greedy"], ["wise-ft", "--alphas", "0:1:0.5"]], ids=["greedy", "wise-ft"]
+)
+def test_max_shard_size_with_a_file_output_fails_before_any_evaluation(
+    command: list[str], tmp_path, make_ingredients, capsys
+) -> None:
+    """--max-shard-size needs a folder output: refused up front, not after N evaluations."""
+    paths = make_ingredients(2)
+    calls = tmp_path / "calls.txt"
+    script = tmp_path / "ev.py"
+    script.write_text(f"open({str(calls)!r}, 'a').write('x\\n'); print(1.0)")
+    out = tmp_path / "soup.safetensors"
+    cmd = f"{sys.executable} {script} {{ckpt}}"
+    argv = [*map(str, paths), "-o", str(out), "--eval", cmd, "--max-shard-size", "1MB", "-q"]
+    assert main([command[0], *argv, *command[1:]]) == 1
+    assert "--max-shard-size writes a folder" in capsys.readouterr().err
+    assert not calls.exists() and not out.exists()

@@ -245,24 +245,6 @@ def test_candidates_reuse_buffers_and_the_result_owns_its_tensors() -> None:
     torch.testing.assert_close(soup["fc.weight"], uniform_state_dict(sds)["fc.weight"])
 
 
-def test_cli_max_shard_size_with_a_file_output_fails_before_any_evaluation(
-    tmp_path: Path, make_ingredients, capsys
-) -> None:
-    """--max-shard-size needs a folder output: refused up front, not after N evaluations."""
-    from modelsoups.cli import main
-
-    paths = make_ingredients(2)
-    calls = tmp_path / "calls.txt"
-    script = tmp_path / "ev.py"
-    script.write_text(f"open({str(calls)!r}, 'a').write('x\\n'); print(1.0)")
-    out = tmp_path / "soup.safetensors"
-    cmd = f"{sys.executable} {script} {{ckpt}}"
-    argv = [*map(str, paths), "-o", str(out), "--eval", cmd, "--max-shard-size", "1MB", "-q"]
-    assert main(["greedy", *argv]) == 1
-    assert "--max-shard-size writes a folder" in capsys.readouterr().err
-    assert not calls.exists() and not out.exists()
-
-
 def test_cli_greedy_warns_about_different_initialisations_once(tmp_path: Path, capsys) -> None:
     """Selection and the final write both check the initialisation: one warning, not two."""
     from conftest import save_as

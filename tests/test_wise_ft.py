@@ -75,19 +75,3 @@ def test_cli_wise_ft_single_alpha_and_sweep(tmp_path: Path) -> None:
     assert report["alpha"] == 0.5 and len(report["sweep"]) == 5
     assert len((tmp_path / "w2.history.jsonl").read_text().splitlines()) == 5
     assert main([*args, "-q"]) == 1  # output and history exist
-
-
-def test_cli_max_shard_size_with_a_file_output_fails_before_any_evaluation(
-    tmp_path: Path, make_ingredients, capsys
-) -> None:
-    """--max-shard-size needs a folder output: refused up front, not after N evaluations."""
-    paths = make_ingredients(2)
-    calls = tmp_path / "calls.txt"
-    script = tmp_path / "ev.py"
-    script.write_text(f"open({str(calls)!r}, 'a').write('x\\n'); print(1.0)")
-    out = tmp_path / "soup.safetensors"
-    cmd = f"{sys.executable} {script} {{ckpt}}"
-    argv = [*map(str, paths), "-o", str(out), "--eval", cmd, "--max-shard-size", "1MB", "-q"]
-    assert main(["wise-ft", *argv, "--alphas", "0:1:0.5"]) == 1
-    assert "--max-shard-size writes a folder" in capsys.readouterr().err
-    assert not calls.exists() and not out.exists()
