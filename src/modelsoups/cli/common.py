@@ -51,16 +51,12 @@ Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or 
 
 
 def parse_dtype(name: str | None) -> DType | None:
-    """'bf16' -> the BF16 `DType`; None stays None (keep the inputs' dtype)."""
-    if name is None:
-        return None
-    from ..dtypes import as_dtype
+    """'bf16' -> the BF16 `DType`; None stays None (keep the inputs' dtype). The library's
+    `output_dtype`, minus float8: readable as an input, not offered as an output here."""
+    from ..average import output_dtype
 
-    try:
-        dtype = as_dtype(name)
-    except ValueError:
-        dtype = None
-    if dtype is None or not dtype.is_float or dtype.name.startswith("F8"):
+    dtype = output_dtype(name)
+    if dtype is not None and dtype.name.startswith("F8"):
         raise SoupError(f"unknown dtype {name!r}; use one of fp32, fp16, bf16, fp64")
     return dtype
 
