@@ -144,7 +144,7 @@ def test_soup_folder_loads_with_from_pretrained(quick: tuple[Path, dict[str, Any
     )
 
 
-SIZES = {"pool": 3000, "held_out": 1000, "test": 2500}
+SIZES = {"pool": 3000, "held_out": 2500, "test": 2500}
 
 
 def test_time_budget_keeps_every_ingredient_when_it_fits() -> None:

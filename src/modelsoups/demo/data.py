@@ -47,8 +47,8 @@ class DemoDataError(SoupError):
 class SplitSizes:
     """How many snippets each split gets (the full demo's defaults; `--quick` shrinks them)."""
 
-    pool: int = 3000  # train pool from movie groups 0-5; each ingredient uses a random half
-    held_out: int = 1000  # selection data (group 6): best individual, greedy, learned soup
+    pool: int = 3000  # train pool from movie groups 0-4; each ingredient uses a random half
+    held_out: int = 2500  # selection data (groups 5-6): best individual, greedy, learned soup
     test: int = 2500  # subsample of groups 7-9 (~3.8k); shift = the same snippets with typos
 
 
@@ -115,19 +115,21 @@ def _movie_groups(rows: list[tuple[str, int, str]], n_groups: int = 10) -> dict[
 
 
 def make_splits(rows: list[tuple[str, int, str]], sizes: SplitSizes) -> Splits:
-    """Split by movie: groups 0-5 train pool, 6 held-out, 7-9 test; shift = typo'd test.
+    """Split by movie: groups 0-4 train pool, 5-6 held-out, 7-9 test; shift = typo'd test.
 
     Each split is a fixed-seed random subsample of its movie groups, capped at `sizes`.
+    Held-out spans two groups (~100 movies): snippets of one movie are correlated, and a
+    selection split of one group (~1000 snippets) made greedy soup follow its noise.
     """
     group = _movie_groups(rows)
     by_split: dict[str, list[tuple[str, int, str]]] = {"pool": [], "held_out": [], "test": []}
     for row in rows:
         g = group[row[2]]
-        by_split["pool" if g <= 5 else "held_out" if g == 6 else "test"].append(row)
-    rng = random.Random(DATA_SEED)
+        by_split["pool" if g <= 4 else "held_out" if g <= 6 else "test"].append(row)
     texts: dict[str, list[str]] = {}
     labels: dict[str, list[int]] = {}
     for name, cap in (("pool", sizes.pool), ("held_out", sizes.held_out), ("test", sizes.test)):
+        rng = random.Random(f"{DATA_SEED}-{name}")  # one stream per split: sizes stay apart
         chosen = rng.sample(by_split[name], min(cap, len(by_split[name])))
         texts[name] = [t for t, _, _ in chosen]
         labels[name] = [y for _, y, _ in chosen]

@@ -185,7 +185,7 @@ def build_report(
             "init": str(prep.init_path),
             "sizes": prep.splits.sizes(),
             "split_seed": DATA_SEED,
-            "split": "by movie: 10 groups; 0-5 train pool, 6 held-out, 7-9 test",
+            "split": "by movie: 10 groups; 0-4 train pool, 5-6 held-out, 7-9 test",
             "shift": "test snippets; 30% of words longer than 3 letters get one typo",
         },
         "recipe": {

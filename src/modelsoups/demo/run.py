@@ -26,7 +26,15 @@ from .figure import write_figure
 from .prepare import Prepared, default_cache_dir, prepare
 from .report import build_report, export_soups, print_table, write_report
 from .scoring import Scorer, accuracy
-from .soups import RECIPES, SoupTask, build_and_score, cached_soup, ensembles, soup_key
+from .soups import (
+    LEARNED_EPOCHS,
+    RECIPES,
+    SoupTask,
+    build_and_score,
+    cached_soup,
+    ensembles,
+    soup_key,
+)
 from .train import IngredientTask, cached_result, fine_tune, sample_hypers, task_key
 
 __all__ = ["DemoConfig", "run_demo"]
@@ -240,7 +248,7 @@ def ingredients_that_fit(
     workers = max(1, workers)
     scoring = sizes["held_out"] + 2 * sizes["test"]
     per_ingredient = unit * (TRAIN_COST * epochs * 0.5 * sizes["pool"] + scoring)
-    learned = TRAIN_COST * 2 * sizes["held_out"] + scoring
+    learned = TRAIN_COST * LEARNED_EPOCHS * sizes["held_out"] + scoring
     for k in range(n, MIN_INGREDIENTS - 1, -1):
         rounds = -(-k // workers)
         greedy = (k - 1) * sizes["held_out"] + 2 * sizes["test"]

