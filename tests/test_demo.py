@@ -144,21 +144,23 @@ def test_soup_folder_loads_with_from_pretrained(quick: tuple[Path, dict[str, Any
     )
 
 
-SIZES = {"pool": 3000, "held_out": 2500, "test": 2500}
+@needs_demo
+def test_training_stops_after_a_round_once_the_budget_is_spent(
+    quick: tuple[Path, dict[str, Any]],
+) -> None:
+    import time
 
+    from modelsoups.demo.prepare import prepare
+    from modelsoups.demo.run import DemoConfig, _executor, _train
 
-def test_time_budget_keeps_every_ingredient_when_it_fits() -> None:
-    from modelsoups.demo.run import ingredients_that_fit
-
-    assert ingredients_that_fit(8, 2, 0.003, SIZES, 2, seconds=1e6) == 8
-
-
-def test_time_budget_trims_ingredients_with_the_time_but_never_below_four() -> None:
-    from modelsoups.demo.run import ingredients_that_fit
-
-    fits = [ingredients_that_fit(8, 2, 0.003, SIZES, 2, seconds=s) for s in range(0, 400, 5)]
-    assert fits[0] == 4  # the floor, even when nothing fits
-    assert fits == sorted(fits)  # more time never trains fewer
-    assert 6 in fits and fits[-1] == 8
-    # one worker needs a round per ingredient: the same time fits fewer
-    assert ingredients_that_fit(8, 1, 0.003, SIZES, 2, seconds=300) < fits[60]
+    out, _ = quick
+    cfg = DemoConfig(quick=True, cache_dir=out.parent / "cache", workers=2)
+    logged: list[str] = []
+    prep = prepare(quick=True, cache_dir=cfg.cache_dir, fresh=False, log=logged.append)
+    with _executor(cfg) as ex:  # seed 1: nothing cached yet; a deadline already passed
+        spent = _train(ex, prep, cfg, 1, 6, time.perf_counter(), logged.append)
+        assert len(spent) == 4  # never fewer than 4, and no round after the budget is spent
+        assert any("stopping at 4 of 6" in m for m in logged)
+        unlimited = _train(ex, prep, cfg, 1, 6, None, logged.append)
+    assert [i.name for i in unlimited] == [f"ingredient_{k}" for k in range(6)]
+    assert [i.path for i in unlimited[:4]] == [i.path for i in spent]  # read from the cache

@@ -22,10 +22,19 @@ from rich.console import Console
 from safetensors.torch import load_file
 
 from ..errors import SoupError
+from .budget import (
+    DEFAULT_BUDGET,
+    MIN_INGREDIENTS,
+    OVERHEAD,
+    Costs,
+    another_round_fits,
+    ingredients_that_fit,
+    unit_seconds,
+)
 from .figure import write_figure
 from .prepare import Prepared, default_cache_dir, prepare
 from .report import build_report, export_soups, print_table, write_report
-from .scoring import Scorer, accuracy
+from .scoring import accuracy
 from .soups import (
     LEARNED_EPOCHS,
     RECIPES,
@@ -41,8 +50,7 @@ __all__ = ["DemoConfig", "run_demo"]
 
 T = TypeVar("T")
 R = TypeVar("R")
-MIN_INGREDIENTS = 4
-DEFAULT_BUDGET = 300.0  # seconds per seed, cold cache included: the issue's 5 minutes
+Log = Callable[[str], None]
 
 
 @dataclass
@@ -129,9 +137,12 @@ def _map_with_progress(
 
 
 def _train(
-    ex: Any, prep: Prepared, cfg: DemoConfig, seed: int, n: int, cache: Path
+    ex: Any, prep: Prepared, cfg: DemoConfig, seed: int, n: int, deadline: float | None, log: Log
 ) -> list[Ingredient]:
-    """Fine-tune (or read from the cache) `n` ingredients for one seed."""
+    """Fine-tune (or read from the cache) up to `n` ingredients for one seed, a round of
+    `--workers` at a time; with a `deadline` (perf_counter seconds by which the soups must
+    be done), stop after a round when another round and the soups would not fit."""
+    cache = (cfg.cache_dir or default_cache_dir()) / "ingredients"
     hypers = sample_hypers(n, seed, epochs=1 if cfg.quick else 2)
     tasks = [
         IngredientTask(
@@ -150,17 +161,29 @@ def _train(
         if (r := cached_result(t)) is not None:
             results[t.index] = r
     todo = [t for t in tasks if t.index not in results]
-    expected = [cache / f"{task_key(t)}.json" for t in todo]
-    t0 = time.time()
+    workers, costs, last_round = max(1, cfg.workers), _costs(cfg, prep), 0.0
+    for first in range(0, len(todo), workers):
+        chunk = todo[first : first + workers]
+        after = len(results) + len(chunk)
+        left = None if deadline is None else deadline - time.perf_counter()
+        if (left is not None and last_round and len(results) >= MIN_INGREDIENTS
+                and not another_round_fits(costs, after, last_round, left)):  # fmt: skip
+            log(f"seed {seed}: stopping at {len(results)} of {n} ingredients: another round "
+                "and the soups would not fit the time budget")  # fmt: skip
+            break
+        expected = [cache / f"{task_key(t)}.json" for t in chunk]
+        t0 = time.time()
 
-    def done() -> int:
-        return sum(p.is_file() and p.stat().st_mtime >= t0 for p in expected)
+        def done() -> int:
+            return sum(p.is_file() and p.stat().st_mtime >= t0 for p in expected)  # noqa: B023
 
-    label = f"seed {seed}: fine-tuning {len(todo)} of {n} ingredients ({n - len(todo)} cached)"
-    for r in _map_with_progress(ex, fine_tune, todo, done, label):
-        results[int(r["index"])] = r
+        label = f"seed {seed}: fine-tuning ingredients {len(results) + 1}-{after} of {n}"
+        start = time.perf_counter()
+        for r in _map_with_progress(ex, fine_tune, chunk, done, label):
+            results[int(r["index"])] = r
+        last_round = time.perf_counter() - start
     out = []
-    for r in (results[i] for i in range(n)):
+    for r in (results[i] for i in sorted(results)):
         logits = load_file(str(r["logits"]))
         hyper: dict[str, Any] = dict(r["hyper"])
         out.append(
@@ -202,60 +225,23 @@ def _soups(
     return results
 
 
-TRAIN_COST = 3.5  # one training pass over a snippet, in forward passes (measured, batch 32)
-OVERHEAD = 15.0  # seconds per seed not spent in forward passes: workers, files, export
+def _costs(cfg: DemoConfig, prep: Prepared) -> Costs:
+    sizes = {s: len(f) for s, f in prep.feats.items()}
+    return Costs(sizes, 1 if cfg.quick else 2, LEARNED_EPOCHS, max(1, cfg.workers))
 
 
-def _n_ingredients(cfg: DemoConfig, prep: Prepared, elapsed: float, seeds_left: int) -> int:
-    """How many ingredients this seed trains: `--ingredients`, or fewer if the budget says so.
-
-    The price of one forward pass of the trained layers over one snippet is measured here
-    on 256 held-out snippets with one thread, as the workers run.
-    """
+def _plan(
+    cfg: DemoConfig, prep: Prepared, elapsed: float, seeds_left: int
+) -> tuple[int, float | None]:
+    """Ingredients this seed plans to train (`--ingredients`, or fewer if the budget says
+    so) and the seconds it may take (None: no budget)."""
     n = _wanted(cfg)
     budget = _budget(cfg)
     if budget is None:
-        return n
-    held = prep.feats["held_out"]
-    sample = held.subset(torch.arange(min(256, len(held))))
-    scorer = Scorer(prep.config, {"held_out": sample})
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        scorer.held_out(prep.init)  # the first pass pays for one-time setup: not timed
-        start = time.perf_counter()
-        scorer.held_out(prep.init)
-        unit = (time.perf_counter() - start) / len(sample)
-    finally:
-        torch.set_num_threads(threads)
-    sizes = {s: len(f) for s, f in prep.feats.items()}
+        return n, None
     seconds = (budget - elapsed) / seeds_left - OVERHEAD
-    return ingredients_that_fit(n, cfg.workers, unit, sizes, 1 if cfg.quick else 2, seconds)
-
-
-def ingredients_that_fit(
-    n: int, workers: int, unit: float, sizes: dict[str, int], epochs: int, seconds: float
-) -> int:
-    """The most ingredients, from `n` down to 4, whose fine-tuning and soups fit `seconds`.
-
-    Costs are counted in forward passes over one snippet (`unit` seconds each): an
-    ingredient trains (`TRAIN_COST` each) on half the pool per epoch, then is scored on
-    held-out, test and shift; `workers` ingredients train at once, so the time goes by
-    rounds; the soups phase is bounded by the greedy soup (a held-out pass per candidate,
-    then test and shift), the learned soup (trained on held-out, then scored) and the
-    scoring of the uniform soup and WiSE-FT, shared by the workers.
-    """
-    workers = max(1, workers)
-    scoring = sizes["held_out"] + 2 * sizes["test"]
-    per_ingredient = unit * (TRAIN_COST * epochs * 0.5 * sizes["pool"] + scoring)
-    learned = TRAIN_COST * LEARNED_EPOCHS * sizes["held_out"] + scoring
-    for k in range(n, MIN_INGREDIENTS - 1, -1):
-        rounds = -(-k // workers)
-        greedy = (k - 1) * sizes["held_out"] + 2 * sizes["test"]
-        soups = unit * max(greedy, learned, (greedy + learned + 2 * scoring) / workers)
-        if rounds * per_ingredient + soups <= seconds:
-            return k
-    return min(n, MIN_INGREDIENTS)
+    unit = unit_seconds(prep.config, prep.init, prep.feats["held_out"])
+    return ingredients_that_fit(n, _costs(cfg, prep), unit, seconds), seconds
 
 
 def _wanted(cfg: DemoConfig) -> int:
@@ -270,12 +256,19 @@ def _budget(cfg: DemoConfig) -> float | None:
     return cfg.time_budget or None
 
 
-def run_seed(ex: Any, prep: Prepared, cfg: DemoConfig, seed: int, n: int) -> dict[str, Any]:
+def run_seed(
+    ex: Any, prep: Prepared, cfg: DemoConfig, seed: int, log: Log, elapsed: float, seeds_left: int
+) -> dict[str, Any]:
     """Fine-tune, soup and score for one seed; returns what the report needs of it."""
+    start = time.perf_counter()
+    n, seconds = _plan(cfg, prep, elapsed, seeds_left)
+    trimmed = f" (of {_wanted(cfg)}: the time budget)" if n < _wanted(cfg) else ""
+    log(f"seed {seed}: {n} ingredients{trimmed}")
+    deadline = None if seconds is None else start + seconds
     cache = cfg.cache_dir or default_cache_dir()
     timings: dict[str, float] = {}
     start = time.perf_counter()
-    ingredients = _train(ex, prep, cfg, seed, n, cache / "ingredients")
+    ingredients = _train(ex, prep, cfg, seed, n, deadline, log)
     timings["fine_tune"] = time.perf_counter() - start
     start = time.perf_counter()
     soups = _soups(ex, prep, cfg, ingredients, cache / "soups")
@@ -321,10 +314,8 @@ def run_demo(cfg: DemoConfig, console: Console | None = None) -> dict[str, Any]:
         warm.join()
         runs = []
         for k, seed in enumerate(cfg.seeds):
-            n = _n_ingredients(cfg, prep, time.perf_counter() - t0, len(cfg.seeds) - k)
-            trimmed = f" (of {_wanted(cfg)}: the time budget)" if n < _wanted(cfg) else ""
-            console.log(f"seed {seed}: {n} ingredients{trimmed}")
-            runs.append(run_seed(ex, prep, cfg, seed, n))
+            elapsed, left = time.perf_counter() - t0, len(cfg.seeds) - k
+            runs.append(run_seed(ex, prep, cfg, seed, console.log, elapsed, left))
     config = {**asdict(cfg), "time_budget": _budget(cfg)}  # the budget in force, in seconds
     report = build_report(prep, runs, config, time.perf_counter() - t0)
     start = time.perf_counter()
