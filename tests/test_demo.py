@@ -96,6 +96,7 @@ def test_report_structure(quick: tuple[Path, dict[str, Any]]) -> None:
     assert report["methods"]["uniform_soup"]["size"] == 4
     assert 1 <= report["methods"]["greedy_soup"]["size"] <= 4
     assert {"features", "linear_probe", "total"} <= set(report["timings"])
+    assert {"fine_tune", "soups", "plan_seconds", "plan_unit_ms"} <= set(seed["timings"])
     assert {"torch", "transformers", "modelsoups"} <= set(report["versions"])
     assert (out / "figure.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     best = report["methods"]["best_individual"]["name"]

@@ -38,10 +38,13 @@ from .scoring import accuracy
 from .soups import (
     LEARNED_EPOCHS,
     RECIPES,
+    ScoreTask,
     SoupTask,
-    build_and_score,
+    build_soup,
     cached_soup,
     ensembles,
+    finish_soup,
+    score_soup,
     soup_key,
 )
 from .train import IngredientTask, cached_result, fine_tune, sample_hypers, task_key
@@ -102,14 +105,20 @@ def _executor(cfg: DemoConfig) -> Any:
 
 
 def _map_with_progress(
-    ex: Any, fn: Callable[[T], R], items: Sequence[T], done: Callable[[], int], label: str
+    ex: Any, fn: Callable[[T], R], items: Sequence[T], outputs: Sequence[Path], label: str
 ) -> list[R]:
     """`ex.map(fn, items)` in a thread while a progress bar counts finished items.
 
-    Workers report nothing back until the end, so progress is read from `done()` (how many
-    result files exist) — this works the same for local processes and Ray.
+    Workers report nothing back until the end, so progress is read from the files they
+    write (`outputs`, one per item, counted once newer than the start) — this works the
+    same for local processes and Ray.
     """
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    t0 = time.time()
+
+    def done() -> int:
+        return sum(p.is_file() and p.stat().st_mtime >= t0 for p in outputs)
 
     result: dict[str, Any] = {}
 
@@ -172,14 +181,9 @@ def _train(
                 "and the soups would not fit the time budget")  # fmt: skip
             break
         expected = [cache / f"{task_key(t)}.json" for t in chunk]
-        t0 = time.time()
-
-        def done() -> int:
-            return sum(p.is_file() and p.stat().st_mtime >= t0 for p in expected)  # noqa: B023
-
         label = f"seed {seed}: fine-tuning ingredients {len(results) + 1}-{after} of {n}"
         start = time.perf_counter()
-        for r in _map_with_progress(ex, fine_tune, chunk, done, label):
+        for r in _map_with_progress(ex, fine_tune, chunk, expected, label):
             results[int(r["index"])] = r
         last_round = time.perf_counter() - start
     out = []
@@ -201,7 +205,8 @@ def _train(
 def _soups(
     ex: Any, prep: Prepared, cfg: DemoConfig, ings: list[Ingredient], out: Path
 ) -> dict[str, Any]:
-    """Build and score every soup in worker processes (or read them from the cache)."""
+    """Build every soup, then score each on its splits, in worker processes (or read them
+    from the cache)."""
     tasks = [
         SoupTask(recipe, tuple(i.name for i in ings), tuple(i.path for i in ings),
                  tuple(i.held_out for i in ings), str(prep.init_path), str(prep.feature_dir),
@@ -212,16 +217,17 @@ def _soups(
     if not cfg.fresh:
         results = {t.recipe: r for t in tasks if (r := cached_soup(t)) is not None}
     todo = [t for t in tasks if t.recipe not in results]
-    t0 = time.time()
-
-    def done() -> int:
-        paths = [out / f"{t.recipe}-{soup_key(t)}.json" for t in todo]
-        return sum(p.is_file() and p.stat().st_mtime >= t0 for p in paths)
-
-    for r in _map_with_progress(ex, build_and_score, todo, done, "soups"):
-        results[r["recipe"]] = r
+    weights = [out / f"{t.recipe}-{soup_key(t)}.safetensors" for t in todo]
+    built = _map_with_progress(ex, build_soup, todo, weights, "soups: building")
+    jobs = [ScoreTask(b["file"], s, str(prep.feature_dir), prep.config)
+            for b in built for s in b["splits"]]  # fmt: skip
+    logits = [j.logits_path() for j in jobs]
+    _map_with_progress(ex, score_soup, jobs, logits, "soups: scoring")
+    for b in built:
+        mine = {j.split: str(j.logits_path()) for j in jobs if j.weights == b["file"]}
+        results[b["recipe"]] = finish_soup(b, mine)
     for r in results.values():
-        r["logits"] = load_file(r["logits"])
+        r["logits"] = {s: load_file(p)["logits"] for s, p in r["logits"].items()}
     return results
 
 
@@ -232,16 +238,18 @@ def _costs(cfg: DemoConfig, prep: Prepared) -> Costs:
 
 def _plan(
     cfg: DemoConfig, prep: Prepared, elapsed: float, seeds_left: int
-) -> tuple[int, float | None]:
+) -> tuple[int, dict[str, float]]:
     """Ingredients this seed plans to train (`--ingredients`, or fewer if the budget says
-    so) and the seconds it may take (None: no budget)."""
+    so), and the plan's numbers: `seconds` the seed may take, `unit_ms` the priced forward
+    pass over one snippet (both absent without a budget)."""
     n = _wanted(cfg)
     budget = _budget(cfg)
     if budget is None:
-        return n, None
+        return n, {}
     seconds = (budget - elapsed) / seeds_left - OVERHEAD
     unit = unit_seconds(prep.config, prep.init, prep.feats["held_out"])
-    return ingredients_that_fit(n, _costs(cfg, prep), unit, seconds), seconds
+    k = ingredients_that_fit(n, _costs(cfg, prep), unit, seconds)
+    return k, {"seconds": seconds, "unit_ms": 1000 * unit}
 
 
 def _wanted(cfg: DemoConfig) -> int:
@@ -261,12 +269,12 @@ def run_seed(
 ) -> dict[str, Any]:
     """Fine-tune, soup and score for one seed; returns what the report needs of it."""
     start = time.perf_counter()
-    n, seconds = _plan(cfg, prep, elapsed, seeds_left)
+    n, plan = _plan(cfg, prep, elapsed, seeds_left)
     trimmed = f" (of {_wanted(cfg)}: the time budget)" if n < _wanted(cfg) else ""
     log(f"seed {seed}: {n} ingredients{trimmed}")
-    deadline = None if seconds is None else start + seconds
+    deadline = start + plan["seconds"] if plan else None
     cache = cfg.cache_dir or default_cache_dir()
-    timings: dict[str, float] = {}
+    timings = {f"plan_{k}": v for k, v in plan.items()}
     start = time.perf_counter()
     ingredients = _train(ex, prep, cfg, seed, n, deadline, log)
     timings["fine_tune"] = time.perf_counter() - start

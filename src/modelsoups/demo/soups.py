@@ -6,8 +6,10 @@ soup, and WiSE-FT between the shared LP init and the best individual (by held-ou
 the output ensemble and greedy ensemble from the cached logits. Selection only ever sees
 held-out data; test and shift are scored afterwards.
 
-Each soup is one `SoupTask` run by `build_and_score` in a worker process, so greedy
-(sequential held-out evaluations) and learned (gradient steps) run side by side.
+Each soup is built by one `SoupTask` in a worker process (`build_soup`), so greedy
+(sequential held-out evaluations) and learned (gradient steps) run side by side; then
+every soup is scored on every split it still needs, one `ScoreTask` per split
+(`score_soup`), spread evenly over the workers.
 """
 
 from __future__ import annotations
@@ -26,9 +28,19 @@ import modelsoups
 from .model import Features
 from .scoring import EVAL_SPLITS, Scorer
 
-__all__ = ["RECIPES", "SoupTask", "build_and_score", "cached_soup", "ensembles", "soup_key"]
+__all__ = [
+    "RECIPES",
+    "ScoreTask",
+    "SoupTask",
+    "build_soup",
+    "cached_soup",
+    "ensembles",
+    "finish_soup",
+    "score_soup",
+    "soup_key",
+]
 
-FORMAT = 1  # bump when a recipe's settings or outputs change meaning
+FORMAT = 2  # bump when a recipe's settings or outputs change meaning (2: logits per split)
 RECIPES = ("greedy_soup", "learned_soup", "uniform_soup", "wise_ft")  # slowest first
 WISE_FT_ALPHA = 0.5  # the WiSE-FT paper's default mixing; fixed, so it costs no selection
 LEARNED_EPOCHS = 1  # over held-out (40 steps of 64); costs ~3 forward passes over it
@@ -103,22 +115,20 @@ def _wise_ft(task: SoupTask, sds: list[dict[str, torch.Tensor]]) -> dict[str, An
                                           task.names[best]: WISE_FT_ALPHA}}  # fmt: skip
 
 
-def build_and_score(task: SoupTask) -> dict[str, Any]:
-    """Worker: build `task.recipe`'s soup, score it, save weights and logits.
+def build_soup(task: SoupTask) -> dict[str, Any]:
+    """Worker, first stage: build `task.recipe`'s soup and save its weights.
 
     Returns:
-        recipe, soup weights file, logits file, per-ingredient mixing weights, held-out
-        score when selection already measured it, and recipe details (history, losses).
+        recipe, soup weights file, per-ingredient mixing weights, held-out score when
+        selection already measured it, recipe details (history, losses), and `splits`: the
+        splits still to score (second stage, `score_soup`).
     """
     torch.set_num_threads(1)
-    fdir = Path(task.feature_dir)
-    feats = {s: Features.load(fdir / f"{s}.safetensors") for s in EVAL_SPLITS}
-    scorer = Scorer(task.config, feats)
     sds = [load_file(w) for w in task.weights]
-    if task.recipe == "greedy_soup":
-        info = _greedy(task, sds, scorer)
-    elif task.recipe == "learned_soup":
-        info = _learned(task, sds, scorer)
+    if task.recipe in ("greedy_soup", "learned_soup"):  # these two see held-out, only it
+        held = Features.load(Path(task.feature_dir) / "held_out.safetensors")
+        scorer = Scorer(task.config, {"held_out": held})
+        info = (_greedy if task.recipe == "greedy_soup" else _learned)(task, sds, scorer)
     elif task.recipe == "uniform_soup":
         info = _uniform(task, sds)
     elif task.recipe == "wise_ft":
@@ -126,19 +136,59 @@ def build_and_score(task: SoupTask) -> dict[str, Any]:
     else:
         raise ValueError(f"unknown recipe {task.recipe!r}; expected one of {RECIPES}")
     sd = {k: v.detach().contiguous() for k, v in info.pop("state_dict").items()}
-    splits = EVAL_SPLITS[1:] if "held_out" in info else EVAL_SPLITS
-    logits = {s: scorer.logits(sd, s).contiguous() for s in splits}
     out = Path(task.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    stem = out / f"{task.recipe}-{soup_key(task)}"
-    save_file(sd, f"{stem}.safetensors")
-    save_file(logits, f"{stem}.logits.safetensors")
-    result = {"recipe": task.recipe, "file": f"{stem}.safetensors",
-              "logits": f"{stem}.logits.safetensors", **info}  # fmt: skip
-    tmp = Path(f"{stem}.json.tmp")
+    weights = out / f"{task.recipe}-{soup_key(task)}.safetensors"
+    _save_atomic(sd, weights)
+    splits = EVAL_SPLITS[1:] if "held_out" in info else EVAL_SPLITS
+    return {"recipe": task.recipe, "file": str(weights), "splits": list(splits), **info}
+
+
+@dataclass(frozen=True)
+class ScoreTask:
+    """Score one saved soup on one split (picklable, for the executor)."""
+
+    weights: str
+    split: str
+    feature_dir: str
+    config: dict[str, Any]
+
+    def logits_path(self) -> Path:
+        """Where `score_soup` writes the logits: beside the weights, named by split."""
+        return Path(self.weights).with_suffix(f".{self.split}.logits.safetensors")
+
+
+def score_soup(task: ScoreTask) -> str:
+    """Worker, second stage: logits of a saved soup on one split, saved beside it.
+
+    Scoring is split from building so that the two workers share it evenly: greedy soup's
+    held-out passes and learned soup's training are the long builds; everything else is
+    one pass over one split.
+    """
+    torch.set_num_threads(1)
+    feats = Features.load(Path(task.feature_dir) / f"{task.split}.safetensors")
+    scorer = Scorer(task.config, {task.split: feats})
+    logits = scorer.logits(load_file(task.weights), task.split).contiguous()
+    _save_atomic({"logits": logits}, task.logits_path())
+    return str(task.logits_path())
+
+
+def finish_soup(built: dict[str, Any], logits: dict[str, str]) -> dict[str, Any]:
+    """Record a soup whose build and scoring are done: its `.json` is written last, so its
+    presence in the cache means the soup is complete."""
+    result = {k: v for k, v in built.items() if k != "splits"} | {"logits": logits}
+    path = Path(built["file"]).with_suffix(".json")
+    tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(result))
-    tmp.replace(f"{stem}.json")  # written last: its presence means the soup is complete
+    tmp.replace(path)
     return result
+
+
+def _save_atomic(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """Write a safetensors file via a temporary name: the cache is never half-written."""
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(tensors, str(tmp))
+    tmp.replace(path)
 
 
 def soup_key(task: SoupTask) -> str:
