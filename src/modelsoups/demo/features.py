@@ -17,8 +17,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
 
+from .atomic import save_tensors
 from .data import Splits
 from .model import FROZEN_LAYERS, MAX_LEN, Features, additive_mask, model_path
 
@@ -79,9 +79,7 @@ def encode_split(
 def save_features(feats: Features, path: Path) -> None:
     """Write features atomically (a crash never leaves a half-written cache file)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    save_file(feats.to_tensors(), str(tmp))
-    tmp.replace(path)
+    save_tensors(feats.to_tensors(), path)
 
 
 class LinearProbe:

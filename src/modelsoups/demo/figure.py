@@ -10,6 +10,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from .atomic import write_atomic
+
 __all__ = ["write_figure"]
 
 STARS = {  # method -> (label, colour)
@@ -94,7 +96,7 @@ def write_figure(report: dict[str, Any], path: Path) -> None:
     fig.legend(handles, labels, loc="lower center", ncol=ncol, fontsize=9, frameon=False)
     fig.suptitle("Model soups: all-MiniLM-L6-v2 on Rotten Tomatoes (cf. paper Fig. 1)", fontsize=11)
     fig.tight_layout(rect=(0, (0.22 * legend_rows + 0.1) / height, 1, 1))
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=130)
-    plt.close(fig)
-    tmp.replace(path)
+    try:
+        write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=130))
+    finally:
+        plt.close(fig)

@@ -21,6 +21,7 @@ from rich.table import Table
 from safetensors.torch import load_file, save_file
 
 from .. import __version__
+from .atomic import save_json
 from .data import DATA_SEED
 from .model import FROZEN_LAYERS, model_path
 from .prepare import Prepared
@@ -206,9 +207,7 @@ def build_report(
 
 def write_report(report: dict[str, Any], path: Path) -> None:
     """report.json, atomically."""
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(report, indent=2) + "\n")
-    tmp.replace(path)
+    save_json(report, path, indent=2)
 
 
 def _full_state(base: dict[str, torch.Tensor], top: dict[str, torch.Tensor]) -> dict[str, Any]:

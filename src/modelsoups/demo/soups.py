@@ -21,10 +21,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 import modelsoups
 
+from .atomic import save_json, save_tensors
 from .model import Features
 from .scoring import EVAL_SPLITS, Scorer
 
@@ -139,7 +140,7 @@ def build_soup(task: SoupTask) -> dict[str, Any]:
     out = Path(task.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     weights = out / f"{task.recipe}-{soup_key(task)}.safetensors"
-    _save_atomic(sd, weights)
+    save_tensors(sd, weights)
     splits = EVAL_SPLITS[1:] if "held_out" in info else EVAL_SPLITS
     return {"recipe": task.recipe, "file": str(weights), "splits": list(splits), **info}
 
@@ -169,7 +170,7 @@ def score_soup(task: ScoreTask) -> str:
     feats = Features.load(Path(task.feature_dir) / f"{task.split}.safetensors")
     scorer = Scorer(task.config, {task.split: feats})
     logits = scorer.logits(load_file(task.weights), task.split).contiguous()
-    _save_atomic({"logits": logits}, task.logits_path())
+    save_tensors({"logits": logits}, task.logits_path())
     return str(task.logits_path())
 
 
@@ -177,18 +178,8 @@ def finish_soup(built: dict[str, Any], logits: dict[str, str]) -> dict[str, Any]
     """Record a soup whose build and scoring are done: its `.json` is written last, so its
     presence in the cache means the soup is complete."""
     result = {k: v for k, v in built.items() if k != "splits"} | {"logits": logits}
-    path = Path(built["file"]).with_suffix(".json")
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(result))
-    tmp.replace(path)
+    save_json(result, Path(built["file"]).with_suffix(".json"))
     return result
-
-
-def _save_atomic(tensors: dict[str, torch.Tensor], path: Path) -> None:
-    """Write a safetensors file via a temporary name: the cache is never half-written."""
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp))
-    tmp.replace(path)
 
 
 def soup_key(task: SoupTask) -> str:

@@ -23,8 +23,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
+from .atomic import save_json, save_tensors
 from .model import Features, Top, predict_logits
 
 __all__ = ["GRID", "Hyper", "IngredientTask", "cached_result", "fine_tune", "sample_hypers"]
@@ -182,8 +183,8 @@ def fine_tune(task: IngredientTask) -> dict[str, Any]:
     train_seconds = time.perf_counter() - start
     logits = {s: predict_logits(top, feats[s]) for s in SPLITS if s != "pool"}
     Path(task.out_dir).mkdir(parents=True, exist_ok=True)
-    _save_atomic({k: v.detach().contiguous() for k, v in top.state_dict().items()}, weights)
-    _save_atomic(logits, logits_path)
+    save_tensors({k: v.detach().contiguous() for k, v in top.state_dict().items()}, weights)
+    save_tensors(logits, logits_path)
     result = {
         "index": task.index,
         "hyper": asdict(task.hyper),
@@ -193,17 +194,8 @@ def fine_tune(task: IngredientTask) -> dict[str, Any]:
         "eval_seconds": time.perf_counter() - start - train_seconds,
         "cached": False,
     }
-    tmp = info.with_name(info.name + ".tmp")
-    tmp.write_text(json.dumps(result))
-    tmp.replace(info)  # written last: its presence means the ingredient is complete
+    save_json(result, info)  # written last: its presence means the ingredient is complete
     return result
 
 
 SPLITS = ("pool", "held_out", "test", "shift")
-
-
-def _save_atomic(tensors: dict[str, torch.Tensor], path: Path) -> None:
-    """Write a safetensors file via a temporary name, so the cache is never half-written."""
-    tmp = path.with_name(path.name + f".{time.time_ns()}.tmp")
-    save_file(tensors, str(tmp))
-    tmp.replace(path)
