@@ -50,15 +50,13 @@ class Costs:
         return TRAIN_COST * self.epochs * 0.5 * self.sizes["pool"] + self._scoring()
 
     def soups(self, k: int) -> float:
-        """The soup phase for `k` ingredients, in two stages. Building: greedy soup (a
-        held-out pass per candidate) and learned soup (trained on held-out) side by side;
-        uniform soup and WiSE-FT cost nothing. Scoring, shared out evenly: test and shift
-        for greedy (its held-out score is known), all three splits for the other three."""
-        greedy = (k - 1) * self.sizes["held_out"]
-        learned = TRAIN_COST * self.learned_epochs * self.sizes["held_out"]
-        build = max(greedy, learned, (greedy + learned) / self.workers)
-        scoring = 2 * self.sizes["test"] + 3 * self._scoring()
-        return build + scoring / self.workers
+        """The soup phase for `k` ingredients: one map whose longest jobs are greedy soup
+        (a held-out pass per candidate, then test and shift) and learned soup (trained on
+        held-out, then scored), and whose other jobs (uniform soup and WiSE-FT, one split
+        each) fill the workers around them."""
+        greedy = (k - 1) * self.sizes["held_out"] + 2 * self.sizes["test"]
+        learned = TRAIN_COST * self.learned_epochs * self.sizes["held_out"] + self._scoring()
+        return max(greedy, learned, (greedy + learned + 2 * self._scoring()) / self.workers)
 
     def rounds(self, k: int) -> int:
         """Fine-tuning rounds for `k` ingredients: `workers` of them train at once."""

@@ -38,13 +38,14 @@ from .scoring import accuracy
 from .soups import (
     LEARNED_EPOCHS,
     RECIPES,
+    SELECTED,
     ScoreTask,
     SoupTask,
     build_soup,
     cached_soup,
     ensembles,
     finish_soup,
-    score_soup,
+    soup_job,
     soup_key,
 )
 from .train import IngredientTask, cached_result, fine_tune, sample_hypers, task_key
@@ -205,8 +206,7 @@ def _train(
 def _soups(
     ex: Any, prep: Prepared, cfg: DemoConfig, ings: list[Ingredient], out: Path
 ) -> dict[str, Any]:
-    """Build every soup, then score each on its splits, in worker processes (or read them
-    from the cache)."""
+    """Build and score every soup in worker processes (or read them from the cache)."""
     tasks = [
         SoupTask(recipe, tuple(i.name for i in ings), tuple(i.path for i in ings),
                  tuple(i.held_out for i in ings), str(prep.init_path), str(prep.feature_dir),
@@ -217,14 +217,18 @@ def _soups(
     if not cfg.fresh:
         results = {t.recipe: r for t in tasks if (r := cached_soup(t)) is not None}
     todo = [t for t in tasks if t.recipe not in results]
-    weights = [out / f"{t.recipe}-{soup_key(t)}.safetensors" for t in todo]
-    built = _map_with_progress(ex, build_soup, todo, weights, "soups: building")
-    jobs = [ScoreTask(b["file"], s, str(prep.feature_dir), prep.config)
-            for b in built for s in b["splits"]]  # fmt: skip
-    logits = [j.logits_path() for j in jobs]
-    _map_with_progress(ex, score_soup, jobs, logits, "soups: scoring")
+    selected = [t for t in todo if t.recipe in SELECTED]
+    jobs: list[SoupTask | ScoreTask] = list(selected)
+    outputs = [out / f"{t.recipe}-{soup_key(t)}.json" for t in selected]
+    built = [build_soup(t) for t in todo if t.recipe not in SELECTED]  # averages: instant
     for b in built:
-        mine = {j.split: str(j.logits_path()) for j in jobs if j.weights == b["file"]}
+        splits = [ScoreTask(b["file"], s, str(prep.feature_dir), prep.config) for s in b["splits"]]
+        jobs += splits
+        outputs += [t.logits_path() for t in splits]
+    done = _map_with_progress(ex, soup_job, jobs, outputs, "soups")
+    results |= {r["recipe"]: r for r in done if "recipe" in r}
+    for b in built:
+        mine = {r["split"]: r["logits"] for r in done if r.get("weights") == b["file"]}
         results[b["recipe"]] = finish_soup(b, mine)
     for r in results.values():
         r["logits"] = {s: load_file(p)["logits"] for s, p in r["logits"].items()}

@@ -6,10 +6,10 @@ soup, and WiSE-FT between the shared LP init and the best individual (by held-ou
 the output ensemble and greedy ensemble from the cached logits. Selection only ever sees
 held-out data; test and shift are scored afterwards.
 
-Each soup is built by one `SoupTask` in a worker process (`build_soup`), so greedy
-(sequential held-out evaluations) and learned (gradient steps) run side by side; then
-every soup is scored on every split it still needs, one `ScoreTask` per split
-(`score_soup`), spread evenly over the workers.
+The soup phase is one map of jobs over the workers (`soup_job`): greedy soup (sequential
+held-out evaluations) and learned soup (gradient steps), each built and scored in one
+job, start first; the uniform soup and WiSE-FT, plain averages built at once in the
+calling process, are scored one split per job (`ScoreTask`) on whichever worker is free.
 """
 
 from __future__ import annotations
@@ -38,11 +38,13 @@ __all__ = [
     "ensembles",
     "finish_soup",
     "score_soup",
+    "soup_job",
     "soup_key",
 ]
 
 FORMAT = 2  # bump when a recipe's settings or outputs change meaning (2: logits per split)
 RECIPES = ("greedy_soup", "learned_soup", "uniform_soup", "wise_ft")  # slowest first
+SELECTED = ("greedy_soup", "learned_soup")  # built on held-out in a worker; others: instant
 WISE_FT_ALPHA = 0.5  # the WiSE-FT paper's default mixing; fixed, so it costs no selection
 LEARNED_EPOCHS = 1  # over held-out (40 steps of 64); costs ~3 forward passes over it
 LEARNED_BATCH = 64
@@ -117,14 +119,13 @@ def _wise_ft(task: SoupTask, sds: list[dict[str, torch.Tensor]]) -> dict[str, An
 
 
 def build_soup(task: SoupTask) -> dict[str, Any]:
-    """Worker, first stage: build `task.recipe`'s soup and save its weights.
+    """Build `task.recipe`'s soup and save its weights.
 
     Returns:
         recipe, soup weights file, per-ingredient mixing weights, held-out score when
         selection already measured it, recipe details (history, losses), and `splits`: the
-        splits still to score (second stage, `score_soup`).
+        splits still to score.
     """
-    torch.set_num_threads(1)
     sds = [load_file(w) for w in task.weights]
     if task.recipe in ("greedy_soup", "learned_soup"):  # these two see held-out, only it
         held = Features.load(Path(task.feature_dir) / "held_out.safetensors")
@@ -160,13 +161,7 @@ class ScoreTask:
 
 
 def score_soup(task: ScoreTask) -> str:
-    """Worker, second stage: logits of a saved soup on one split, saved beside it.
-
-    Scoring is split from building so that the two workers share it evenly: greedy soup's
-    held-out passes and learned soup's training are the long builds; everything else is
-    one pass over one split.
-    """
-    torch.set_num_threads(1)
+    """Logits of a saved soup on one split, saved beside it; returns their file."""
     feats = Features.load(Path(task.feature_dir) / f"{task.split}.safetensors")
     scorer = Scorer(task.config, {task.split: feats})
     logits = scorer.logits(load_file(task.weights), task.split).contiguous()
@@ -180,6 +175,21 @@ def finish_soup(built: dict[str, Any], logits: dict[str, str]) -> dict[str, Any]
     result = {k: v for k, v in built.items() if k != "splits"} | {"logits": logits}
     save_json(result, Path(built["file"]).with_suffix(".json"))
     return result
+
+
+def soup_job(job: SoupTask | ScoreTask) -> dict[str, Any]:
+    """Worker: one job of the soup phase, either a whole selected soup (greedy or learned:
+    build on held-out, then score) or one split of a soup built without selection.
+
+    Returns:
+        the finished soup's record, or `{"weights", "split", "logits"}` for a split.
+    """
+    torch.set_num_threads(1)
+    if isinstance(job, ScoreTask):
+        return {"weights": job.weights, "split": job.split, "logits": score_soup(job)}
+    built = build_soup(job)
+    splits = [ScoreTask(built["file"], s, job.feature_dir, job.config) for s in built["splits"]]
+    return finish_soup(built, {t.split: score_soup(t) for t in splits})
 
 
 def soup_key(task: SoupTask) -> str:
