@@ -38,6 +38,7 @@ __all__ = [
 FROZEN_LAYERS = 4  # embeddings + layers 0-3 are frozen and cached; layers 4-5 are trained
 TRAINED_LAYERS = 2
 MAX_LEN = 64  # tokens; the longest snippet has 78 word pieces, 99.9% fit in 64
+BATCH = 64  # snippets per scoring batch (see `predict_logits`)
 INSTALL = "pip install 'modelsoups[demo]'"
 
 
@@ -249,7 +250,7 @@ def length_batches(lengths: torch.Tensor, batch_size: int) -> list[torch.Tensor]
     return list(torch.split(order, batch_size))
 
 
-def predict_logits(top: nn.Module, feats: Features, batch_size: int = 64) -> torch.Tensor:
+def predict_logits(top: nn.Module, feats: Features, batch_size: int = BATCH) -> torch.Tensor:
     """Logits [N,2] of `top` on every snippet of `feats`, in the snippets' order.
 
     Batches of 64 keep the [B·L, 1536] intermediate in cache: measured 25% faster per
