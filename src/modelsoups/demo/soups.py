@@ -127,7 +127,7 @@ def build_soup(task: SoupTask) -> dict[str, Any]:
         splits still to score.
     """
     sds = [load_file(w) for w in task.weights]
-    if task.recipe in ("greedy_soup", "learned_soup"):  # these two see held-out, only it
+    if task.recipe in SELECTED:  # these two see held-out, and only it
         held = Features.load(Path(task.feature_dir) / "held_out.safetensors")
         scorer = Scorer(task.config, {"held_out": held})
         info = (_greedy if task.recipe == "greedy_soup" else _learned)(task, sds, scorer)
