@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno
+import re
 from pathlib import Path
 
 import pytest
@@ -9,15 +11,19 @@ import torch
 from safetensors.torch import load_file
 
 from modelsoups.demo.atomic import save_json, save_tensors, write_atomic
+from modelsoups.errors import OutputError
 
 
 def test_a_failed_write_leaves_neither_the_file_nor_a_temporary(tmp_path: Path) -> None:
+    path = tmp_path / "weights.safetensors"
+
     def fail(tmp: Path) -> None:
         tmp.write_bytes(b"half")
-        raise OSError("disk full")
+        raise OSError(errno.ENOSPC, "No space left on device")
 
-    with pytest.raises(OSError, match="disk full"):
-        write_atomic(tmp_path / "weights.safetensors", fail)
+    with pytest.raises(OutputError, match=f"^{re.escape(str(path))}: disk full") as e:
+        write_atomic(path, fail)
+    assert "\n" not in str(e.value)
     assert list(tmp_path.iterdir()) == []
 
 

@@ -1,13 +1,11 @@
-"""The demo writes every cache and output file atomically: a temporary name in the same
-folder, renamed at the end, so a crash or Ctrl-C never leaves half a file that a later run
-would take for a finished one. Temporary names carry the process id and a clock, so two
-workers writing the same file never share one."""
+"""The demo writes every cache and output file atomically, through the project's own
+`atomic_path` (the one `soup` uses for its outputs): a temporary name in the same folder,
+renamed at the end, so a crash or Ctrl-C never leaves half a file that a later run would
+take for a finished one, and a full disk is one clear error naming the file."""
 
 from __future__ import annotations
 
 import json
-import os
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -15,17 +13,16 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
+from ..io.writer import atomic_path
+
 __all__ = ["save_json", "save_tensors", "write_atomic"]
 
 
 def write_atomic(path: Path, write: Callable[[Path], object]) -> None:
-    """Call `write(tmp)` for a temporary `tmp` beside `path`, then rename it to `path`."""
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.{time.time_ns()}.tmp{path.suffix}")
-    try:
+    """Call `write(tmp)` for a temporary `tmp` beside `path`, then rename it to `path`
+    (replacing an older `path`: the cache is rewritten with `--fresh`)."""
+    with atomic_path(path, folder=False, overwrite=True) as tmp:
         write(tmp)
-        tmp.replace(path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:

@@ -97,6 +97,6 @@ def write_figure(report: dict[str, Any], path: Path) -> None:
     fig.suptitle("Model soups: all-MiniLM-L6-v2 on Rotten Tomatoes (cf. paper Fig. 1)", fontsize=11)
     fig.tight_layout(rect=(0, (0.22 * legend_rows + 0.1) / height, 1, 1))
     try:
-        write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=130))
+        write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=130, format="png"))
     finally:
         plt.close(fig)
