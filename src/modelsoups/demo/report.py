@@ -232,6 +232,7 @@ def export_soups(
     config and tokenizer files are copied next to them.
     """
     from modelsoups.io.folder import copy_model_files
+    from modelsoups.io.writer import atomic_path
 
     src = Path(model_path())
     base = load_file(str(src / "model.safetensors"))
@@ -242,19 +243,22 @@ def export_soups(
             if name not in run["soups"]:
                 continue
             sd, folder = load_file(run["soups"][name]["file"]), root / name
-            folder.mkdir(parents=True, exist_ok=True)
-            save_file(_full_state(base, sd), str(folder / "model.safetensors"),
-                      metadata={"format": "pt", "recipe": name})  # fmt: skip
-            copy_model_files(src, folder)
-            head = {"weight": sd["head.weight"].contiguous(), "bias": sd["head.bias"].contiguous()}
-            save_file(head, str(folder / "head.safetensors"), metadata={"labels": "rotten,fresh"})
-            meta = {
-                "recipe": name,
-                "weights": run["soups"][name]["weights"],
-                "seed": run["seed"],
-                "head": "logits = head.weight @ mean_pool(last_hidden_state) + head.bias",
-            }
-            (folder / "soup.json").write_text(json.dumps(meta, indent=2) + "\n")
+            root.mkdir(parents=True, exist_ok=True)
+            # the whole folder appears at once (replacing an older run's): never half a model
+            with atomic_path(folder, folder=True, overwrite=True) as tmp:
+                save_file(_full_state(base, sd), str(tmp / "model.safetensors"),
+                          metadata={"format": "pt", "recipe": name})  # fmt: skip
+                copy_model_files(src, tmp)
+                head = {"weight": sd["head.weight"].contiguous(),
+                        "bias": sd["head.bias"].contiguous()}  # fmt: skip
+                save_file(head, str(tmp / "head.safetensors"), metadata={"labels": "rotten,fresh"})
+                meta = {
+                    "recipe": name,
+                    "weights": run["soups"][name]["weights"],
+                    "seed": run["seed"],
+                    "head": "logits = head.weight @ mean_pool(last_hidden_state) + head.bias",
+                }
+                (tmp / "soup.json").write_text(json.dumps(meta, indent=2) + "\n")
             seed["soup_folders"][name] = str(folder)
     console.log(f"wrote the soups as Hugging Face model folders under {out}")
 
