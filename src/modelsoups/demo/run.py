@@ -171,9 +171,9 @@ def _train(
         if (r := cached_result(t)) is not None:
             results[t.index] = r
     todo = [t for t in tasks if t.index not in results]
-    workers, costs, last_round = max(1, cfg.workers), _costs(cfg, prep), 0.0
-    for first in range(0, len(todo), workers):
-        chunk = todo[first : first + workers]
+    costs, last_round = _costs(cfg, prep), 0.0
+    for first in range(0, len(todo), costs.workers):  # a round: one ingredient per worker
+        chunk = todo[first : first + costs.workers]
         after = len(results) + len(chunk)
         left = None if deadline is None else deadline - time.perf_counter()
         if (left is not None and last_round and len(results) >= MIN_INGREDIENTS
