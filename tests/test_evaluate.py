@@ -116,7 +116,7 @@ def test_command_evaluator_failures_name_the_candidate(tmp_path: Path, body: str
     started = time.perf_counter()
     with pytest.raises(EvaluationError, match=f"candidate 'run7'.*{match}"):
         ev.run(tmp_path / "x.safetensors", "run7")
-    assert time.perf_counter() - started < 60
+    assert time.perf_counter() - started < (10 if "sleep" in body else 60)
 
 
 def test_timeout_kills_the_commands_children(tmp_path: Path) -> None:
