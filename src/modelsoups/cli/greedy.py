@@ -26,6 +26,17 @@ from .common import (
     err,
     say,
 )
+from .evaluate import (
+    BatchSize,
+    Data,
+    Device,
+    MaxLength,
+    Metric,
+    ModelDir,
+    TestData,
+    TestMetric,
+    scoring,
+)
 from .recipes import (
     Dataset,
     Eval,
@@ -49,6 +60,12 @@ def greedy(
     output: Output,
     eval_command: Eval = None,
     eval_timeout: EvalTimeout = None,
+    metric: Metric = None,
+    data: Data = None,
+    device: Device = "auto",
+    batch_size: BatchSize = 8,
+    max_length: MaxLength = 512,
+    model: ModelDir = None,
     scores: Annotated[
         Path | None, typer.Option(help="CSV/JSON of held-out scores: skips N evaluations.")
     ] = None,
@@ -64,6 +81,8 @@ def greedy(
     test_eval: Annotated[
         str | None, typer.Option(help="Test eval command: scores the final soup, never selects.")
     ] = None,
+    test_metric: TestMetric = None,
+    test_data: TestData = None,
     key: Key = None,
     unsafe_pickle: UnsafePickle = False,
     dtype: Dtype = None,
@@ -79,9 +98,10 @@ def greedy(
     STATE["quiet"] = STATE["quiet"] or quiet
     started, paths = time.perf_counter(), expand_inputs(inputs)
     prepare(output, paths, overwrite, max_shard_size)
-    if eval_command is None:
-        raise SoupError("greedy needs --eval to score candidate soups (--scores only replaces "
-                        "the N individual evaluations)")  # fmt: skip
+    if eval_command is None and metric is None:
+        raise SoupError("greedy needs --eval or --metric to score candidate soups (--scores "
+                        "only replaces the N individual evaluations)")  # fmt: skip
+    opts["metric_evaluators"] = scoring(opts, paths[0])
     hist = sidecar(output, ".history.jsonl", history)
     with candidate_folder(output) as work:
         r = _select(paths, work, hist, opts)
@@ -111,9 +131,10 @@ def _select(paths: list[Path], work: Path, hist: Path, opts: dict[str, Any]) -> 
 
     names = ingredient_names(paths)
     scores = opts["scores"]
+    held_out, test = opts["metric_evaluators"]
     return greedy_soup(
         paths,
-        evaluator(opts["eval_command"], opts["eval_timeout"], work),
+        held_out or evaluator(opts["eval_command"], opts["eval_timeout"], work),
         names=names,
         scores=load_scores(scores, names) if scores is not None else None,
         accept=opts["accept"],
@@ -122,7 +143,7 @@ def _select(paths: list[Path], work: Path, hist: Path, opts: dict[str, Any]) -> 
         history=str(hist),
         resume=opts["resume"],
         executor=make_executor(opts["workers"], ray=opts["ray"], ray_address=opts["ray_address"]),
-        test_evaluator=evaluator(opts["test_eval"], opts["eval_timeout"], work),
+        test_evaluator=test or evaluator(opts["test_eval"], opts["eval_timeout"], work),
         key=opts["key"],
         unsafe_pickle=opts["unsafe_pickle"],
     )
