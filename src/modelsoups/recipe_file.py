@@ -55,7 +55,8 @@ METHOD_FIELDS: dict[str, set[str]] = {
     | _SCORED
     | _PARALLEL
     | _METRIC
-    | {"scores", "accept", "tolerance", "test_metric", "test_data"},
+    | {"scores", "accept", "tolerance", "memory", "workdir", "allow_nonfinite"}
+    | {"test_metric", "test_data"},
     "wise-ft": _COMMON | _WRITE | _SCORED | _PARALLEL | _METRIC | {"base", "alpha", "alphas"},
     "stock": _COMMON | _WRITE | (_SCORED - {"resume"}) | _METRIC | {"base"},
     "task-arithmetic": _COMMON
@@ -144,6 +145,8 @@ class Recipe(_Strict):
     accumulate: Literal["float32", "float64"] = "float32"
     non_float: Literal["error", "first"] = "error"
     allow_nonfinite: bool = False
+    memory: str = Field("2GiB", description="greedy: RAM for a running sum, e.g. 2GiB; 0: stream")
+    workdir: str | None = Field(None, description="greedy: folder for the candidate files")
     max_shard_size: str | None = None
     overwrite: bool = False
     quiet: bool = False
