@@ -86,30 +86,30 @@ def _sweep(
     from ..errors import EvaluationError
     from ..evaluate import Score
     from ..executor_ray import make_executor
-    from ..history import History
+    from ..history import History, check_dataset, record
 
-    dataset = opts["dataset"]
-    log = History(sidecar(output, ".history.jsonl", opts["history"]), resume=opts["resume"])
-    done = {r["model_name"]: r for r in log.records if r.get("kind") == "sweep"}
-    todo = [(f"{recipe}_{what}={v:g}", weights_of(v)) for v in values]
-    todo = [t for t in todo if t[0] not in done]
-    executor = make_executor(opts["workers"], ray=opts["ray"], ray_address=opts["ray_address"])
-    with candidate_folder(output) as work:
-        ev = evaluator(opts["eval_command"], opts["eval_timeout"], work)
-        fn = functools.partial(_score_mix, ev, paths, {"key": opts["key"],
-                               "unsafe_pickle": opts["unsafe_pickle"]})  # fmt: skip
-        results = executor.map(fn, todo)
-    for (name, _), s in zip(todo, results, strict=True):
-        if isinstance(s, Score):
-            v = values[[f"{recipe}_{what}={x:g}" for x in values].index(name)]
-            log.append({"kind": "sweep", "model_name": name, dataset: s.score, **s.metrics,
-                        what: v})  # fmt: skip
-    errors = [s for s in results if isinstance(s, EvaluationError)]
-    if errors:
-        raise errors[0]
+    dataset = check_dataset(opts["dataset"])
+    hist = sidecar(output, ".history.jsonl", opts["history"])
+    with History(hist, resume=opts["resume"], dataset=dataset) as log:
+        done = {r["model_name"] for r in log.records if r.get("kind") == "sweep"}
+        named = {f"{recipe}_{what}={v:g}": v for v in values}
+        todo = [(name, weights_of(v)) for name, v in named.items() if name not in done]
+        executor = make_executor(opts["workers"], ray=opts["ray"],
+                                 ray_address=opts["ray_address"])  # fmt: skip
+        with candidate_folder(output) as work:
+            ev = evaluator(opts["eval_command"], opts["eval_timeout"], work)
+            fn = functools.partial(_score_mix, ev, paths, {"key": opts["key"],
+                                   "unsafe_pickle": opts["unsafe_pickle"]})  # fmt: skip
+            results = executor.map(fn, todo)
+        for (name, _), s in zip(todo, results, strict=True):
+            if isinstance(s, Score):
+                log.append(record("sweep", name, dataset, s.score, s.metrics,
+                                  **{what: named[name]}))  # fmt: skip
+        if errors := [s for s in results if isinstance(s, EvaluationError)]:
+            raise errors[0]
     by_name = {r["model_name"]: r for r in log.records if r.get("kind") == "sweep"}
-    scored = [by_name[f"{recipe}_{what}={v:g}"] for v in values]
-    best = max(scored, key=lambda r: r[dataset])  # the first of the best on ties
+    scored = [{**by_name[name], what: v} for name, v in named.items()]
+    best = max(scored, key=lambda r: float(r[dataset]))  # the first of the best on ties
     return float(best[what]), scored
 
 

@@ -32,7 +32,7 @@ from ..candidate import LazyCheckpoint, materialize, model_files_source
 from ..check import check_compatible, check_non_float
 from ..errors import EvaluationError, SoupError
 from ..evaluate import Evaluator, Score, acceptance, as_evaluator
-from ..history import History
+from ..history import History, check_dataset, record
 from ..ingredients import (
     Ingredient,
     close_all,
@@ -193,17 +193,17 @@ def greedy_soup(
         check_compatible(ckpts)
         check_non_float(ckpts)
         warning = init_warning(ckpts)
-        log = History(history, resume=resume)
-        todo = ingredient_sources(ingredients, all_names)
-        opts = {"executor": executor, "key": key, "unsafe_pickle": unsafe_pickle}
-        known = _score_ingredients(ev, todo, log, dataset, scores or {}, opts)
-        order = sorted(range(len(ckpts)), key=lambda i: -known[all_names[i]])
-        soup = _RunningSum(ckpts[order[0]], model_files_source(ckpts))
-        try:
-            ranked = [(all_names[i], ckpts[i]) for i in order]
-            selected, best = _select(ev, better, ranked, soup, known, log, dataset)
-        finally:
-            soup.close()
+        with History(history, resume=resume, dataset=check_dataset(dataset)) as log:
+            todo = ingredient_sources(ingredients, all_names)
+            opts = {"executor": executor, "key": key, "unsafe_pickle": unsafe_pickle}
+            known = _score_ingredients(ev, todo, log, dataset, scores or {}, opts)
+            order = sorted(range(len(ckpts)), key=lambda i: -known[all_names[i]])
+            soup = _RunningSum(ckpts[order[0]], model_files_source(ckpts))
+            try:
+                ranked = [(all_names[i], ckpts[i]) for i in order]
+                selected, best = _select(ev, better, ranked, soup, known, log, dataset)
+            finally:
+                soup.close()
         final = soup.candidate("<greedy soup>")
         test = test_evaluator.evaluate(final, name="greedy soup (test)") if test_evaluator else None
     finally:
@@ -227,8 +227,7 @@ def _select(
     selected, best = [ranked[0][0]], known[ranked[0][0]]
     steps = [r for r in log.records if r.get("kind") == "greedy"]
     if not steps:
-        log.append({"kind": "greedy", "model_name": selected[0], dataset: best,
-                    "accepted": True, "soup_size": 1})  # fmt: skip
+        log.append(record("greedy", selected[0], dataset, best, accepted=True, soup_size=1))
         steps = [log.records[-1]]
     for j, (name, ckpt) in enumerate(ranked[1:], start=1):
         if j < len(steps):  # replay a step logged before the crash
@@ -242,8 +241,8 @@ def _select(
             cand = soup.candidate(f"<greedy soup + {name}>", ckpt)
             s = ev.evaluate(cand, name=f"greedy soup of {soup.size} + {name}")
             ok = better(s.score, best)
-            log.append({"kind": "greedy", "model_name": name, dataset: s.score, **s.metrics,
-                        "accepted": ok, "soup_size": soup.size + ok})  # fmt: skip
+            log.append(record("greedy", name, dataset, s.score, s.metrics, accepted=ok,
+                              soup_size=soup.size + ok))  # fmt: skip
         if ok:
             soup.add(ckpt)
             selected.append(name)
@@ -269,12 +268,12 @@ def _score_ingredients(
     for n, s in given.items():
         if n not in known:
             known[n] = float(s)
-            log.append({"kind": "ingredient", "model_name": n, dataset: float(s), "given": True})
+            log.append(record("ingredient", n, dataset, float(s), given=True))
     todo = [(n, s) for n, s in todo if n not in known]
     results = score_ingredients(ev, todo, **opts)
     for (n, _), r in zip(todo, results, strict=True):
         if isinstance(r, Score):
-            log.append({"kind": "ingredient", "model_name": n, dataset: r.score, **r.metrics})
+            log.append(record("ingredient", n, dataset, r.score, r.metrics))
             known[n] = r.score
     if errors := [r for r in results if isinstance(r, EvaluationError)]:
         raise errors[0]  # the others' scores are logged: --resume will not redo them
