@@ -288,6 +288,7 @@ class CommandEvaluator:
 
     def run(self, path: Path, name: str) -> Score:
         """Run the command on the checkpoint at `path` (through a shell-safe name)."""
+        from .executor import child_groups
         from .sandbox import shell_safe
 
         with shell_safe(path) as safe:
@@ -301,6 +302,7 @@ class CommandEvaluator:
                 env=env,
                 start_new_session=True,  # so that a timeout kills the command's children too
             )
+            child_groups.add(proc.pid)  # a stopped worker kills it (executor.py)
             try:
                 out, err = proc.communicate(timeout=self.timeout)
             except subprocess.TimeoutExpired:
@@ -312,6 +314,8 @@ class CommandEvaluator:
             except BaseException:
                 _kill(proc)
                 raise
+            finally:
+                child_groups.discard(proc.pid)
         if proc.returncode != 0:
             lines = _text(err).strip().splitlines() or ["(no stderr)"]
             raise EvaluationError(

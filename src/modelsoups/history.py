@@ -96,7 +96,8 @@ class History:
             raise SoupError(f"{path}: history exists; pass --resume to continue it") from None
         except OSError as e:
             raise OutputError(f"{path}: cannot write the history ({e.strerror})") from None
-        self._file, self._created = os.fdopen(fd, "r+b"), not existed
+        # unbuffered: a failed write must not linger in a buffer and fail again at close
+        self._file, self._created = os.fdopen(fd, "r+b", buffering=0), not existed
         try:
             _lock(self._file, path)
             self._load(path)
@@ -167,8 +168,9 @@ class History:
         assert self._file is not None and self.path is not None
         start = self._file.tell()
         try:
-            self._file.write(data)
-            self._file.flush()
+            view = memoryview(data)
+            while view:
+                view = view[self._file.write(view) or 0 :]
             os.fsync(self._file.fileno())
         except OSError as e:
             with contextlib.suppress(OSError):  # no torn line: back to the last whole one
@@ -186,7 +188,8 @@ class History:
         with contextlib.suppress(OSError):
             if self._created and os.fstat(f.fileno()).st_size == 0:
                 self.path.unlink()
-        f.close()
+        with contextlib.suppress(OSError):
+            f.close()
 
     def __enter__(self) -> History:
         return self
