@@ -31,11 +31,13 @@ def snapshot(ref: str) -> Path:
     """`src/` of git `ref`, extracted once into `.cache/snapshot-<sha>/` (or the work tree)."""
     if not ref:
         return HERE.parent / "src"
-    sha = subprocess.check_output(["git", "rev-parse", "--short", ref], text=True).strip()
+    root = str(HERE.parent)
+    sha = subprocess.check_output(["git", "-C", root, "rev-parse", "--short", ref], text=True)
+    sha = sha.strip()
     dest = HERE / ".cache" / f"snapshot-{sha}"
     if not (dest / "src").exists():
         dest.mkdir(parents=True, exist_ok=True)
-        archive = subprocess.Popen(["git", "archive", ref, "src"], stdout=subprocess.PIPE)
+        archive = subprocess.Popen(["git", "-C", root, "archive", ref, "src"], stdout=subprocess.PIPE)
         subprocess.run(["tar", "-x", "-C", str(dest)], stdin=archive.stdout, check=True)
         archive.wait()
     return dest / "src"
