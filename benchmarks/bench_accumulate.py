@@ -37,7 +37,9 @@ def snapshot(ref: str) -> Path:
     dest = HERE / ".cache" / f"snapshot-{sha}"
     if not (dest / "src").exists():
         dest.mkdir(parents=True, exist_ok=True)
-        archive = subprocess.Popen(["git", "-C", root, "archive", ref, "src"], stdout=subprocess.PIPE)
+        archive = subprocess.Popen(
+            ["git", "-C", root, "archive", ref, "src"], stdout=subprocess.PIPE
+        )
         subprocess.run(["tar", "-x", "-C", str(dest)], stdin=archive.stdout, check=True)
         archive.wait()
     return dest / "src"
