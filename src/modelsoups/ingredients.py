@@ -74,7 +74,9 @@ def open_sources(
     error close those already open and re-raise."""
     from .average import _Memory
     from .io import open_checkpoint
+    from .io.files import ensure_descriptors
 
+    ensure_descriptors(sum(isinstance(x, str | os.PathLike) for x in ingredients))
     ckpts: list[Checkpoint] = []
     try:
         for i, x in enumerate(ingredients):
