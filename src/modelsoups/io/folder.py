@@ -175,6 +175,10 @@ class HFFolder(Checkpoint):
         shards = [self.path / name for name in self._shards]
         return shards if self.weights_file in shards else [self.weights_file, *shards]
 
+    def check_unchanged(self) -> None:
+        for shard in self._shards.values():
+            shard.check_unchanged()
+
     def close(self) -> None:
         for shard in self._shards.values():
             shard.close()
