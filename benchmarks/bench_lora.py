@@ -109,7 +109,8 @@ def main() -> None:
     args = parser.parse_args()
 
     (base,) = ensure_models(args.size, "bf16", 1)
-    work = Path(tempfile.mkdtemp(prefix="bench-lora-", dir=HERE))
+    (HERE / ".cache").mkdir(exist_ok=True)  # git-ignored
+    work = Path(tempfile.mkdtemp(prefix="bench-lora-", dir=HERE / ".cache"))
     try:
         adapters = make_adapters(base, work, args.n, args.rank)
         ins = [str(a) for a in adapters]
