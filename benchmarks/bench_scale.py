@@ -257,7 +257,9 @@ def main() -> None:
     p.add_argument("--out", default=str(HERE / "results" / "scale"))
     args = p.parse_args()
     args.skip = [s for s in args.skip.split(",") if s]
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    # SOUP_UNSUPERVISED: `soup` would otherwise fork after its imports and wait for the
+    # child; the tree's RssAnon would count the pages they share (torch) twice.
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "SOUP_UNSUPERVISED": "1"}
     commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
                             capture_output=True, text=True).stdout.strip()  # fmt: skip
     base = baseline(env)
