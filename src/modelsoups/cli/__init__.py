@@ -20,6 +20,7 @@ from . import evaluate as evaluate_cli
 from . import report as report_cli
 from . import run as run_cli
 from .common import STATE
+from .supervise import interrupt_once, supervised
 
 app = typer.Typer(
     name="soup",
@@ -42,8 +43,14 @@ def _options(
     STATE["debug"] = STATE["debug"] or debug
 
 
-def _interrupt(signum: int, frame: object) -> NoReturn:
-    raise KeyboardInterrupt  # so that SIGTERM cleans up temporaries like Ctrl-C does
+MAX_LINE = 500  # characters: a 10⁷-element value or a long path must not flood stderr
+
+
+def one_line(message: str) -> str:
+    """`message` on one line (newlines and other control characters, e.g. in a hostile file
+    name, shown escaped) and at most MAX_LINE characters."""
+    line = "".join(c if c.isprintable() else repr(c)[1:-1] for c in message[: MAX_LINE * 4])
+    return line if len(line) <= MAX_LINE else line[: MAX_LINE - 3] + "..."
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -53,7 +60,9 @@ def main(argv: list[str] | None = None) -> int:
         if flag in args:
             args.remove(flag)
             STATE["debug" if flag == "--debug" else "quiet"] = True
-    signal.signal(signal.SIGTERM, _interrupt)
+    # SIGTERM cleans up temporaries like Ctrl-C does (KeyboardInterrupt); handlers restored
+    previous = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    signal.signal(signal.SIGTERM, interrupt_once)
     try:
         # standalone mode: click prints usage errors itself (exit 2) and typer turns Ctrl-C
         # into a silent exit 130; our own errors pass through to the handler below.
@@ -66,12 +75,27 @@ def main(argv: list[str] | None = None) -> int:
     except SoupError as e:
         if STATE["debug"]:
             raise
-        print(f"soup: error: {e}".splitlines()[0], file=sys.stderr)
+        print(one_line(f"soup: error: {e}"), file=sys.stderr)
+        return 1
+    except OSError as e:  # a file problem no check above foresaw: still one line
+        if STATE["debug"]:
+            raise
+        where = f"{e.filename}: " if e.filename else ""
+        print(one_line(f"soup: error: {where}{e.strerror or e}"), file=sys.stderr)
+        return 1
+    except Exception as e:  # a bug: one line, and --debug shows the traceback
+        if STATE["debug"]:
+            raise
+        print(one_line(f"soup: error: internal error ({type(e).__name__}: {e}); rerun with "
+                       "--debug for the traceback and report it"), file=sys.stderr)  # fmt: skip
         return 1
     finally:
         STATE.update(quiet=False, debug=False)
+        signal.signal(signal.SIGINT, previous[0])
+        signal.signal(signal.SIGTERM, previous[1])
     return 0
 
 
 def run() -> NoReturn:
-    sys.exit(main())
+    """The `soup` console script: `main` in a supervised child process (see supervise.py)."""
+    sys.exit(supervised(main))
