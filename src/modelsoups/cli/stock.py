@@ -69,7 +69,7 @@ def stock(
     STATE["quiet"] = STATE["quiet"] or quiet
     check_dataset(dataset)
     started, paths = time.perf_counter(), [Path(base), *expand_inputs(finetuned)]
-    prepare(output, paths, overwrite, max_shard_size)
+    prepare(output, paths, overwrite, max_shard_size, opts)
     metric_ev, _ = scoring(opts, paths[0])
     ratios = _write_stock(paths, output, opts)
     say(f"wrote {output} (model stock of {len(paths) - 1} over {paths[0]}, mean t = "

@@ -90,7 +90,7 @@ def _linear(
 
     STATE["quiet"] = STATE["quiet"] or opts.pop("quiet")
     started = time.perf_counter()
-    prepare(output, paths, opts["overwrite"], opts["max_shard_size"])
+    prepare(output, paths, opts["overwrite"], opts["max_shard_size"], opts)
     scored: list[dict[str, Any]] = []
     opts["metric_evaluator"], _ = scoring(opts, paths[0])
     scores = opts["eval_command"] is not None or opts["metric"] is not None
