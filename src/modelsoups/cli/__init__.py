@@ -19,26 +19,10 @@ from . import core, demo, greedy, integrations, stock, sweeps
 from . import report as report_cli
 from . import run as run_cli
 from .common import STATE
-
-app = typer.Typer(
-    name="soup",
-    help="Model soups: average fine-tuned checkpoints into one better model.",
-    no_args_is_help=True,
-    add_completion=False,
-    pretty_exceptions_enable=False,
-)
+from .root import app
 
 for module in (core, greedy, sweeps, stock, run_cli, report_cli, integrations, demo):
     module.register(app)
-
-
-@app.callback()
-def _options(
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars or summaries."),
-    debug: bool = typer.Option(False, "--debug", help="Show tracebacks on errors."),
-) -> None:
-    STATE["quiet"] = STATE["quiet"] or quiet
-    STATE["debug"] = STATE["debug"] or debug
 
 
 def _interrupt(signum: int, frame: object) -> NoReturn:

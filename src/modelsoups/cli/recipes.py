@@ -17,7 +17,6 @@ from typing import Annotated, Any
 
 import typer
 
-from ..errors import OutputError
 from .common import parse_dtype, parse_size, progress_bar, report_result
 
 Eval = Annotated[
@@ -50,14 +49,11 @@ def sidecar(out: Path, suffix: str, given: Path | None) -> Path:
 
 def prepare(out: Path, inputs: list[Path], overwrite: bool, max_shard_size: str | None) -> None:
     """Fail before any evaluation if the output could not be written at the end."""
-    from ..stream import check_output, check_sharding
+    from ..io.writer import check_destination, check_output, check_sharding
 
-    check_output(out, inputs, folder=out.suffix != ".safetensors")
+    check_output(out, inputs)
     check_sharding(out, parse_size(max_shard_size))
-    if not out.parent.is_dir():
-        raise OutputError(f"{out}: output folder {out.parent} does not exist")
-    if out.exists() and not overwrite:
-        raise OutputError(f"{out}: already exists; choose another name or pass --overwrite")
+    check_destination(out, overwrite=overwrite)
 
 
 def evaluator(command: str | None, timeout: float | None, workdir: Path) -> Any:
@@ -72,7 +68,7 @@ def evaluator(command: str | None, timeout: float | None, workdir: Path) -> Any:
 
 def write_report(path: Path, report: dict[str, Any]) -> None:
     """Write `report` (plus the version) as JSON to `path`, atomically."""
-    from .. import __version__
+    from ..version import __version__
 
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     tmp.write_text(json.dumps({**report, "modelsoups_version": __version__}, indent=2) + "\n")

@@ -84,12 +84,12 @@ def _write_stock(
     import dataclasses
 
     from ..candidate import model_files_source, write_candidate
-    from ..ingredients import close_all
+    from ..ingredients import close_all, open_ingredients
     from ..recipes.stock import stock_checkpoint
-    from ..stream import open_all, provenance
+    from ..stream import provenance
 
     out_dtype, shard = parse_dtype(opts["dtype"]), parse_size(opts["max_shard_size"])
-    ckpts = open_all(paths, key=opts["key"], unsafe_pickle=opts["unsafe_pickle"])
+    ckpts = open_ingredients(paths, key=opts["key"], unsafe_pickle=opts["unsafe_pickle"])
     try:
         lazy = stock_checkpoint(ckpts[0], ckpts[1:])
         if out_dtype is not None:

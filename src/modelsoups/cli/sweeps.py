@@ -51,11 +51,10 @@ def _score_mix(evaluator: Any, paths: list[Path], opts: dict[str, Any], item: An
     from ..average import weighted_sum
     from ..candidate import LazyCheckpoint, model_files_source
     from ..errors import EvaluationError
-    from ..ingredients import close_all
-    from ..stream import open_all
+    from ..ingredients import close_all, open_ingredients
 
     name, weights = item
-    ckpts = open_all(paths, **opts)
+    ckpts = open_ingredients(paths, **opts)
     try:
 
         def compute(k: str) -> Any:

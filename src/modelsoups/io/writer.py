@@ -18,7 +18,7 @@ import json
 import os
 import shutil
 import socket
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -33,6 +33,9 @@ __all__ = [
     "OutputPlan",
     "ShardedWriter",
     "atomic_path",
+    "check_destination",
+    "check_output",
+    "check_sharding",
     "remove_stale_partials",
     "temporary_name",
 ]
@@ -214,13 +217,40 @@ def _alive(pid: int) -> bool:
     return True
 
 
-@contextlib.contextmanager
-def atomic_path(dest: Path, *, folder: bool, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temporary path next to `dest`; rename it to `dest` only if the block succeeds."""
+def check_output(out: Path, inputs: Sequence[Path]) -> None:
+    """Refuse outputs that could overwrite or live inside an input."""
+    if out.suffix in (".pt", ".pth", ".bin", ".ckpt"):
+        raise OutputError(
+            f"{out}: modelsoups writes safetensors; name the output *.safetensors or a folder"
+        )
+    ro = out.resolve()
+    for p in inputs:
+        rp = p.resolve()
+        same = ro == rp or (out.exists() and p.exists() and os.path.samefile(out, p))
+        if same or ro in rp.parents or (rp.is_dir() and rp in ro.parents):
+            raise OutputError(f"{out}: output path is (or contains, or is inside) input {p}")
+
+
+def check_sharding(out: Path, max_shard_size: int | None) -> None:
+    """Refuse `max_shard_size` with a `.safetensors` output (shards need a folder); callers
+    that evaluate before writing check it up front, not after the evaluations."""
+    if max_shard_size is not None and out.suffix == ".safetensors":
+        raise OutputError(f"{out}: --max-shard-size writes a folder; drop the .safetensors suffix")
+
+
+def check_destination(dest: Path, *, overwrite: bool = False) -> None:
+    """Refuse a `dest` whose folder does not exist, or that exists without `overwrite`
+    (what `atomic_path` checks first; callers that evaluate before writing check it early)."""
     if not dest.parent.is_dir():
         raise OutputError(f"{dest}: output folder {dest.parent} does not exist")
     if dest.exists() and not overwrite:
         raise OutputError(f"{dest}: already exists; choose another name or pass --overwrite")
+
+
+@contextlib.contextmanager
+def atomic_path(dest: Path, *, folder: bool, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary path next to `dest`; rename it to `dest` only if the block succeeds."""
+    check_destination(dest, overwrite=overwrite)
     remove_stale_partials(dest)
     tmp = temporary_name(dest)
     try:

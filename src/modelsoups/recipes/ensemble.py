@@ -66,7 +66,7 @@ def predict(
     data = list(batches) if isinstance(batches, Iterator) else batches  # generators: once
     run = forward or (lambda m, b: m(b[0] if isinstance(b, tuple | list) else b))
     module = model_factory().eval()
-    _, ckpts = open_ingredients(ingredients)
+    ckpts = open_ingredients(ingredients)
     try:
         out = []
         for c in ckpts:

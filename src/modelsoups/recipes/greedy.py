@@ -31,14 +31,14 @@ from ..average import CHUNK, weighted_sum_arrays, widen, widen_buffer
 from ..candidate import LazyCheckpoint, materialize, model_files_source
 from ..check import check_compatible, check_non_float
 from ..errors import EvaluationError, SoupError
-from ..evaluate import Evaluator, Score, acceptance, as_evaluator
+from ..evaluate import Evaluator, Score, acceptance, as_evaluator, score_ingredients
 from ..history import History
 from ..ingredients import (
     Ingredient,
     close_all,
+    ingredient_names,
     ingredient_sources,
     open_ingredients,
-    score_ingredients,
 )
 from ..io.base import Checkpoint
 from ..similarity import init_warning
@@ -188,7 +188,8 @@ def greedy_soup(
         >>> model.load_state_dict(greedy_soup(sds, val_acc).state_dict())  # doctest: +SKIP
     """
     ev, better = as_evaluator(evaluator), acceptance(accept, tolerance)
-    all_names, ckpts = open_ingredients(ingredients, names, key=key, unsafe_pickle=unsafe_pickle)
+    all_names = ingredient_names(ingredients, names)
+    ckpts = open_ingredients(ingredients, key=key, unsafe_pickle=unsafe_pickle)
     try:
         check_compatible(ckpts)
         check_non_float(ckpts)

@@ -28,7 +28,8 @@ from torch.func import functional_call
 from ..candidate import write_candidate
 from ..check import check_compatible, check_non_float
 from ..errors import IncompatibleError, SoupError
-from ..ingredients import Ingredient, close_all, open_ingredients
+from ..ingredients import Ingredient, close_all, ingredient_names, open_ingredients
+from ..io import MemoryCheckpoint
 from ..types import StateDict
 
 __all__ = ["LearnedSoupResult", "learned_soup"]
@@ -104,7 +105,8 @@ def learned_soup(
         >>> r = learned_soup(sds, TinyNet(), lambda m, b: F.cross_entropy(m(b[0]), b[1]),
         ...                  val_batches)  # doctest: +SKIP
     """
-    names, ckpts = open_ingredients(ingredients)
+    names = ingredient_names(ingredients)
+    ckpts = open_ingredients(ingredients)
     try:
         check_compatible(ckpts)
         check_non_float(ckpts)
@@ -164,10 +166,8 @@ def learned_soup(
         _write_json(Path(coefficients_out), {"ingredients": names, "by_layer": by_layer,
                     "coefficients": coefs, "temperature": t, "losses": losses})  # fmt: skip
     if output is not None:
-        from ..average import _Memory
-
         meta = {"recipe": "learned", "ingredients": json.dumps(names)}
-        write_candidate(_Memory(0, sd), Path(output), overwrite=overwrite, metadata=meta)
+        write_candidate(MemoryCheckpoint(sd), Path(output), overwrite=overwrite, metadata=meta)
     return result
 
 

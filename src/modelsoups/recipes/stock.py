@@ -78,7 +78,7 @@ def model_stock(
     Example:
         >>> sd, ratios = model_stock(pretrained_sd, [ft1_sd, ft2_sd])  # doctest: +SKIP
     """
-    _, ckpts = open_ingredients([base, *finetuned])
+    ckpts = open_ingredients([base, *finetuned])
     try:
         lazy = stock_checkpoint(ckpts[0], ckpts[1:])
         sd = materialize(lazy)

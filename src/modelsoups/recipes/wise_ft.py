@@ -17,6 +17,7 @@ from ..average import weighted_state_dict
 from ..errors import SoupError
 from ..evaluate import Evaluator, Score, as_evaluator
 from ..ingredients import Ingredient
+from ..io import MemoryCheckpoint
 from ..types import StateDict
 
 __all__ = ["SweepResult", "parse_alphas", "wise_ft", "wise_ft_sweep"]
@@ -66,8 +67,6 @@ def sweep(
     what: str,
 ) -> SweepResult:
     """Evaluate `make(v)` for each v; return the scores and the best state dict."""
-    from ..average import _Memory
-
     if not values:
         raise SoupError(f"give at least one {what}")
     ev = as_evaluator(evaluator)
@@ -75,7 +74,8 @@ def sweep(
     best_i, best_sd = 0, None
     for i, v in enumerate(values):
         sd = make(v)
-        scores.append(ev.evaluate(_Memory(i, sd), name=f"{what}={v:g}"))
+        candidate = MemoryCheckpoint(sd, f"<state dict {i}>")
+        scores.append(ev.evaluate(candidate, name=f"{what}={v:g}"))
         if best_sd is None or scores[i].score > scores[best_i].score:
             best_i, best_sd = i, sd
     assert best_sd is not None
