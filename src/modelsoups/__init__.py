@@ -43,6 +43,7 @@ _EXPORTS: dict[str, str] = {
     "Score": "evaluate",
     "load_scores": "scores",
     "score_candidate": "evaluate",
+    "MetricEvaluator": "metrics",
     "LocalExecutor": "executor",
     "RayExecutor": "executor_ray",
     "Recipe": "recipe_file",
@@ -91,6 +92,7 @@ if TYPE_CHECKING:
     from .io import MemoryCheckpoint as MemoryCheckpoint
     from .io import expand_inputs as expand_inputs
     from .io import open_checkpoint as open_checkpoint
+    from .metrics import MetricEvaluator as MetricEvaluator
     from .recipe_file import Recipe as Recipe
     from .recipe_file import load_recipe as load_recipe
     from .recipes.bn import recalibrate_bn as recalibrate_bn
