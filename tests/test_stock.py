@@ -1,4 +1,5 @@
-"""Model Stock: identical ingredients are returned, the ratio matches the paper's formula."""
+"""Model Stock: identical ingredients are returned, the ratio matches the paper's formula,
+the streamed soup is the float64 formula rounded once, and a NaN or an overflow is refused."""
 
 from __future__ import annotations
 
@@ -14,8 +15,10 @@ from hypothesis import strategies as st
 
 from modelsoups import model_stock
 from modelsoups.cli import main
-from modelsoups.errors import SoupError
+from modelsoups.cli.common import STATE
+from modelsoups.errors import NonFiniteError, SoupError
 from modelsoups.io import open_checkpoint
+from modelsoups.recipes.stock import stock_ratio
 
 BASE = tiny_state_dict(0, noise=0.0)
 
@@ -102,3 +105,120 @@ def test_cli_stock_writes_shards_of_max_shard_size(
     assert main([*argv, "-o", str(file_out)]) == 1
     assert "--max-shard-size" in capsys.readouterr().err
     assert not file_out.exists()
+
+
+def reference_stock(
+    base: dict[str, torch.Tensor], fts: list[dict[str, torch.Tensor]]
+) -> dict[str, torch.Tensor]:
+    """Eq. 6-7 on whole tensors in float64 (the recipe before it streamed), not rounded."""
+    out = {}
+    for k, b in base.items():
+        if not b.is_floating_point():
+            out[k] = b
+            continue
+        stacked = torch.stack([ft[k].double().reshape(-1) for ft in fts])
+        deltas = stacked - b.double().reshape(1, -1)
+        norms = deltas.norm(dim=1)
+        if bool((norms == 0).any()):
+            cos = 1.0 if bool((norms == 0).all()) else 0.0
+        else:
+            unit = deltas / norms[:, None]
+            gram = unit @ unit.T
+            cos = float((gram.sum() - gram.diagonal().sum()) / (len(fts) * (len(fts) - 1)))
+        cos = max(min(cos, 1.0), 0.0)
+        t = len(fts) * cos / (1 + (len(fts) - 1) * cos)
+        out[k] = (t * stacked.mean(0) + (1 - t) * b.double().reshape(-1)).reshape(b.shape)
+    return out
+
+
+EPS = {torch.float32: 2.0**-23, torch.bfloat16: 2.0**-7, torch.float16: 2.0**-10}
+
+
+@settings(max_examples=12, deadline=None)
+@given(
+    k=st.integers(2, 4),
+    seed=st.integers(0, 1000),
+    dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16]),
+)
+def test_soup_is_the_float64_formula_within_one_ulp(k: int, seed: int, dtype: torch.dtype) -> None:
+    """Sliced Gram + weighted mean in float64, rounded once: at most one ulp of the output
+    dtype from Eq. 6-7 evaluated on whole float64 tensors."""
+    cast = lambda sd: {n: v.to(dtype) if v.is_floating_point() else v for n, v in sd.items()}  # noqa: E731
+    base = cast(tiny_state_dict(seed, noise=0.0))
+    fts = [cast(tiny_state_dict(seed + 1 + i, base_seed=seed, noise=0.05)) for i in range(k)]
+    out, _ = model_stock(base, fts)
+    for name, ref in reference_stock(base, fts).items():
+        assert out[name].dtype == base[name].dtype
+        if not ref.is_floating_point():
+            assert torch.equal(out[name], ref)
+            continue
+        err = (out[name].double() - ref).abs()
+        assert bool((err <= EPS[dtype] * ref.abs()).all()), name
+
+
+def test_fp32_soup_equals_the_float64_formula_rounded_once() -> None:
+    """On a fixed larger model (~1.3M elements per tensor, several slices), every element
+    equals the float64 formula rounded to float32: the Gram of slices and the weighted
+    mean differ from it only far below float32's rounding."""
+    g = torch.Generator().manual_seed(7)
+    base = {"w": torch.randn(1100, 1200, generator=g), "b": torch.randn(3, generator=g)}
+    fts = [{k: v + 0.01 * torch.randn(v.shape, generator=g) for k, v in base.items()}
+           for _ in range(4)]  # fmt: skip
+    out, ratios = model_stock(base, fts)
+    for name, ref in reference_stock(base, fts).items():
+        assert torch.equal(out[name], ref.to(torch.float32)), name
+    assert 0 < ratios["w"][1] < 1
+
+
+def test_stock_ratio_of_deltas_matches_hand_computation() -> None:
+    cos, t = stock_ratio(torch.tensor([[1.0, 0.0], [1.0, 1.0]]))
+    assert cos == pytest.approx(1 / math.sqrt(2))
+    assert t == pytest.approx(2 * cos / (1 + cos))
+
+
+def test_nan_in_an_ingredient_is_refused_naming_it() -> None:
+    fts = [tiny_state_dict(i, noise=0.05) for i in range(2)]
+    fts[1]["fc.weight"][1, 2] = float("nan")
+    with pytest.raises(NonFiniteError, match=r"<state dict 2>.*'fc.weight'.*NaN or Inf"):
+        model_stock(BASE, fts)
+
+
+def _fails_cleanly(argv: list[str], folder: Path, capsys: pytest.CaptureFixture[str],
+                   *needles: str) -> None:  # fmt: skip
+    before = {p: p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+    capsys.readouterr()
+    saved = dict(STATE)
+    try:
+        assert main(argv) == 1
+    finally:
+        STATE.update(saved)
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("soup: error: "), lines
+    for needle in needles:
+        assert needle in lines[0]
+    assert "--allow-nonfinite" not in lines[0]  # not an option of these commands
+    after = {p: p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+    assert after == before  # no output, no leftovers, inputs unchanged
+
+
+def test_cli_refuses_a_nan_ingredient(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    fts = [tiny_state_dict(i, noise=0.05) for i in range(2)]
+    fts[0]["conv.bias"][0] = float("nan")
+    base = save_as(BASE, tmp_path / "base", "safetensors")
+    paths = [str(save_as(sd, tmp_path / f"ft{i}", "safetensors")) for i, sd in enumerate(fts)]
+    argv = ["stock", *paths, "--base", str(base), "-o", str(tmp_path / "s.safetensors")]
+    _fails_cleanly(argv, tmp_path, capsys, paths[0], "'conv.bias'", "NaN or Inf")
+
+
+def test_cli_refuses_an_overflow_of_the_output_dtype(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Finite in float32, beyond float16's 65504 once written with --dtype fp16."""
+    fts = [tiny_state_dict(i, noise=0.05) for i in range(2)]
+    for sd in fts:
+        sd["fc.weight"][0, 0] = 3e5
+    base = save_as(BASE, tmp_path / "base", "safetensors")
+    paths = [str(save_as(sd, tmp_path / f"ft{i}", "safetensors")) for i, sd in enumerate(fts)]
+    argv = ["stock", *paths, "--base", str(base), "--dtype", "fp16",
+            "-o", str(tmp_path / "s.safetensors")]  # fmt: skip
+    _fails_cleanly(argv, tmp_path, capsys, "'fc.weight'", "overflows float16")

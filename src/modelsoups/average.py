@@ -138,17 +138,29 @@ def weighted_sum_arrays(
     s = _scratch()
     acc_buf = None if out_dtype == accumulate else s.acc(accumulate)
     uniform = all(w == weights[0] for w in weights)
+    # w₀·a₀ + w·Σ aᵢ (Model Stock, task arithmetic, WiSE-FT): sum the rest first, scale once
+    rest_uniform = not uniform and all(w == weights[-1] for w in weights[1:])
     acc_np, finite = accumulate.numpy, True
     with np.errstate(all="ignore"):  # overflow gives inf, as in torch; checked below
         for start in range(0, numel, CHUNK):
             stop = min(start + CHUNK, numel)
             m = stop - start
             acc = flat_out[start:stop] if acc_buf is None else acc_buf[:m]
-            np.copyto(acc, widen(flats[0][start:stop], dtypes[0], s.wide), casting="unsafe")
+            first = 1 if rest_uniform else 0
+            np.copyto(acc, widen(flats[first][start:stop], dtypes[first], s.wide),
+                      casting="unsafe")  # fmt: skip
             if uniform:  # sum first, scale once
                 for a, d in zip(flats[1:], dtypes[1:], strict=True):
                     np.add(acc, widen(a[start:stop], d, s.wide), out=acc, dtype=acc_np)
                 np.multiply(acc, weights[0], out=acc, dtype=acc_np)
+            elif rest_uniform:  # w·(a₁ + … + aₙ), then + w₀·a₀
+                for a, d in zip(flats[2:], dtypes[2:], strict=True):
+                    np.add(acc, widen(a[start:stop], d, s.wide), out=acc, dtype=acc_np)
+                np.multiply(acc, weights[-1], out=acc, dtype=acc_np)
+                tmp = s.tmp(accumulate)[:m]
+                np.multiply(widen(flats[0][start:stop], dtypes[0], s.wide), weights[0], out=tmp,
+                            dtype=acc_np)  # fmt: skip
+                np.add(acc, tmp, out=acc, dtype=acc_np)
             else:
                 np.multiply(acc, weights[0], out=acc, dtype=acc_np)
                 for a, d, w in zip(flats[1:], dtypes[1:], weights[1:], strict=True):
@@ -260,10 +272,12 @@ def soup_tensor(
     dtype: DType | None = None,
     allow_nonfinite: bool = False,
     buffer: np.ndarray | None = None,
+    suggest_allow: bool = True,
 ) -> np.ndarray:
     """One tensor of the soup: the weighted mean of `name` across `ckpts`, in `dtype`
     (default: the first input's), as an array in its storage type (in `buffer` if given);
-    integer tensors are the first input's (a view)."""
+    integer tensors are the first input's (a view). A NaN or Inf in the result raises
+    `NonFiniteError` (see `check_finite`) unless `allow_nonfinite`."""
     info = ckpts[0].infos[name]
     if not info.is_float:
         return ckpts[0].array(name)
@@ -276,22 +290,25 @@ def soup_tensor(
         buffer=buffer,
     )
     if not finite and not allow_nonfinite:
-        check_finite(name, dtype or info.dtype, ckpts)
+        check_finite(name, dtype or info.dtype, ckpts, suggest_allow=suggest_allow)
     return out
 
 
-def check_finite(name: str, dtype: DType, ckpts: Sequence[Checkpoint]) -> None:
+def check_finite(
+    name: str, dtype: DType, ckpts: Sequence[Checkpoint], *, suggest_allow: bool = True
+) -> None:
     """Raise `NonFiniteError` for a soup tensor `name` of `dtype` that holds a NaN or Inf,
-    naming the input that holds one, or else saying that the soup overflows its dtype."""
+    naming the input that holds one, or else saying that the soup overflows its dtype.
+    `suggest_allow`: the message mentions `--allow-nonfinite` (recipes that have it)."""
+    allow = " or pass --allow-nonfinite" if suggest_allow else ""
     for c in ckpts:
         if not all_finite(c.array(name), c.infos[name].dtype):
             raise NonFiniteError(
-                f"{c.path}: tensor {name!r} contains NaN or Inf; fix the ingredient or pass "
-                "--allow-nonfinite"
+                f"{c.path}: tensor {name!r} contains NaN or Inf; fix the ingredient{allow}"
             )
     raise NonFiniteError(
         f"tensor {name!r}: the soup overflows {dtype} (weights too large, or values "
-        "beyond the output dtype's range); write a wider --dtype or pass --allow-nonfinite"
+        f"beyond the output dtype's range); write a wider --dtype{allow}"
     )
 
 

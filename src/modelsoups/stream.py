@@ -12,7 +12,7 @@ import json
 import threading
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -43,7 +43,7 @@ if TYPE_CHECKING:
 
     from .dtypes import DType
 
-__all__ = ["average_checkpoints", "provenance"]
+__all__ = ["average_checkpoints", "provenance", "write_streamed"]
 
 
 def provenance(
@@ -61,17 +61,18 @@ def provenance(
     return meta
 
 
+# Computes one output tensor into (the start of) a byte buffer and returns it as an array.
+TensorOf = Callable[[str, np.ndarray], np.ndarray]
+
+
 def _stream_tensors(
     ckpts: Sequence[Checkpoint],
-    weights: Sequence[float],
+    soup_of: TensorOf,
     writer: ShardedWriter,
-    acc_dtype: DType,
-    dtype: DType | None,
-    allow_nonfinite: bool,
     progress: Progress | None,
     threads: int = 2,
 ) -> None:
-    """Average tensor after tensor on `threads` workers; write them in order as they finish.
+    """Compute tensor after tensor on `threads` workers; write them in order as they finish.
 
     Each worker's result goes into one of `threads` buffers of the largest output tensor,
     reused for the whole run: memory stays that whatever the number of inputs, and no
@@ -79,11 +80,6 @@ def _stream_tensors(
     """
     largest = max((e.nbytes for e in writer.entries), default=0)
     free = [np.empty(largest, np.uint8) for _ in range(threads)]
-
-    def soup_of(name: str, buffer: np.ndarray) -> np.ndarray:
-        return soup_tensor(name, ckpts, weights, accumulate=acc_dtype, dtype=dtype,
-                           allow_nonfinite=allow_nonfinite, buffer=buffer)  # fmt: skip
-
     total, done = sum(c.nbytes for c in ckpts), 0
     pending: deque[tuple[str, np.ndarray, Future[np.ndarray]]] = deque()
 
@@ -109,6 +105,52 @@ def _stream_tensors(
         except BaseException:
             pool.shutdown(wait=True, cancel_futures=True)
             raise
+
+
+def write_streamed(
+    ckpts: Sequence[Checkpoint],
+    out: Path,
+    soup_of: TensorOf,
+    dtype: DType | None,
+    metadata: dict[str, str],
+    *,
+    max_shard_size: int | None = None,
+    overwrite: bool = False,
+    progress: Progress | None = None,
+) -> SoupResult:
+    """Write `soup_of(name, buffer)` for every tensor of `ckpts[0]` into `out`, atomically:
+    floating tensors in `dtype` (default: the first input's), two tensors computed at a
+    time, config/tokenizer files copied from the first input that is an HF folder. The
+    inputs are closed (unmapped) while the output is flushed."""
+    folder = out.suffix != ".safetensors"
+    entries = [
+        Entry(n, dtype if (dtype is not None and i.is_float) else i.dtype, i.shape)
+        for n, i in ckpts[0].infos.items()
+    ]
+    plan = OutputPlan(out, entries, metadata, folder, max_shard_size)
+    with atomic_path(out, folder=folder, overwrite=overwrite) as tmp:
+        writer = ShardedWriter(tmp, plan)
+        try:
+            _stream_tensors(ckpts, soup_of, writer, progress)
+            # unmapping the inputs (CPU: page tables of every input) overlaps the fsync
+            closer = threading.Thread(target=close_all, args=(ckpts,))
+            closer.start()
+            try:
+                writer.close()
+            finally:
+                closer.join()
+        finally:
+            writer.abort()
+        source = next((c for c in ckpts if isinstance(c, HFFolder)), None)
+        copied = copy_model_files(source.path, tmp) if folder and source else []
+    result = SoupResult(out, metadata.get("recipe", ""), [c.path for c in ckpts], [],
+                        len(entries), sum(e.nbytes for e in entries))  # fmt: skip
+    result.notes = sorted({f"{c.path}: {n}" for c in ckpts for n in c.notes})
+    if copied:
+        result.notes.append(
+            f"copied {len(copied)} model files from {source.path if source else ''}"
+        )
+    return result
 
 
 def average_checkpoints(
@@ -145,7 +187,6 @@ def average_checkpoints(
     """
     started = time.perf_counter()
     paths, out = [Path(p) for p in inputs], Path(out)
-    folder = out.suffix != ".safetensors"
     check_sharding(out, max_shard_size)
     if not paths:
         raise SoupError("no ingredients: give at least one checkpoint")
@@ -157,38 +198,18 @@ def average_checkpoints(
         check_non_float(ckpts, non_float=non_float)
         different_inits = init_warning(ckpts)  # a fixed sample per tensor, not a pass
         acc_dtype, out_dtype = accumulate_dtype(accumulate), output_dtype(dtype)
-        infos = ckpts[0].infos
-        entries = [
-            Entry(n, out_dtype if (out_dtype is not None and i.is_float) else i.dtype, i.shape)
-            for n, i in infos.items()
-        ]
         meta = provenance(recipe, ckpts, w, accumulate=accumulate)
-        plan = OutputPlan(out, entries, meta, folder, max_shard_size)
-        with atomic_path(out, folder=folder, overwrite=overwrite) as tmp:
-            writer = ShardedWriter(tmp, plan)
-            try:
-                _stream_tensors(ckpts, w, writer, acc_dtype, out_dtype, allow_nonfinite, progress)
-                # unmapping the inputs (CPU: page tables of every input) overlaps the fsync
-                closer = threading.Thread(target=close_all, args=(ckpts,))
-                closer.start()
-                try:
-                    writer.close()
-                finally:
-                    closer.join()
-            finally:
-                writer.abort()
-            source = next((c for c in ckpts if isinstance(c, HFFolder)), None)
-            copied = copy_model_files(source.path, tmp) if folder and source else []
+
+        def soup_of(name: str, buffer: np.ndarray) -> np.ndarray:
+            return soup_tensor(name, ckpts, w, accumulate=acc_dtype, dtype=out_dtype,
+                               allow_nonfinite=allow_nonfinite, buffer=buffer)  # fmt: skip
+
+        result = write_streamed(ckpts, out, soup_of, out_dtype, meta, max_shard_size=max_shard_size,
+                                overwrite=overwrite, progress=progress)  # fmt: skip
     finally:
-        for c in ckpts:
-            c.close()
-    result = SoupResult(out, recipe, paths, w, len(entries), sum(e.nbytes for e in entries))
+        close_all(ckpts)
+    result.recipe, result.ingredients, result.weights = recipe, paths, w
     result.seconds = time.perf_counter() - started
-    result.notes = sorted({f"{c.path}: {n}" for c in ckpts for n in c.notes})
-    if copied:
-        result.notes.append(
-            f"copied {len(copied)} model files from {source.path if source else ''}"
-        )
     if len(ckpts) == 1:
         result.warnings.append("only one ingredient: the soup is a copy of it")
     if different_inits:

@@ -16,12 +16,13 @@ import typer
 
 from ..errors import SoupError
 from . import core, demo, greedy, integrations, stock, sweeps
+from . import evaluate as evaluate_cli
 from . import report as report_cli
 from . import run as run_cli
 from .common import STATE
 from .root import app
 
-for module in (core, greedy, sweeps, stock, run_cli, report_cli, integrations, demo):
+for module in (core, evaluate_cli, greedy, sweeps, stock, run_cli, report_cli, integrations, demo):
     module.register(app)
 
 

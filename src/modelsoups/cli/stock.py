@@ -20,6 +20,7 @@ from .common import (
     UnsafePickle,
     parse_dtype,
     parse_size,
+    progress_bar,
     say,
 )
 from .recipes import (
@@ -81,27 +82,14 @@ def _write_stock(
     paths: list[Path], output: Path, opts: dict[str, Any]
 ) -> dict[str, tuple[float, float]]:
     """Stream Model Stock of `paths` (base first) into `output`; the per-tensor (cos θ, t)."""
-    import dataclasses
+    from ..recipes.stock import write_model_stock
 
-    from ..candidate import model_files_source, write_candidate
-    from ..ingredients import close_all, open_ingredients
-    from ..recipes.stock import stock_checkpoint
-    from ..stream import provenance
-
-    out_dtype, shard = parse_dtype(opts["dtype"]), parse_size(opts["max_shard_size"])
-    ckpts = open_ingredients(paths, key=opts["key"], unsafe_pickle=opts["unsafe_pickle"])
-    try:
-        lazy = stock_checkpoint(ckpts[0], ckpts[1:])
-        if out_dtype is not None:
-            lazy.infos = {k: dataclasses.replace(i, dtype=out_dtype) if i.is_float else i
-                          for k, i in lazy.infos.items()}  # fmt: skip
-        meta = provenance("model-stock", ckpts, [])
-        write_candidate(lazy, output, metadata=meta, overwrite=opts["overwrite"],
-                        model_files_from=model_files_source(ckpts),
-                        max_shard_size=shard)  # fmt: skip
-    finally:
-        close_all(ckpts)
-    ratios: dict[str, tuple[float, float]] = lazy.extra["ratios"]
+    with progress_bar("model stock") as bar:
+        _, ratios = write_model_stock(
+            paths[0], paths[1:], output, dtype=parse_dtype(opts["dtype"]),
+            max_shard_size=parse_size(opts["max_shard_size"]), key=opts["key"],
+            unsafe_pickle=opts["unsafe_pickle"], overwrite=opts["overwrite"], progress=bar,
+        )  # fmt: skip
     return ratios
 
 

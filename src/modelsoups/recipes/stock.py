@@ -8,38 +8,191 @@ weights θ₀ (averaged over pairs):
     θ     = t·mean(θᵢ) + (1 − t)·θ₀
 
 Few, nearly orthogonal fine-tunes (small cos θ) are pulled towards θ₀; agreeing ones keep
-their average (identical ingredients: cos θ = 1, t = 1). Streams one tensor at a time: the
-k deltas of one layer are in memory, never a whole model.
+their average (identical ingredients: cos θ = 1, t = 1).
+
+Each tensor takes two passes over its inputs, in cache-sized slices, and never a copy of a
+whole tensor: the first sums the k×k Gram matrix ⟨θᵢ − θ₀, θⱼ − θ₀⟩ in float64 (its
+diagonal gives the norms), the second is the weighted mean of `average.py` with weights
+(1 − t) on θ₀ and t/k on each θᵢ, accumulated in float64 and rounded once to the output
+dtype, with the same non-finite and overflow checks as every soup.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
+import numpy as np
 
-from ..candidate import LazyCheckpoint, materialize
+from ..average import check_finite, output_dtype, soup_tensor, widen, widen_buffer
 from ..check import check_compatible, check_non_float
+from ..dtypes import F64, DType, to_torch
 from ..errors import SoupError
 from ..ingredients import Ingredient, close_all, open_ingredients
 from ..io.base import Checkpoint
-from ..types import StateDict
+from ..types import PathLike, Progress, SoupResult, StateDict
 
-__all__ = ["model_stock", "stock_checkpoint", "stock_ratio"]
+if TYPE_CHECKING:
+    import torch
+
+    from ..candidate import LazyCheckpoint
+
+__all__ = ["model_stock", "stock_checkpoint", "stock_ratio", "write_model_stock"]
+
+Ratios = dict[str, tuple[float, float]]  # tensor name -> (cos θ, t), rounded to 6 digits
+
+
+def model_stock(
+    base: Ingredient,
+    finetuned: Sequence[Ingredient],
+    *,
+    dtype: str | DType | torch.dtype | None = None,
+) -> tuple[StateDict, Ratios]:
+    """Model Stock of in-memory state dicts, modules or checkpoint paths.
+
+    Returns the soup (floating tensors in `dtype`, default the base's) and the per-tensor
+    `(cos θ, t)` ratios.
+
+    Example:
+        >>> sd, ratios = model_stock(pretrained_sd, [ft1_sd, ft2_sd])  # doctest: +SKIP
+    """
+    ckpts = open_ingredients([base, *finetuned])
+    out_dtype = output_dtype(dtype)
+    try:
+        _check(ckpts)
+        ratios: Ratios = {}
+        soup = {}
+        for name, info in ckpts[0].infos.items():
+            array = stock_tensor(name, ckpts[0], ckpts[1:], ratios, dtype=out_dtype)
+            if info.is_float:
+                soup[name] = to_torch(array, out_dtype or info.dtype)
+            else:  # the base's own buffer: copied, so that the soup owns its tensors
+                soup[name] = to_torch(array.copy(), info.dtype)
+    finally:
+        close_all(ckpts)
+    return soup, ratios
+
+
+def write_model_stock(
+    base: PathLike,
+    finetuned: Sequence[PathLike],
+    out: PathLike,
+    *,
+    dtype: str | DType | torch.dtype | None = None,
+    max_shard_size: int | None = None,
+    key: str | None = None,
+    unsafe_pickle: bool = False,
+    overwrite: bool = False,
+    progress: Progress | None = None,
+) -> tuple[SoupResult, Ratios]:
+    """Stream Model Stock of checkpoint files into `out` (as `average_checkpoints` writes a
+    mean: one tensor at a time, atomically); returns the result and the per-tensor ratios."""
+    from ..io.writer import check_output, check_sharding
+    from ..stream import provenance, write_streamed
+
+    started, out, paths = time.perf_counter(), Path(out), [Path(base), *map(Path, finetuned)]
+    check_sharding(out, max_shard_size)
+    check_output(out, paths)
+    out_dtype = output_dtype(dtype)
+    ckpts = open_ingredients(paths, key=key, unsafe_pickle=unsafe_pickle)
+    try:
+        _check(ckpts)
+        ratios: Ratios = {}
+
+        def soup_of(name: str, buffer: np.ndarray) -> np.ndarray:
+            return stock_tensor(name, ckpts[0], ckpts[1:], ratios, dtype=out_dtype, buffer=buffer)
+
+        meta = provenance("model-stock", ckpts, [], accumulate="float64")
+        result = write_streamed(ckpts, out, soup_of, out_dtype, meta,
+                                max_shard_size=max_shard_size, overwrite=overwrite,
+                                progress=progress)  # fmt: skip
+    finally:
+        close_all(ckpts)
+    result.seconds = time.perf_counter() - started
+    return result, dict(sorted(ratios.items()))
+
+
+def stock_tensor(
+    name: str,
+    base: Checkpoint,
+    finetuned: Sequence[Checkpoint],
+    ratios: Ratios,
+    *,
+    dtype: DType | None = None,
+    buffer: np.ndarray | None = None,
+) -> np.ndarray:
+    """One tensor of Model Stock, as an array in its storage type (in `buffer` if given);
+    records its `(cos θ, t)` in `ratios`. Integer tensors are the base's."""
+    if not base.infos[name].is_float:
+        return base.array(name)
+    gram = delta_gram(base.array(name), base.infos[name].dtype,
+                      [c.array(name) for c in finetuned],
+                      [c.infos[name].dtype for c in finetuned])  # fmt: skip
+    if not np.isfinite(gram).all():  # a NaN/Inf in an input: name it
+        check_finite(name, dtype or base.infos[name].dtype, [base, *finetuned], suggest_allow=False)
+    cos, t = ratio_from_gram(gram)
+    ratios[name] = (round(cos, 6), round(t, 6))
+    k = len(finetuned)
+    weights = [1.0 - t] + [t / k] * k
+    return soup_tensor(name, [base, *finetuned], weights, accumulate=F64, dtype=dtype,
+                       buffer=buffer, suggest_allow=False)  # fmt: skip
+
+
+def ratio_from_gram(gram: np.ndarray) -> tuple[float, float]:
+    """(cos θ, t) from the k×k Gram matrix of the deltas (Eq. 6-7)."""
+    k = gram.shape[0]
+    sq_norms = np.diagonal(gram)
+    if bool((sq_norms == 0).any()):  # an ingredient equal to the base on this layer
+        cos = 1.0 if bool((sq_norms == 0).all()) else 0.0
+    else:
+        cosines = gram / np.sqrt(np.outer(sq_norms, sq_norms))
+        cos = float((cosines.sum() - np.trace(cosines)) / (k * (k - 1)))
+    cos = max(min(cos, 1.0), 0.0)  # opposed deltas (cos < 0) fall back to the base: t = 0
+    return cos, k * cos / (1 + (k - 1) * cos)
+
+
+# Pass 1 widens a slice of each fine-tune into one float64 row of a k×SLICE matrix (k·128
+# KiB: in a core's L2 cache for the few fine-tunes Model Stock is used with) that BLAS then
+# multiplies by its transpose.
+SLICE = 1 << 14
+
+
+def delta_gram(
+    base: np.ndarray,
+    base_dtype: DType,
+    finetuned: Sequence[np.ndarray],
+    dtypes: Sequence[DType],
+) -> np.ndarray:
+    """G[i, j] = ⟨θᵢ − θ₀, θⱼ − θ₀⟩ over a whole tensor, in float64, slice by slice.
+
+    Arrays are in their storage type (`DType.storage`); memory is a few slices, never a
+    whole tensor.
+    """
+    k, numel = len(finetuned), base.size
+    step = min(SLICE, max(numel, 1))
+    flat_base, flats = base.reshape(-1), [a.reshape(-1) for a in finetuned]
+    wide, base64 = widen_buffer(), np.empty(step, np.float64)
+    deltas, gram = np.empty((k, step), np.float64), np.zeros((k, k), np.float64)
+    with np.errstate(all="ignore"):  # a NaN or overflow shows in the Gram; checked by the caller
+        for start in range(0, numel, step):
+            stop = min(start + step, numel)
+            m = stop - start
+            np.copyto(base64[:m], widen(flat_base[start:stop], base_dtype, wide))
+            for i, (a, d) in enumerate(zip(flats, dtypes, strict=True)):
+                row = deltas[i, :m]  # widened, then the (exact) float64 difference
+                np.copyto(row, widen(a[start:stop], d, wide))
+                np.subtract(row, base64[:m], out=row)
+            rows = deltas[:, :m]
+            gram += rows @ rows.T
+    return gram
 
 
 def stock_ratio(deltas: torch.Tensor) -> tuple[float, float]:
     """(cos θ, t) for `deltas` of shape (k, n): the fine-tuned minus the base, one row each."""
-    k = deltas.shape[0]
-    norms = deltas.norm(dim=1)
-    if bool((norms == 0).any()):  # an ingredient equal to the base on this layer
-        cos = 1.0 if bool((norms == 0).all()) else 0.0
-    else:
-        unit = deltas / norms[:, None]
-        gram = unit @ unit.T
-        cos = float((gram.sum() - gram.diagonal().sum()) / (k * (k - 1)))
-    cos = max(min(cos, 1.0), 0.0)  # opposed deltas (cos < 0) fall back to the base: t = 0
-    return cos, k * cos / (1 + (k - 1) * cos)
+    d = deltas.detach().to("cpu").double().reshape(deltas.shape[0], -1).numpy()
+    return ratio_from_gram(d @ d.T)
 
 
 def stock_checkpoint(base: Checkpoint, finetuned: Sequence[Checkpoint]) -> LazyCheckpoint:
@@ -47,41 +200,23 @@ def stock_checkpoint(base: Checkpoint, finetuned: Sequence[Checkpoint]) -> LazyC
 
     The per-layer (cos θ, t) are recorded in `.extra["ratios"]` as they are computed.
     """
-    if len(finetuned) < 2:
-        raise SoupError("Model Stock needs at least two fine-tuned models (and the base)")
-    check_compatible([base, *finetuned])
-    check_non_float([base, *finetuned])
-    ratios: dict[str, tuple[float, float]] = {}
+    from ..candidate import LazyCheckpoint
+
+    _check([base, *finetuned])
+    ratios: Ratios = {}
 
     def compute(name: str) -> torch.Tensor:
-        if not base.infos[name].is_float:
-            return base.get(name)
-        b = base.get(name).to(torch.float64)
-        fts = torch.stack([c.get(name).to(torch.float64).reshape(-1) for c in finetuned])
-        deltas = fts - b.reshape(1, -1)
-        cos, t = stock_ratio(deltas)
-        ratios[name] = (round(cos, 6), round(t, 6))
-        return (t * fts.mean(0) + (1 - t) * b.reshape(-1)).reshape(b.shape)
+        array = stock_tensor(name, base, finetuned, ratios)
+        return to_torch(array.copy(), base.infos[name].dtype)
 
     out = LazyCheckpoint("<model stock>", base.infos, compute)
     out.extra["ratios"] = ratios
     return out
 
 
-def model_stock(
-    base: Ingredient, finetuned: Sequence[Ingredient]
-) -> tuple[StateDict, dict[str, tuple[float, float]]]:
-    """Model Stock of in-memory state dicts, modules or checkpoint paths.
-
-    Returns the soup and the per-tensor `(cos θ, t)` ratios.
-
-    Example:
-        >>> sd, ratios = model_stock(pretrained_sd, [ft1_sd, ft2_sd])  # doctest: +SKIP
-    """
-    ckpts = open_ingredients([base, *finetuned])
-    try:
-        lazy = stock_checkpoint(ckpts[0], ckpts[1:])
-        sd = materialize(lazy)
-    finally:
-        close_all(ckpts)
-    return sd, dict(lazy.extra["ratios"])
+def _check(ckpts: Sequence[Checkpoint]) -> None:
+    """Base and at least two fine-tunes with the same keys, shapes and integer buffers."""
+    if len(ckpts) < 3:
+        raise SoupError("Model Stock needs at least two fine-tuned models (and the base)")
+    check_compatible(ckpts)
+    check_non_float(ckpts)
