@@ -94,6 +94,8 @@ SIZES: dict[str, Shape] = {
     "25M": Shape(hidden=256, intermediate=688, layers=11, heads=8),  # 25.1M
     "110M": Shape(hidden=768, intermediate=2048, layers=9, heads=12),  # 112.9M
     "440M": Shape(hidden=1024, intermediate=2816, layers=29, heads=16),  # 438.5M
+    "250M": Shape(hidden=1024, intermediate=2816, layers=14, heads=16),  # 245.4M (bench_scale)
+    "1B": Shape(hidden=2048, intermediate=5504, layers=16, heads=32),  # 941.4M (bench_scale)
 }
 TORCH_DTYPE = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 BYTES_PER = {"fp32": 4, "bf16": 2, "fp16": 2}

@@ -650,11 +650,17 @@ def read_only_folder(path: Path, stack: contextlib.ExitStack) -> Path:
 
 
 def snapshot(root: Path) -> dict[str, str]:
-    """Relative path -> sha256 of every file (and 'dir' for every folder) under root."""
+    """Relative path -> sha256 of every file (and 'dir' for every folder) under root;
+    FIFOs, sockets and broken links are named by their mode, never opened."""
     out = {}
     for p in sorted(root.rglob("*")):
         rel = str(p.relative_to(root))
-        out[rel] = "dir" if p.is_dir() else hashlib.sha256(p.read_bytes()).hexdigest()
+        if p.is_dir():
+            out[rel] = "dir"
+        elif p.is_file():
+            out[rel] = hashlib.sha256(p.read_bytes()).hexdigest()
+        else:
+            out[rel] = f"mode {os.lstat(p).st_mode:o}"
     return out
 
 

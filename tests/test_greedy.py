@@ -261,3 +261,21 @@ def test_cli_greedy_warns_about_different_initialisations_once(tmp_path: Path, c
     assert capsys.readouterr().err.count("different initialisations") == 1
     report = json.loads((tmp_path / "soup.report.json").read_text())
     assert sum("different initialisations" in w for w in report["warnings"]) == 1
+
+
+def test_equal_scores_keep_input_order_unlike_the_paper_code() -> None:
+    """Two ingredients score the same alone and worse together: the one listed first is
+    the soup. The paper's code (`sorted` by score, then `reverse`) would start from the
+    later-listed one, so the two orders give different soups."""
+    a, b = tiny_state_dict(1), tiny_state_dict(2)
+
+    def score(sd: dict[str, torch.Tensor]) -> float:  # 0 on either ingredient, < 0 between
+        return -min(float((sd["fc.weight"] - x["fc.weight"]).abs().max()) for x in (a, b))
+
+    assert greedy_soup([a, b], score, names=["a", "b"]).selected == ["a"]
+    assert greedy_soup([b, a], score, names=["b", "a"]).selected == ["b"]
+    scores = {"a": score(a), "b": score(b)}
+    assert scores["a"] == scores["b"]
+    paper = [name for name, _ in sorted(scores.items(), key=lambda x: x[1])]
+    paper.reverse()  # model-soups/main.py's greedy order
+    assert paper[0] == "b"

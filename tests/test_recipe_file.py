@@ -233,7 +233,7 @@ FULL = {
     "key": "state_dict", "unsafe_pickle": True, "dtype": "bf16", "accumulate": "float64",
     "non_float": "first", "allow_nonfinite": True, "max_shard_size": "1GB", "overwrite": True,
     "quiet": True, "base": "base.pt", "evaluator": {"command": "e {ckpt} {split}", "timeout": 9},
-    "splits": {"held_out": "val", "test": "tst"},
+    "splits": {"held_out": "val", "test": "tst"}, "memory": "1GiB", "workdir": "scratch",
 }  # fmt: skip
 
 

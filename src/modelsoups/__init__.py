@@ -62,11 +62,14 @@ _EXPORTS: dict[str, str] = {
     "task_arithmetic_sweep": "recipes.task_arithmetic",
     "recalibrate_bn": "recipes.bn",
     "similarity_report": "similarity",
+    "lora_soup": "recipes.lora",
+    "inspect_adapters": "adapters",
 }
 
 __all__ = ["__version__", *_EXPORTS]
 
 if TYPE_CHECKING:
+    from .adapters import inspect_adapters as inspect_adapters
     from .average import load_soup as load_soup
     from .average import uniform_state_dict as uniform_state_dict
     from .average import weighted_state_dict as weighted_state_dict
@@ -101,6 +104,7 @@ if TYPE_CHECKING:
     from .recipes.ensemble import predict as predict
     from .recipes.greedy import greedy_soup as greedy_soup
     from .recipes.learned import learned_soup as learned_soup
+    from .recipes.lora import lora_soup as lora_soup
     from .recipes.stock import model_stock as model_stock
     from .recipes.task_arithmetic import task_arithmetic as task_arithmetic
     from .recipes.task_arithmetic import task_arithmetic_sweep as task_arithmetic_sweep

@@ -61,17 +61,33 @@ class LazyCheckpoint(Checkpoint):
         compute: Callable[[str], torch.Tensor],
         *,
         model_files_from: Path | None = None,
+        on_close: Callable[[], None] | None = None,
     ) -> None:
         super().__init__(Path(label), "memory", dict(infos))
         self._compute, self.model_files_from = compute, model_files_from
+        self._on_close = on_close
         self.extra: dict[str, Any] = {}  # what a recipe learns while computing (e.g. ratios)
 
     def get(self, name: str) -> torch.Tensor:
         return self._compute(name)
 
+    def close(self) -> None:
+        """Release what computing it holds (buffers, open inputs); reading it then fails."""
+        if self._on_close is not None:
+            self._on_close()
+        self._on_close = None
+        self._compute = _closed(self.path)
+
     def array(self, name: str) -> np.ndarray:
         """Tensor `name` in its declared dtype (`get` may return it wider), as numpy."""
         return to_numpy(self.get(name).to(self.infos[name].dtype.to_torch()))
+
+
+def _closed(label: Path) -> Callable[[str], torch.Tensor]:
+    def compute(name: str) -> torch.Tensor:
+        raise RuntimeError(f"{label}: tensor {name!r} read after the checkpoint was closed")
+
+    return compute
 
 
 def model_files_source(ckpts: Sequence[Checkpoint]) -> Path | None:

@@ -11,6 +11,7 @@ __all__ = [
     "CheckpointError",
     "EvaluationError",
     "IncompatibleError",
+    "InputChangedError",
     "NonFiniteError",
     "OutputError",
     "SoupError",
@@ -28,6 +29,10 @@ class CheckpointError(SoupError):
 
 class UnsafePickleError(CheckpointError):
     """A pickle needs arbitrary code execution to load and `unsafe_pickle` was not given."""
+
+
+class InputChangedError(CheckpointError):
+    """An input changed (was truncated, extended or rewritten) while the soup read it."""
 
 
 class IncompatibleError(SoupError):

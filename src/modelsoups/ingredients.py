@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, TypeAlias
 from .errors import SoupError
 from .io import MemoryCheckpoint, open_checkpoint
 from .io.base import Checkpoint
+from .io.files import ensure_descriptors
 
 if TYPE_CHECKING:
     from torch import nn
@@ -66,6 +67,7 @@ def open_ingredients(
     """Open paths lazily (headers only) and wrap state dicts or modules, in order; on any
     error close those already open and re-raise."""
     _require_some(ingredients)
+    ensure_descriptors(sum(isinstance(x, str | os.PathLike) for x in ingredients))
     ckpts: list[Checkpoint] = []
     try:
         for i, x in enumerate(ingredients):

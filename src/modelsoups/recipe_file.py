@@ -47,7 +47,11 @@ METHOD_FIELDS: dict[str, set[str]] = {
     "weighted": _COMMON
     | _WRITE
     | {"accumulate", "non_float", "allow_nonfinite", "weights", "normalize", "allow_negative"},
-    "greedy": _COMMON | _WRITE | _SCORED | _PARALLEL | {"scores", "accept", "tolerance"},
+    "greedy": _COMMON
+    | _WRITE
+    | _SCORED
+    | _PARALLEL
+    | {"scores", "accept", "tolerance", "memory", "workdir", "allow_nonfinite"},
     "wise-ft": _COMMON | _WRITE | _SCORED | _PARALLEL | {"base", "alpha", "alphas"},
     "stock": _COMMON | _WRITE | (_SCORED - {"resume"}) | {"base"},
     "task-arithmetic": _COMMON | _WRITE | _SCORED | _PARALLEL | {"base", "scale", "scales"},
@@ -123,6 +127,8 @@ class Recipe(_Strict):
     accumulate: Literal["float32", "float64"] = "float32"
     non_float: Literal["error", "first"] = "error"
     allow_nonfinite: bool = False
+    memory: str = Field("2GiB", description="greedy: RAM for a running sum, e.g. 2GiB; 0: stream")
+    workdir: str | None = Field(None, description="greedy: folder for the candidate files")
     max_shard_size: str | None = None
     overwrite: bool = False
     quiet: bool = False

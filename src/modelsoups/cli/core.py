@@ -29,6 +29,7 @@ from .common import (
     progress_bar,
     report_result,
 )
+from .lora import AllowDifferentBase, LoraAverage, MergeInto, Rank, lora_options
 
 
 def inspect(
@@ -38,6 +39,7 @@ def inspect(
     base: Annotated[
         str | None, typer.Option(help="Pretrained checkpoint: also compare deltas from it.")
     ] = None,
+    allow_different_base: AllowDifferentBase = False,
 ) -> None:
     """Format, tensors, dtypes and size of each checkpoint; can the set be souped?
 
@@ -49,13 +51,16 @@ def inspect(
     from rich.table import Table
 
     _no_blas_threads()
+    from ..adapters import is_adapter_set
     from ..errors import IncompatibleError
     from ..inspect import human_bytes, inspect_checkpoints
     from ..io import expand_inputs
+    from .lora import print_adapters
 
-    report = inspect_checkpoints(
-        expand_inputs(inputs), key=key, unsafe_pickle=unsafe_pickle, base=base
-    )
+    paths = expand_inputs(inputs)
+    if is_adapter_set(paths):
+        return print_adapters(paths, allow_different_base)
+    report = inspect_checkpoints(paths, key=key, unsafe_pickle=unsafe_pickle, base=base)
     table = Table("checkpoint", "format", "tensors", "parameters", "dtypes", "on disk")
     for s in report.checkpoints:
         dtypes = ", ".join(f"{d}×{n}" for d, n in s.dtypes.items())
@@ -111,14 +116,21 @@ def _average(
     **options: object,
 ) -> None:
     _no_blas_threads()
+    from ..adapters import is_adapter_set
     from ..io import expand_inputs
     from ..stream import average_checkpoints
+    from .lora import refuse_lora_options, soup_adapters
 
+    paths, lora = expand_inputs(inputs), options.pop("lora")
+    if is_adapter_set(paths):
+        options["dtype"] = parse_dtype(options.pop("dtype_name"))  # type: ignore[arg-type]
+        return soup_adapters(paths, output, weights, recipe, lora, options)  # type: ignore[arg-type]
+    refuse_lora_options(lora)  # type: ignore[arg-type]
     options["dtype"] = parse_dtype(options.pop("dtype_name"))  # type: ignore[arg-type]
     options["max_shard_size"] = parse_size(options["max_shard_size"])  # type: ignore[arg-type]
     with progress_bar(f"{recipe} soup") as bar:
         result = average_checkpoints(
-            expand_inputs(inputs),
+            paths,
             output,  # type: ignore[arg-type]
             weights=weights,
             recipe=recipe,
@@ -140,6 +152,10 @@ def uniform(
     max_shard_size: MaxShardSize = None,
     overwrite: Overwrite = False,
     quiet: Quiet = False,
+    merge_into: MergeInto = None,
+    rank: Rank = None,
+    lora_average: LoraAverage = "exact",
+    allow_different_base: AllowDifferentBase = False,
 ) -> None:
     """Uniform soup: the plain mean of all checkpoints (streamed, one tensor at a time)."""
     STATE["quiet"] = STATE["quiet"] or quiet
@@ -156,6 +172,7 @@ def uniform(
         allow_nonfinite=allow_nonfinite,
         max_shard_size=max_shard_size,
         overwrite=overwrite,
+        lora=lora_options(merge_into, rank, lora_average, allow_different_base),
     )
 
 
@@ -176,6 +193,10 @@ def weighted(
     max_shard_size: MaxShardSize = None,
     overwrite: Overwrite = False,
     quiet: Quiet = False,
+    merge_into: MergeInto = None,
+    rank: Rank = None,
+    lora_average: LoraAverage = "exact",
+    allow_different_base: AllowDifferentBase = False,
 ) -> None:
     """Weighted soup: Σ wᵢ·θᵢ with your weights (normalised to sum 1 unless --no-normalize)."""
     STATE["quiet"] = STATE["quiet"] or quiet
@@ -194,6 +215,7 @@ def weighted(
         allow_nonfinite=allow_nonfinite,
         max_shard_size=max_shard_size,
         overwrite=overwrite,
+        lora=lora_options(merge_into, rank, lora_average, allow_different_base),
     )
 
 

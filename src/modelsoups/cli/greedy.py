@@ -12,9 +12,10 @@ from typing import Annotated, Any
 
 import typer
 
-from ..errors import SoupError
+from ..errors import OutputError, SoupError
 from .common import (
     STATE,
+    AllowNonfinite,
     Dtype,
     Inputs,
     Key,
@@ -24,6 +25,7 @@ from .common import (
     Quiet,
     UnsafePickle,
     err,
+    parse_size,
     say,
 )
 from .recipes import (
@@ -64,6 +66,19 @@ def greedy(
     test_eval: Annotated[
         str | None, typer.Option(help="Test eval command: scores the final soup, never selects.")
     ] = None,
+    memory: Annotated[
+        str,
+        typer.Option(
+            help="RAM for the running sum (12 bytes/param); larger models stream, 0: always."
+        ),
+    ] = "2GiB",
+    workdir: Annotated[
+        Path | None,
+        typer.Option(
+            help="Folder for the candidate files the eval command reads (default: beside -o)."
+        ),
+    ] = None,
+    allow_nonfinite: AllowNonfinite = False,
     key: Key = None,
     unsafe_pickle: UnsafePickle = False,
     dtype: Dtype = None,
@@ -83,25 +98,52 @@ def greedy(
         raise SoupError("greedy needs --eval to score candidate soups (--scores only replaces "
                         "the N individual evaluations)")  # fmt: skip
     hist = sidecar(output, ".history.jsonl", history)
-    with candidate_folder(output) as work:
-        r = _select(paths, work, hist, opts)
+    opts["memory"] = parse_memory(memory)
+    with candidate_folder(_work_name(output, workdir)) as work:
+        r = _run_selection(paths, work, hist, opts)
+    r.soup.close()  # frees the running sum (or the inputs it reads) before the final write
     for w in r.warnings:
         err(f"soup: warning: {w}")
     evaluated = time.perf_counter()
     chosen = [p for p, n in zip(paths, r.names, strict=True) if n in r.selected]
-    write = {"key": key, "unsafe_pickle": unsafe_pickle, "overwrite": overwrite}
+    write = {"key": key, "unsafe_pickle": unsafe_pickle, "overwrite": overwrite,
+             "allow_nonfinite": allow_nonfinite}  # fmt: skip
     result = write_mean(chosen, output, None, r.warnings, recipe="greedy", dtype=dtype,
                         max_shard_size=max_shard_size, **write)  # fmt: skip
     best = max(r.ingredient_scores.values())
     say(f"greedy soup of {len(r.selected)}/{len(r.names)}: {dataset} {r.score:.6g} "
         f"(best ingredient {best:.6g}); history {hist}")  # fmt: skip
+    say(_store_summary(r))
     seconds = {"evaluate": evaluated - started, "write": result.seconds,
                "total": time.perf_counter() - started}  # fmt: skip
     write_report(sidecar(output, ".report.json", report),
                  _report(r, paths, hist, result.warnings, seconds, opts))  # fmt: skip
 
 
-def _select(paths: list[Path], work: Path, hist: Path, opts: dict[str, Any]) -> Any:
+def parse_memory(text: str) -> int:
+    """`--memory`: a size ('2GiB', '500MB') or 0."""
+    return 0 if text.strip() == "0" else parse_size(text) or 0
+
+
+def _work_name(output: Path, workdir: Path | None) -> Path:
+    """Candidate files go in a folder named after `output`, beside it or in `workdir`."""
+    if workdir is None:
+        return output
+    if not workdir.is_dir():
+        raise OutputError(f"{workdir}: --workdir is not an existing folder")
+    return workdir / output.name
+
+
+def _store_summary(r: Any) -> str:
+    """Where the soup's sum lived, in one line, e.g. for `--memory` tuning."""
+    need, budget = r.in_memory_bytes / 2**30, r.memory / 2**30
+    if r.store == "memory":
+        return f"running sum in memory: {need:.2f} GiB (--memory {budget:.2f} GiB)"
+    return (f"candidates streamed from the inputs: a running sum would take {need:.2f} GiB "
+            f"> --memory {budget:.2f} GiB")  # fmt: skip
+
+
+def _run_selection(paths: list[Path], work: Path, hist: Path, opts: dict[str, Any]) -> Any:
     """Run `greedy_soup` on the files with `soup greedy`'s options (candidates are written
     under `work`); returns its result."""
     from ..executor_ray import make_executor
@@ -123,6 +165,8 @@ def _select(paths: list[Path], work: Path, hist: Path, opts: dict[str, Any]) -> 
         resume=opts["resume"],
         executor=make_executor(opts["workers"], ray=opts["ray"], ray_address=opts["ray_address"]),
         test_evaluator=evaluator(opts["test_eval"], opts["eval_timeout"], work),
+        memory=opts["memory"],
+        allow_nonfinite=opts["allow_nonfinite"],
         key=opts["key"],
         unsafe_pickle=opts["unsafe_pickle"],
     )
@@ -147,6 +191,8 @@ def _report(
         "held_out": r.score, "test": None if r.test is None else {"score": r.test.score,
                                                                    **r.test.metrics},
         "history": str(hist), "warnings": r.warnings + write_warnings, "seconds": seconds,
+        "memory": {"store": r.store, "budget": r.memory, "in_memory_bytes": r.in_memory_bytes,
+                   "candidate_bytes": r.soup.nbytes},
     }  # fmt: skip
 
 

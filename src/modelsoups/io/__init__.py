@@ -14,6 +14,7 @@ from pathlib import Path
 from ..errors import CheckpointError
 from .base import Checkpoint as Checkpoint
 from .base import TensorInfo as TensorInfo
+from .files import check_regular
 from .folder import HFFolder as HFFolder
 from .memory import MemoryCheckpoint as MemoryCheckpoint
 from .pickle_file import PickleFile as PickleFile
@@ -50,8 +51,7 @@ def open_checkpoint(
     p = Path(path)
     if p.is_dir():
         return HFFolder(p, key=key, unsafe_pickle=unsafe_pickle)
-    if not p.exists():
-        raise CheckpointError(f"{p}: no such file or folder")
+    check_regular(p)  # missing, a FIFO (opening it would block), a device...
     if p.suffix == ".safetensors" or _looks_like_safetensors(p):
         return SafetensorsFile(p)
     return PickleFile(p, key=key, unsafe_pickle=unsafe_pickle)

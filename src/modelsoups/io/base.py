@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from ..dtypes import DType, to_numpy, to_torch
 from ..errors import CheckpointError
@@ -13,11 +14,35 @@ if TYPE_CHECKING:
     import numpy as np
     import torch
 
-__all__ = ["Checkpoint", "TensorInfo", "normalise_keys", "strip_wrappers"]
+__all__ = ["Checkpoint", "DuplicateKeyError", "TensorInfo", "loads_unique", "normalise_keys",
+           "strip_wrappers"]  # fmt: skip
 
 # Prefixes that wrappers add to every parameter name: DDP (`module.`) and torch.compile
 # (`_orig_mod.`). The same weights saved with or without a wrapper must soup together.
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+
+
+class DuplicateKeyError(ValueError):
+    """A JSON object names one key twice."""
+
+    def __init__(self, key: str) -> None:
+        super().__init__(key)
+        self.key = key
+
+
+def _unique(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    obj = dict(pairs)
+    if len(obj) < len(pairs):
+        seen: set[str] = set()
+        raise DuplicateKeyError(next(k for k, _ in pairs if k in seen or seen.add(k)))  # type: ignore[func-returns-value]
+    return obj
+
+
+def loads_unique(raw: bytes | str) -> Any:
+    """`json.loads`, but an object naming a key twice raises `DuplicateKeyError`: the
+    standard parser keeps the last value silently, which for a header or an index means
+    a tensor quietly replaced by another."""
+    return json.loads(raw, object_pairs_hook=_unique)
 
 
 @dataclass(frozen=True)
@@ -112,6 +137,11 @@ class Checkpoint:
         if type(self).get is Checkpoint.get:
             raise NotImplementedError(f"{type(self).__name__} implements neither get nor array")
         return to_numpy(self.get(name))
+
+    def check_unchanged(self) -> None:
+        """Raise `InputChangedError` if a file read since opening was truncated, extended or
+        rewritten in place: what was read may mix old and new bytes. In-memory inputs
+        never change."""
 
     def close(self) -> None:
         """Release file handles and memory maps."""

@@ -8,13 +8,15 @@ of a shard must be in the index.
 
 from __future__ import annotations
 
-import json
 import os
+import re
+import stat
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..errors import CheckpointError
-from .base import Checkpoint, TensorInfo, strip_wrappers
+from .base import Checkpoint, DuplicateKeyError, TensorInfo, loads_unique, strip_wrappers
+from .files import check_regular
 from .pickle_file import PickleFile
 from .safetensors_file import SafetensorsFile
 
@@ -39,14 +41,64 @@ def _open_shard(path: Path, *, key: str | None, unsafe_pickle: bool) -> Checkpoi
 
 
 def _read_index(index: Path) -> dict[str, str]:
+    """The weight map of a shard index: tensor name -> shard file, validated."""
+    check_regular(index)
     try:
-        data = json.loads(index.read_text())
+        data = loads_unique(index.read_bytes())
         weight_map = data["weight_map"]
         if not isinstance(weight_map, dict):
             raise TypeError("weight_map is not an object")
-    except (OSError, ValueError, KeyError, TypeError) as e:
+    except DuplicateKeyError as e:
+        raise CheckpointError(f"{index}: names {e.key!r} twice; the index is corrupt") from None
+    except (OSError, ValueError, KeyError, TypeError, RecursionError) as e:
         raise CheckpointError(f"{index}: not a valid shard index ({e})") from None
-    return {str(k): str(v) for k, v in weight_map.items()}
+    if not weight_map:
+        raise CheckpointError(
+            f"{index}: weight_map is empty; an index must list every tensor of its shards"
+        )
+    bad = next((k for k, v in weight_map.items() if not isinstance(v, str)), None)
+    if bad is not None:
+        raise CheckpointError(
+            f"{index}: tensor {bad!r} maps to {weight_map[bad]!r}, not to a shard file name"
+        )
+    for shard_name in set(weight_map.values()):
+        if not _inside(shard_name):
+            raise CheckpointError(
+                f"{index}: shard {shard_name!r} is outside the model folder; an index may "
+                "only name files inside it"
+            )
+    _check_numbering(index, set(weight_map.values()))
+    return weight_map
+
+
+# How `save_pretrained` names shards: PREFIX-00002-of-00005.EXT
+_NUMBERED = re.compile(r"(.+)-(\d+)-of-(\d+)(\.\w+)")
+
+
+def _check_numbering(index: Path, shard_names: set[str]) -> None:
+    """Numbered shards that an index lists none of: their tensors would silently be left
+    out of the soup (every input with the same index would agree on the smaller model)."""
+    groups: dict[tuple[str, str, str], set[int]] = {}
+    for name in shard_names:
+        m = _NUMBERED.fullmatch(name)
+        if m:
+            groups.setdefault((m[1], m[3], m[4]), set()).add(int(m[2]))
+    for (prefix, total, ext), numbers in groups.items():
+        n = int(total)
+        if len({i for i in numbers if 1 <= i <= n}) < n:
+            first = next(i for i in range(1, n + 1) if i not in numbers)
+            unlisted = f"{prefix}-{first:0{len(total)}d}-of-{total}{ext}"
+            raise CheckpointError(
+                f"{index}: lists no tensor of shard {unlisted!r} (shard {first} of {n}); "
+                "the index is incomplete"
+            )
+
+
+def _inside(name: str) -> bool:
+    """Whether `name`, from an index, stays inside its folder: relative, no `..`, not the
+    folder itself. (A shard that is a symbolic link is fine: the HF cache is made of them.)"""
+    parts = Path(name).parts  # () for "" and "."
+    return bool(parts) and not Path(name).is_absolute() and ".." not in parts
 
 
 class HFFolder(Checkpoint):
@@ -56,11 +108,15 @@ class HFFolder(Checkpoint):
         self, path: str | os.PathLike[str], *, key: str | None = None, unsafe_pickle: bool = False
     ) -> None:
         super().__init__(Path(path), "hf folder")
-        found = next((self.path / f for f in WEIGHT_FILES if (self.path / f).is_file()), None)
+        # lexists: a broken link (an interrupted download) is an error, not a reason to
+        # fall back silently to another weights file
+        found = next((self.path / f for f in WEIGHT_FILES if os.path.lexists(self.path / f)), None)
         if found is None:
             raise CheckpointError(
                 f"{self.path}: folder has no checkpoint (looked for {', '.join(WEIGHT_FILES)})"
             )
+        if not found.name.endswith(".index.json"):
+            check_regular(found)
         self.weights_file = found
         self._shards: dict[str, Checkpoint] = {}
         self._where: dict[str, Checkpoint] = {}
@@ -78,13 +134,8 @@ class HFFolder(Checkpoint):
     def _open_index(self, index: Path, *, key: str | None, unsafe_pickle: bool) -> None:
         weight_map = _read_index(index)
         for shard_name in dict.fromkeys(weight_map.values()):
-            if Path(shard_name).is_absolute() or ".." in Path(shard_name).parts:
-                raise CheckpointError(
-                    f"{index}: shard {shard_name!r} is outside the model folder; an index may "
-                    "only name files inside it"
-                )
             shard_path = self.path / shard_name
-            if not shard_path.is_file():
+            if not os.path.lexists(shard_path):
                 raise CheckpointError(f"{index}: lists shard {shard_name!r}, which is missing")
             shard = _open_shard(shard_path, key=key, unsafe_pickle=unsafe_pickle)
             self._shards[shard_name] = shard
@@ -123,23 +174,42 @@ class HFFolder(Checkpoint):
             shard.close()
 
 
-# Files that carry weights; everything else in a model folder (config, tokenizer, ...) is
-# copied next to the soup so that `from_pretrained` on the output just works.
-_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf")
+# What a soup folder gets besides its weights, so that `from_pretrained` on it just works:
+# the files `save_pretrained` and tokenizers/processors write next to the weights. Nothing
+# else: another model's weights (`onnx/`, `*.gguf`), code (`modeling_*.py`, which
+# `trust_remote_code` would run), caches or private files are not the soup's to publish.
+MODEL_FILES = frozenset({
+    "config.json", "generation_config.json",
+    "tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
+    "added_tokens.json", "vocab.json", "vocab.txt", "merges.txt", "spiece.model",
+    "sentencepiece.bpe.model", "spm.model", "bpe.codes",
+    "chat_template.json", "chat_template.jinja",
+    "preprocessor_config.json", "processor_config.json", "feature_extractor_config.json",
+    "image_processor_config.json", "video_preprocessor_config.json",
+})  # fmt: skip
 
 
 def copy_model_files(src: Path, dst: Path) -> list[str]:
-    """Copy config and tokenizer files (not weights, not indexes) from `src` into `dst`."""
+    """Copy the known model files (`MODEL_FILES`: config, tokenizer...) from `src` into
+    `dst`; return their names.
+
+    A file may be a symbolic link, as in the Hugging Face cache, if it leads to a regular
+    file inside `src` or, for a cache snapshot (`models--ORG--NAME/snapshots/REV`), inside
+    that repository's `blobs/`; a link to anywhere else is not followed.
+    """
     import shutil
 
+    roots = [src.resolve()]
+    if src.parent.name == "snapshots" and (src.parent.parent / "blobs").is_dir():
+        roots.append((src.parent.parent / "blobs").resolve())
     copied = []
-    for p in sorted(src.rglob("*")):
-        rel = p.relative_to(src)
-        if not p.is_file() or any(part.startswith(".") for part in rel.parts):
+    for name in sorted(MODEL_FILES):
+        p = src / name
+        try:
+            target, mode = p.resolve(strict=True), os.stat(p).st_mode
+        except (OSError, RuntimeError):  # absent, a broken or looping link
             continue
-        if p.name.endswith(_WEIGHT_SUFFIXES) or p.name.endswith(".index.json"):
-            continue
-        (dst / rel).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(p, dst / rel)
-        copied.append(str(rel))
+        if stat.S_ISREG(mode) and any(target.is_relative_to(r) for r in roots):
+            shutil.copyfile(target, dst / name)
+            copied.append(name)
     return copied

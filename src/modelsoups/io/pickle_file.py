@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -17,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 from ..dtypes import DType, as_dtype
 from ..errors import CheckpointError, UnsafePickleError
 from .base import Checkpoint, TensorInfo, normalise_keys
+from .files import Stamp, check_regular
 
 if TYPE_CHECKING:
     import torch
@@ -28,15 +30,18 @@ def load_pickle(path: Path, *, unsafe_pickle: bool = False) -> Any:
     """`torch.load` on CPU with mmap where the format allows it; errors name the file."""
     import torch  # here, not at the top: reading safetensors never imports torch
 
-    if not path.is_file():
-        raise CheckpointError(f"{path}: no such file")
+    check_regular(path)  # torch.load would block on a FIFO, read a device forever
     if path.stat().st_size == 0:
         raise CheckpointError(f"{path}: empty file (0 bytes), not a checkpoint")
     for use_mmap in (True, False):
         try:
-            return torch.load(
-                path, map_location="cpu", mmap=use_mmap, weights_only=not unsafe_pickle
-            )
+            # torch warns while loading some tensors (quantized, sparse CSR: "deprecated",
+            # "beta"); those tensors are refused with one line, the warnings are noise
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                return torch.load(
+                    path, map_location="cpu", mmap=use_mmap, weights_only=not unsafe_pickle
+                )
         except pickle.UnpicklingError as e:
             if "Weights only load failed" in str(e) and "Unsupported" in str(e):
                 raise UnsafePickleError(
@@ -108,6 +113,24 @@ def select_state_dict(obj: Any, path: Path, key: str | None) -> tuple[Mapping[st
     )
 
 
+def check_plain(t: torch.Tensor, name: str, path: Path) -> None:
+    """Refuse tensors that are not a dense block of numbers in memory: a soup averages
+    elements, which these do not hold (meta), or hold encoded (sparse, quantized)."""
+    import torch
+
+    problems = [
+        (t.is_nested, "a nested tensor", "save its parts as separate tensors"),
+        (t.layout != torch.strided, f"a sparse tensor ({t.layout})", "save it .to_dense()"),
+        (t.is_meta, "on the meta device (a shape without data)", "save the real weights"),
+        (t.is_quantized, f"quantized ({t.dtype})", "save it .dequantize()d"),
+    ]
+    for found, what, fix in problems:
+        if found:
+            raise CheckpointError(
+                f"{path}: tensor {name!r} is {what}, which modelsoups cannot soup; {fix}"
+            )
+
+
 def tensor_dtype(t: torch.Tensor, name: str, path: Path) -> DType:
     """The `DType` of a tensor; a dtype safetensors cannot hold (complex...) is an error."""
     try:
@@ -132,14 +155,20 @@ class PickleFile(Checkpoint):
         import torch
 
         super().__init__(Path(path), "pytorch pickle")
+        self._stamp: Stamp | None = None
+        size = None
+        if obj is None:
+            check_regular(self.path)
+            st = os.stat(self.path)
+            self._stamp, size = Stamp.of(self.path, st), st.st_size
         loaded = load_pickle(self.path, unsafe_pickle=unsafe_pickle) if obj is None else obj
         sd, note = select_state_dict(loaded, self.path, key)
-        size = self.path.stat().st_size if obj is None else None
         for name, value in sd.items():
             if not isinstance(value, torch.Tensor):
                 raise CheckpointError(
                     f"{self.path}: tensor {name!r} is a {type(value).__name__}, not a tensor"
                 )
+            check_plain(value, name, self.path)
             # A broadcast view (`expand`) is saved as its small storage: a 2 KB pickle can
             # declare a 16 GB tensor, which the soup would then allocate and write.
             nbytes = value.numel() * value.element_size()
@@ -158,7 +187,13 @@ class PickleFile(Checkpoint):
                                           self.path)  # fmt: skip
 
     def get(self, name: str) -> torch.Tensor:
+        # the tensors view the file through a memory map: see SafetensorsFile.array
+        self.check_unchanged()
         return self._tensors[name]
+
+    def check_unchanged(self) -> None:
+        if self._stamp is not None:
+            self._stamp.check()
 
     def close(self) -> None:
         self._tensors = {}

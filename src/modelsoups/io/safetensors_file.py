@@ -9,7 +9,6 @@ or corrupt file is a clear `CheckpointError`, never a crash or a huge allocation
 from __future__ import annotations
 
 import itertools
-import json
 import math
 import mmap
 import os
@@ -21,7 +20,8 @@ import numpy as np
 
 from ..dtypes import DTYPES
 from ..errors import CheckpointError
-from .base import Checkpoint, TensorInfo, normalise_keys
+from .base import Checkpoint, DuplicateKeyError, TensorInfo, loads_unique, normalise_keys
+from .files import Stamp, check_regular, open_error
 
 __all__ = ["DTYPES", "SafetensorsFile"]
 
@@ -40,7 +40,11 @@ def _parse_header(path: Path, size: int, head: bytes) -> tuple[int, dict[str, An
     if n > MAX_HEADER:
         raise CheckpointError(f"{path}: header length {n} exceeds {MAX_HEADER} bytes")
     try:
-        header = json.loads(head[8 : 8 + n])
+        header = loads_unique(head[8 : 8 + n])
+    except DuplicateKeyError as e:  # the reference implementation refuses it too
+        raise CheckpointError(
+            f"{path}: safetensors header names {e.key!r} twice; the file is corrupt"
+        ) from None
     except (ValueError, RecursionError) as e:  # bad UTF-8/JSON, 5000-digit ints, [[[[...
         raise CheckpointError(f"{path}: invalid JSON in safetensors header ({e})") from None
     if not isinstance(header, dict):
@@ -91,12 +95,15 @@ class SafetensorsFile(Checkpoint):
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         super().__init__(Path(path), "safetensors")
-        try:
-            fd = os.open(self.path, os.O_RDONLY)
+        check_regular(self.path)  # before opening: opening a FIFO blocks
+        try:  # O_NONBLOCK: should a FIFO replace the file meanwhile, fail, do not wait
+            fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
         except OSError as e:
-            raise CheckpointError(f"{self.path}: cannot open ({e.strerror})") from None
+            raise open_error(self.path, e) from None
         try:
-            size = os.fstat(fd).st_size
+            st = os.fstat(fd)
+            check_regular(self.path, st.st_mode)
+            size, self._stamp = st.st_size, Stamp.of(self.path, st)
             head = os.pread(fd, 8, 0) if size >= 8 else b""
             if len(head) == 8:  # read exactly the header, never more
                 n_claimed = int.from_bytes(head, "little")
@@ -105,6 +112,8 @@ class SafetensorsFile(Checkpoint):
             # ACCESS_COPY: a private mapping gives writable arrays (torch.from_numpy wants
             # them) without any possibility of writing back to the file.
             self._mm = mmap.mmap(fd, 0, access=mmap.ACCESS_COPY)
+        except OSError as e:  # out of descriptors (mmap keeps one), I/O error
+            raise open_error(self.path, e) from None
         finally:
             os.close(fd)
         self._data_start = 8 + n
@@ -134,6 +143,10 @@ class SafetensorsFile(Checkpoint):
         storage = info.dtype.numpy
         if info.numel == 0:
             return np.empty(info.shape, dtype=storage)
+        # A file shrunk since it was opened would kill the process with SIGBUS once its
+        # pages past the new end are read: one fstat first turns that into an error.
+        if self._mm.size() != self._stamp.size:
+            self._stamp.check(self._mm.size())
         flat = np.frombuffer(self._mm, dtype=storage, count=info.numel, offset=start)
         if start % info.dtype.itemsize:  # unaligned: an aligned copy (torch needs one)
             flat = flat.copy()
@@ -141,6 +154,10 @@ class SafetensorsFile(Checkpoint):
 
     def raw_name(self, name: str) -> str:
         return self._names[name]
+
+    def check_unchanged(self) -> None:
+        if self._mm is not None:
+            self._stamp.check(self._mm.size())
 
     def close(self) -> None:
         # Tensors handed out may still view the map; let the GC unmap when they die.

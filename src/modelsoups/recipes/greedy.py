@@ -6,29 +6,35 @@
         if score(mean(soup ∪ {θ})) ≥ score(mean(soup)):   # paper: ≥; official code: >
             soup ← soup ∪ {θ}
 
-Incremental: a float32 running sum of the soup is kept, and a candidate (sum + θ)/(k+1) is
-computed tensor by tensor while it is scored, into buffers reused at every step: one pass
-over the weights, never a re-average, and an accepted candidate's sum becomes the soup's
-without reading θ again (memory: three float32 models). The candidate an evaluator gets is
-therefore only valid during its call. Selection only sees the held-out `evaluator`;
-`test_evaluator` scores the final soup once, after selection. Every evaluation is logged to
-`history` (JSON lines); `resume=True` replays it after a crash, evaluating nothing twice.
+`greedy_soup` below, then `_select`, which is Recipe 1 line for line. Selection only sees
+the held-out `evaluator`; `test_evaluator` scores the final soup once, after selection.
+Every evaluation is logged to `history` (JSON lines); `resume=True` replays it after a
+crash (`_Steps`), evaluating nothing twice.
+
+Ties. Ingredients with equal held-out scores keep their input order (a stable sort, best
+first): the one listed first starts the soup, or is tried first. The paper's code sorts
+ascending and reverses, which puts the later-listed first, and with `accept="ge"` the two
+orders can choose different soups. We keep input order: it is what a reader of the
+argument list expects, the caller controls it by ordering the inputs, and soups and
+histories made by earlier versions stay the same (a resumed history must replay in the
+order it was logged).
+
+Each candidate costs one pass over the weights, never a re-average: `greedy_sum.py` keeps
+the soup either as a float32 running sum in RAM (when it fits `memory`) or streams every
+candidate from the soup's inputs plus the new one (any model size, memory a few copies of
+the largest tensor). The two give bit-identical candidates and soups.
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
-from ..average import CHUNK, weighted_sum_arrays, widen, widen_buffer
-from ..candidate import LazyCheckpoint, materialize, model_files_source
+from ..candidate import materialize, model_files_source
 from ..check import check_compatible, check_non_float
 from ..errors import EvaluationError, SoupError
 from ..evaluate import Evaluator, Score, acceptance, as_evaluator, score_ingredients
@@ -42,6 +48,7 @@ from ..ingredients import (
 )
 from ..io.base import Checkpoint
 from ..similarity import init_warning
+from .greedy_sum import DEFAULT_MEMORY, SoupStore, choose_store, in_memory_bytes
 
 __all__ = ["GreedyResult", "greedy_soup"]
 
@@ -56,100 +63,16 @@ class GreedyResult:
     score: float  # held-out score of the soup
     ingredient_scores: dict[str, float]
     history: list[dict[str, Any]]  # JSON lines: ingredient scores, then one per greedy step
-    soup: Checkpoint  # the soup, computed from the running sum when read
+    soup: Checkpoint  # the soup, computed when read; `soup.close()` frees what it holds
     warnings: list[str] = field(default_factory=list)
     test: Score | None = None  # the final soup on test data: reported, never used to choose
+    store: str = "memory"  # "memory": running sum in RAM; "streamed": read from the inputs
+    memory: int = DEFAULT_MEMORY  # the budget the running sum had to fit in (bytes)
+    in_memory_bytes: int = 0  # what the running sum takes (or would have taken) in RAM
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """The soup as a state dict (in the ingredients' dtypes)."""
         return materialize(self.soup)
-
-
-class _RunningSum:
-    """Σθ over the soup's ingredients in float32 (integer tensors: the first's), and the
-    candidates built from it.
-
-    A candidate (Σθ + θₖ)/(k+1) is built in one pass, slice by slice: `nsum = sum + θₖ`,
-    `cand = nsum / n`, into `nsum` and `cand` buffers allocated once and reused at every
-    step (fresh memory would be page-faulted in every time), on `threads` threads. If the
-    candidate is accepted, `sum` and `nsum` swap: θₖ is not read a second time. So a
-    candidate's tensors are only valid until the next candidate is built.
-    """
-
-    def __init__(self, first: Checkpoint, model_files_from: Path | None, threads: int = 2) -> None:
-        self.infos, self.size, self.folder = first.infos, 1, model_files_from
-        self.floats = [k for k, i in self.infos.items() if i.is_float]
-        self.sums = {  # float32 copies (weight 1 is exact): the inputs are never modified
-            k: weighted_sum_arrays([first.array(k)], [self.infos[k].dtype], [1.0])[0]
-            for k in self.floats
-        }
-        self.fixed = {k: first.get(k).clone() for k, i in self.infos.items() if not i.is_float}
-        self.nsum: dict[str, np.ndarray] = {}
-        self.cand: dict[str, np.ndarray] = {}
-        self.built: tuple[Checkpoint, set[str]] | None = None  # ingredient, tensors done
-        self.pool = ThreadPoolExecutor(threads)
-        self.threads = threads
-
-    def add(self, c: Checkpoint) -> None:
-        """Add ingredient `c` to the soup (free if the last candidate was built with it)."""
-        self.size += 1
-        if self.built is not None and self.built[0] is c and self.built[1] >= set(self.floats):
-            self.sums, self.nsum = self.nsum, self.sums
-        else:  # a step replayed from the history: no candidate was built
-            for k in self.floats:
-                self._run(k, c, self.sums[k], None)
-        self.built = None
-
-    def candidate(self, label: str, extra: Checkpoint | None = None) -> LazyCheckpoint:
-        """The soup plus `extra` (or the soup itself: fresh tensors, kept by the caller)."""
-        n = self.size + (extra is not None)
-        if extra is not None:
-            self.built = (extra, set())
-
-        def compute(k: str) -> torch.Tensor:
-            if not self.infos[k].is_float:
-                return self.fixed[k]
-            if extra is None:
-                return torch.from_numpy(self.sums[k] / n)
-            if self.built is None or self.built[0] is not extra:
-                raise RuntimeError(f"{label}: read after the next candidate was built")
-            nsum = self.nsum.setdefault(k, np.empty_like(self.sums[k]))
-            cand = self.cand.setdefault(k, np.empty_like(self.sums[k]))
-            self._run(k, extra, nsum, (cand, n))
-            self.built[1].add(k)
-            return torch.from_numpy(cand)
-
-        return LazyCheckpoint(label, self.infos, compute, model_files_from=self.folder)
-
-    def _run(
-        self, k: str, c: Checkpoint, nsum: np.ndarray, scaled: tuple[np.ndarray, int] | None
-    ) -> None:
-        """nsum = sum + c[k] (and, if given, cand = nsum / n), split across the threads."""
-        x, dtype = c.array(k).reshape(-1), c.infos[k].dtype
-        total, flat = self.sums[k].reshape(-1), nsum.reshape(-1)
-        out = None if scaled is None else (scaled[0].reshape(-1), scaled[1])
-
-        def part(lo: int, hi: int) -> None:
-            wide = widen_buffer()
-            for a in range(lo, hi, CHUNK):
-                b = min(a + CHUNK, hi)
-                np.add(total[a:b], widen(x[a:b], dtype, wide), out=flat[a:b], dtype=np.float32)
-                if out is not None:
-                    np.divide(flat[a:b], out[1], out=out[0][a:b])
-
-        # whole slices per thread; a tensor under two slices stays on this thread
-        step = -(-x.size // self.threads // CHUNK) * CHUNK if x.size >= 2 * CHUNK else x.size
-        bounds = [(lo, min(lo + step, x.size)) for lo in range(0, x.size, max(step, 1))]
-        others = [self.pool.submit(part, lo, hi) for lo, hi in bounds[1:]]
-        try:
-            if bounds:
-                part(*bounds[0])
-        finally:
-            for f in others:
-                f.result()
-
-    def close(self) -> None:
-        self.pool.shutdown()
 
 
 def greedy_soup(
@@ -165,6 +88,8 @@ def greedy_soup(
     resume: bool = False,
     executor: Any = None,
     test_evaluator: Evaluator | None = None,
+    memory: int = DEFAULT_MEMORY,
+    allow_nonfinite: bool = False,
     key: str | None = None,
     unsafe_pickle: bool = False,
 ) -> GreedyResult:
@@ -173,8 +98,8 @@ def greedy_soup(
     Args:
         ingredients: checkpoint paths, state dicts or modules of one architecture.
         evaluator: scores a candidate on HELD-OUT data (`Evaluator`, or `fn(state_dict)`).
-            The candidate (and the state dict `fn` gets) reuses memory from one step to the
-            next: it is only valid during the call; copy what you want to keep.
+            The candidate (and the state dict `fn` gets) may reuse memory from one step to
+            the next: it is only valid during the call; copy what you want to keep.
         names: one per ingredient (default: file stems, or `ingredient_i`).
         scores: held-out scores already known (name → score), e.g. from `load_scores`;
             the ingredients not in it are evaluated, through `executor` (int = workers).
@@ -183,11 +108,19 @@ def greedy_soup(
         dataset: name of the held-out metric in the history records.
         history: JSON-lines log path; `resume=True` continues one after a crash.
         test_evaluator: scores the final soup on test data, after selection.
+        memory: bytes the running sum may take in RAM (12 per parameter); a larger model
+            streams each candidate from its inputs instead (default 2 GiB; 0: always).
+        allow_nonfinite: score candidates holding NaN/Inf instead of raising
+            `NonFiniteError` (which names the ingredient that holds one).
+
+    Ingredients with equal held-out scores are tried in input order (see the module).
 
     Example:
         >>> model.load_state_dict(greedy_soup(sds, val_acc).state_dict())  # doctest: +SKIP
     """
     ev, better = as_evaluator(evaluator), acceptance(accept, tolerance)
+    if isinstance(memory, bool) or not isinstance(memory, int) or memory < 0:
+        raise SoupError(f"memory must be a number of bytes >= 0, got {memory!r}")
     all_names = ingredient_names(ingredients, names)
     ckpts = open_ingredients(ingredients, key=key, unsafe_pickle=unsafe_pickle)
     try:
@@ -198,58 +131,80 @@ def greedy_soup(
         todo = ingredient_sources(ingredients, all_names)
         opts = {"executor": executor, "key": key, "unsafe_pickle": unsafe_pickle}
         known = _score_ingredients(ev, todo, log, dataset, scores or {}, opts)
-        order = sorted(range(len(ckpts)), key=lambda i: -known[all_names[i]])
-        soup = _RunningSum(ckpts[order[0]], model_files_source(ckpts))
+        ranked = sorted(zip(all_names, ckpts, strict=True), key=lambda x: -known[x[0]])
+        store = choose_store(ranked[0][1], model_files_source(ckpts), memory, allow_nonfinite)
         try:
-            ranked = [(all_names[i], ckpts[i]) for i in order]
-            selected, best = _select(ev, better, ranked, soup, known, log, dataset)
+            steps = _Steps(log, dataset, ranked[0][0], known[ranked[0][0]])
+            selected, best = _select(ev, better, ranked, store, steps)
         finally:
-            soup.close()
-        final = soup.candidate("<greedy soup>")
+            store.close()
+        final = store.soup("<greedy soup>")  # streamed: keeps its members open until closed
         test = test_evaluator.evaluate(final, name="greedy soup (test)") if test_evaluator else None
-    finally:
+    except BaseException:
         close_all(ckpts)
+        raise
+    kept = {id(c) for c in store.members} if store.kind == "streamed" else set()
+    close_all([c for c in ckpts if id(c) not in kept])
     weights = [1.0 / len(selected) if n in selected else 0.0 for n in all_names]
     return GreedyResult(all_names, selected, weights, best, known, log.records, final,
-                        [warning] if warning else [], test)  # fmt: skip
+                        [warning] if warning else [], test, store.kind, memory,
+                        in_memory_bytes(store.infos))  # fmt: skip
 
 
 def _select(
     ev: Evaluator,
     better: Callable[[float, float], bool],
     ranked: list[tuple[str, Checkpoint]],
-    soup: _RunningSum,
-    known: Mapping[str, float],
-    log: History,
-    dataset: str,
+    soup: SoupStore,
+    steps: _Steps,
 ) -> tuple[list[str], float]:
-    """Recipe 1 over `ranked` (best first; `soup` holds the first): the names kept, in order,
-    and the soup's held-out score. Steps logged before a crash are replayed, not re-scored."""
-    selected, best = [ranked[0][0]], known[ranked[0][0]]
-    steps = [r for r in log.records if r.get("kind") == "greedy"]
-    if not steps:
-        log.append({"kind": "greedy", "model_name": selected[0], dataset: best,
-                    "accepted": True, "soup_size": 1})  # fmt: skip
-        steps = [log.records[-1]]
-    for j, (name, ckpt) in enumerate(ranked[1:], start=1):
-        if j < len(steps):  # replay a step logged before the crash
-            if steps[j].get("model_name") != name or dataset not in steps[j]:
-                raise SoupError(
-                    f"{log.path}: logged step {j} is {steps[j].get('model_name')!r}, expected"
-                    f" {name!r} scored as {dataset!r}; ingredients, scores or dataset changed"
-                )
-            ok, s = bool(steps[j]["accepted"]), Score(float(steps[j][dataset]))
-        else:
-            cand = soup.candidate(f"<greedy soup + {name}>", ckpt)
-            s = ev.evaluate(cand, name=f"greedy soup of {soup.size} + {name}")
-            ok = better(s.score, best)
-            log.append({"kind": "greedy", "model_name": name, dataset: s.score, **s.metrics,
-                        "accepted": ok, "soup_size": soup.size + ok})  # fmt: skip
-        if ok:
-            soup.add(ckpt)
+    """Recipe 1 over `ranked` (best first; `soup` holds the first): the names kept, in the
+    order they were added, and the soup's held-out score."""
+    selected, best = [ranked[0][0]], steps.first_score
+    for name, ingredient in ranked[1:]:
+        step = steps.replay(name)  # logged before a crash: not evaluated again
+        if step is None:
+            candidate = soup.candidate(f"<greedy soup + {name}>", ingredient)
+            score = ev.evaluate(candidate, name=f"greedy soup of {soup.size} + {name}")
+            step = steps.record(name, score, better(score.score, best), soup.size)
+        accepted, score_value = step
+        if accepted:
+            soup.add(ingredient)
             selected.append(name)
-            best = s.score
+            best = score_value
     return selected, best
+
+
+class _Steps:
+    """The greedy steps of the history: those logged before a crash are replayed in order
+    (each must name the ingredient the selection reaches), new ones are appended."""
+
+    def __init__(self, log: History, dataset: str, first: str, first_score: float) -> None:
+        self.log, self.dataset, self.first_score = log, dataset, first_score
+        self.logged = [r for r in log.records if r.get("kind") == "greedy"]
+        if not self.logged:  # the soup of the best ingredient alone: scored already
+            self.record(first, Score(first_score), True, 0)
+            self.logged = [log.records[-1]]
+        self.next = 1
+
+    def replay(self, name: str) -> tuple[bool, float] | None:
+        """The logged (accepted, score) of the next step, or None past the log's end."""
+        if self.next >= len(self.logged):
+            return None
+        j, step = self.next, self.logged[self.next]
+        self.next += 1
+        if step.get("model_name") != name or self.dataset not in step:
+            raise SoupError(
+                f"{self.log.path}: logged step {j} is {step.get('model_name')!r}, expected "
+                f"{name!r} scored as {self.dataset!r}; ingredients, scores or dataset changed"
+            )
+        return bool(step["accepted"]), float(step[self.dataset])
+
+    def record(self, name: str, s: Score, accepted: bool, size: int) -> tuple[bool, float]:
+        """Log a step that tried `name` on a soup of `size` ingredients."""
+        record = {"kind": "greedy", "model_name": name, self.dataset: s.score, **s.metrics}
+        self.log.append({**record, "accepted": accepted, "soup_size": size + accepted})
+        return accepted, s.score
 
 
 def _score_ingredients(

@@ -1,0 +1,165 @@
+"""Input files as the operating system sees them: their type, their descriptors, their changes.
+
+A soup reads its inputs through memory maps, which makes three OS facts matter:
+
+- Only regular files can be mapped; a FIFO or a device would block or stream forever, so
+  they are refused before anything opens them (`check_regular`).
+- Each mapped file holds one descriptor for the whole run (Python's `mmap` keeps a copy of
+  it), so N inputs need N descriptors: the soft limit is raised towards the hard one when
+  needed, and running out is one clear line (`ensure_descriptors`, `open_error`).
+- A mapped file that another process truncates kills the reader with SIGBUS the moment it
+  touches a page past the new end, and one rewritten in place feeds it a mix of old and new
+  bytes. Each file's identity, size and modification time are recorded when it is opened
+  (`Stamp`) and compared before tensors are read and before a soup is published. For the
+  last race, a truncation between that check and the read, the `soup` command runs its
+  work in a child process (`cli/supervise.py`); the records of `journal` tell the parent
+  which inputs to check and which temporaries to remove.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import os
+import stat
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import CheckpointError, InputChangedError
+
+__all__ = [
+    "Stamp",
+    "check_regular",
+    "ensure_descriptors",
+    "journal",
+    "open_error",
+]
+
+# Descriptors kept free for everything else a run opens: the output, its shards, pipes to
+# evaluators, imports.
+SPARE_DESCRIPTORS = 64
+
+_KINDS = {
+    stat.S_IFIFO: "a FIFO (named pipe)",
+    stat.S_IFCHR: "a character device",
+    stat.S_IFBLK: "a block device",
+    stat.S_IFSOCK: "a socket",
+    stat.S_IFDIR: "a folder",
+}
+
+
+def check_regular(path: Path, mode: int | None = None) -> None:
+    """Refuse anything but a regular file (symlinks to one are fine), before opening it:
+    opening a FIFO blocks until a writer comes, and a device never ends."""
+    if mode is None:
+        try:
+            mode = os.stat(path).st_mode
+        except OSError as e:
+            raise open_error(path, e) from None
+    if not stat.S_ISREG(mode):
+        kind = _KINDS.get(stat.S_IFMT(mode), "not a regular file")
+        raise CheckpointError(f"{path}: is {kind}, not a checkpoint file; give a file or a folder")
+
+
+def open_error(path: Path, e: OSError) -> CheckpointError:
+    """A one-line `CheckpointError` for an `OSError` raised while opening an input."""
+    if e.errno in (errno.EMFILE, errno.ENFILE):
+        import resource
+
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        return CheckpointError(
+            f"{path}: too many open files: each input stays open (memory-mapped) while the "
+            f"soup is made, and the limit is {soft} (hard limit {hard}); raise it with "
+            "`ulimit -n` or soup fewer inputs at once"
+        )
+    if e.errno == errno.ENOENT:
+        if os.path.islink(path):  # e.g. an interrupted download into the HF cache
+            target = os.readlink(path)
+            return CheckpointError(f"{path}: is a symbolic link to {target}, which is missing")
+        return CheckpointError(f"{path}: no such file or folder")
+    return CheckpointError(f"{path}: cannot open ({e.strerror or e})")
+
+
+def ensure_descriptors(n_files: int) -> None:
+    """Make room for `n_files` open inputs: raise the soft limit on open files (up to the
+    hard one) when it is too low. What cannot be raised is reported by `open_error` when
+    a file fails to open, naming the limit."""
+    try:
+        import resource
+    except ImportError:  # not on this platform
+        return
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    need = n_files + SPARE_DESCRIPTORS
+    if soft == resource.RLIM_INFINITY or need <= soft:
+        return
+    target = need if hard == resource.RLIM_INFINITY else min(hard, max(need, 4096))
+    # a sandbox may forbid it: then the open that fails says so
+    with contextlib.suppress(ValueError, OSError):
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+
+
+@dataclass(frozen=True)
+class Stamp:
+    """What identifies a file's content without reading it: device, inode, size, mtime."""
+
+    path: Path
+    dev: int
+    ino: int
+    size: int
+    mtime_ns: int
+
+    @classmethod
+    def of(cls, path: Path, st: os.stat_result) -> Stamp:
+        stamp = cls(path, st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+        journal("input", path, size=stamp.size, dev=stamp.dev, ino=stamp.ino,
+                mtime_ns=stamp.mtime_ns)  # fmt: skip
+        return stamp
+
+    def change(self, size: int | None = None) -> str | None:
+        """How the file changed since it was stamped, or None.
+
+        `size` is the current size of the opened file (its memory map's); the path is
+        stat'ed for the rest. A path that now names another file (replaced by a rename) or
+        none (deleted) is not a change: the open file, still read, is intact.
+        """
+        if size is not None and size != self.size:
+            return f"its size went from {self.size} to {size} bytes"
+        try:
+            st = os.stat(self.path)
+        except OSError:
+            return None
+        if (st.st_dev, st.st_ino) != (self.dev, self.ino):
+            return None
+        if st.st_size != self.size:
+            return f"its size went from {self.size} to {st.st_size} bytes"
+        if st.st_mtime_ns != self.mtime_ns:
+            return "it was rewritten"
+        return None
+
+    def check(self, size: int | None = None) -> None:
+        """Raise `InputChangedError` if the file changed since it was stamped."""
+        change = self.change(size)
+        if change is not None:
+            raise InputChangedError(changed_message(self.path, change))
+
+
+def changed_message(path: Path | str, change: str) -> str:
+    return (
+        f"{path}: changed while the soup was reading it ({change}); is another process "
+        "still writing it? Nothing was written"
+    )
+
+
+# The supervised `soup` child sets this to a descriptor of a file shared with its parent:
+# every input opened and every temporary created is appended to it as one JSON line.
+JOURNAL_FD: int | None = None
+
+
+def journal(kind: str, path: Path, **fields: int) -> None:
+    """Record an opened input or a created temporary for the supervising parent (a no-op
+    unless the process runs supervised)."""
+    if JOURNAL_FD is None:
+        return
+    record = json.dumps({"kind": kind, "path": os.fsdecode(path), **fields}) + "\n"
+    os.write(JOURNAL_FD, record.encode("utf-8", "surrogateescape"))

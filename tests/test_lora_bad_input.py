@@ -1,0 +1,138 @@
+"""Adapter soups asked to do something wrong: one line, exit 1, no output, inputs unchanged.
+
+Every case runs the `soup` CLI in-process on real PEFT adapters of a tiny Llama (built once
+for the module) copied into a fresh folder, and checks the error line names the culprit.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from conftest import save_as, tiny_state_dict
+from lora_models import make_adapter, make_base
+
+from modelsoups.cli import main
+from modelsoups.cli.common import STATE
+
+pytest.importorskip("peft")
+
+
+@pytest.fixture(scope="module")
+def made(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """base, other-base, a, b (plain LoRA), qk (other targets), dora, loha."""
+    root = tmp_path_factory.mktemp("lora-bad")
+    base = make_base(root / "base")
+    other = make_base(root / "other-base", hidden=48)
+    make_adapter(base, root / "a", r=4, seed=1)
+    make_adapter(base, root / "b", r=8, alpha=4, seed=2)
+    make_adapter(other, root / "other", r=4, seed=3)
+    make_adapter(base, root / "qk", targets=("q_proj", "k_proj"), seed=4)
+    make_adapter(base, root / "dora", kind="dora", seed=5)
+    make_adapter(base, root / "loha", kind="loha", modules_to_save=None, seed=6)
+    return root
+
+
+def _same_name_base(root: Path) -> list[str]:
+    """Adapters of a base with the same shapes but another name."""
+    cfg = root / "b" / "adapter_config.json"
+    config = json.loads(cfg.read_text())
+    config["base_model_name_or_path"] = "org/another-model"
+    cfg.write_text(json.dumps(config))
+    return ["uniform", "a", "b", "-o", "out"]
+
+
+def _missing_config(root: Path) -> list[str]:
+    (root / "b" / "adapter_config.json").unlink()
+    return ["uniform", "a", "b", "-o", "out"]
+
+
+def _full_checkpoint(root: Path) -> list[str]:
+    save_as(tiny_state_dict(0), root / "full.safetensors", "st")
+    return ["uniform", "a", "full.safetensors", "-o", "out"]
+
+
+def _bare_weights(root: Path) -> list[str]:
+    (root / "b" / "adapter_config.json").unlink()
+    return ["uniform", "a", "b/adapter_model.safetensors", "-o", "out"]
+
+
+# (id, argv or a function of the folder making it, words the error line must contain)
+CASES: list[tuple[str, list[str] | Callable[[Path], list[str]], list[str]]] = [
+    ("different base models", ["uniform", "a", "other", "-o", "out"], ["other", "base model"]),
+    ("different base names", _same_name_base, ["org/another-model", "--allow-different-base"]),
+    ("different target modules", ["uniform", "a", "qk", "-o", "out"], ["qk", "k_proj"]),
+    ("DoRA adapter", ["uniform", "a", "dora", "-o", "out"], ["dora", "DoRA"]),
+    ("LoHa adapter", ["uniform", "a", "loha", "-o", "out"], ["loha", "LOHA"]),
+    ("missing adapter_config.json", _missing_config, ["b", "adapter_config.json"]),
+    ("adapter weights file alone", _bare_weights, ["b", "adapter_config.json"]),
+    ("adapter next to a full checkpoint", _full_checkpoint, ["full.safetensors", "adapters"]),
+    ("inspect of different targets", ["inspect", "a", "qk"], ["qk", "k_proj"]),
+    ("rank zero", ["uniform", "a", "b", "-o", "out", "--rank", "0"], ["rank", "0"]),
+    ("rank negative", ["uniform", "a", "b", "-o", "out", "--rank", "-3"], ["rank", "-3"]),
+    ("unknown average", ["uniform", "a", "b", "-o", "out", "--lora-average", "mean"], ["mean"]),
+    ("rank with factors",
+     ["uniform", "a", "b", "-o", "out", "--rank", "4", "--lora-average", "factors"], ["rank"]),
+    ("factors on ranks 4 and 8 weighted nan",
+     ["weighted", "a", "b", "-o", "out", "--weights", "nan,1"], ["weights"]),
+    ("merge into missing base",
+     ["uniform", "a", "b", "-o", "out", "--merge-into", "nowhere"], ["nowhere"]),
+    ("merge into the wrong base",
+     ["uniform", "a", "b", "-o", "out", "--merge-into", "other-base"], ["other-base", "shape"]),
+    ("output inside an input", ["uniform", "a", "b", "-o", "a/out"], ["a/out"]),
+    ("adapter output named .safetensors",
+     ["uniform", "a", "b", "-o", "out.safetensors"], ["out.safetensors", "folder"]),
+    ("rank on full checkpoints", lambda r: [
+        *_full_checkpoint(r)[:1], "full.safetensors", "full.safetensors", "-o", "o.safetensors",
+        "--rank", "2"], ["--rank", "adapters"]),
+]  # fmt: skip
+
+
+def snapshot(root: Path) -> dict[str, str]:
+    return {
+        str(p.relative_to(root)): "dir"
+        if p.is_dir()
+        else hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+    }
+
+
+@pytest.mark.parametrize(("argv", "words"), [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+def test_bad_adapter_input_fails_in_one_line_and_writes_nothing(
+    argv: list[str] | Callable[[Path], list[str]],
+    words: list[str],
+    made: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    root = tmp_path / "work"
+    shutil.copytree(made, root)
+    monkeypatch.chdir(root)
+    args = argv(root) if callable(argv) else argv
+    before = snapshot(root)
+    STATE.update(quiet=False, debug=False)
+    capsys.readouterr()
+    rc = main(args)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 1
+    assert len(err) == 1 and err[0].startswith("soup: error: "), err
+    for word in words:
+        assert word in err[0], (word, err[0])
+    assert snapshot(root) == before  # no output, no temporary, inputs byte-identical
+
+
+def test_allow_different_base_soups_adapters_with_other_base_names(
+    made: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    root = tmp_path / "work"
+    shutil.copytree(made, root)
+    monkeypatch.chdir(root)
+    args = _same_name_base(root)
+    assert main(args) == 1
+    assert main([*args, "--allow-different-base", "-q"]) == 0
+    assert json.loads((root / "out" / "adapter_config.json").read_text())["r"] == 12
