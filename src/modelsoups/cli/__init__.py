@@ -21,13 +21,10 @@ from . import report as report_cli
 from . import run as run_cli
 from .common import STATE
 from .root import app
+from .supervise import interrupt_once, supervised
 
 for module in (core, evaluate_cli, greedy, sweeps, stock, run_cli, report_cli, integrations, demo):
     module.register(app)
-
-
-def _interrupt(signum: int, frame: object) -> NoReturn:
-    raise KeyboardInterrupt  # so that SIGTERM cleans up temporaries like Ctrl-C does
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -37,7 +34,9 @@ def main(argv: list[str] | None = None) -> int:
         if flag in args:
             args.remove(flag)
             STATE["debug" if flag == "--debug" else "quiet"] = True
-    signal.signal(signal.SIGTERM, _interrupt)
+    # SIGTERM cleans up temporaries like Ctrl-C does (KeyboardInterrupt); handlers restored
+    previous = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    signal.signal(signal.SIGTERM, interrupt_once)
     try:
         # standalone mode: click prints usage errors itself (exit 2) and typer turns Ctrl-C
         # into a silent exit 130; our own errors pass through to the handler below.
@@ -54,8 +53,11 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     finally:
         STATE.update(quiet=False, debug=False)
+        signal.signal(signal.SIGINT, previous[0])
+        signal.signal(signal.SIGTERM, previous[1])
     return 0
 
 
 def run() -> NoReturn:
-    sys.exit(main())
+    """The `soup` console script: `main` in a supervised child process (see supervise.py)."""
+    sys.exit(supervised(main))

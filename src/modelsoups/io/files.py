@@ -147,7 +147,7 @@ class Stamp:
 def changed_message(path: Path | str, change: str) -> str:
     return (
         f"{path}: changed while the soup was reading it ({change}); is another process "
-        "still writing it? Nothing was written"
+        "still writing it?"
     )
 
 

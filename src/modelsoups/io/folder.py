@@ -169,6 +169,10 @@ class HFFolder(Checkpoint):
     def array(self, name: str) -> np.ndarray:
         return self._where[name].array(name)
 
+    def check_unchanged(self) -> None:
+        for shard in self._shards.values():
+            shard.check_unchanged()
+
     def close(self) -> None:
         for shard in self._shards.values():
             shard.close()

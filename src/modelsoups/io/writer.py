@@ -28,6 +28,7 @@ import numpy as np
 from ..dtypes import DType
 from ..errors import OutputError
 from .direct import DirectFile
+from .files import journal
 
 __all__ = [
     "OutputPlan",
@@ -190,8 +191,11 @@ class ShardedWriter:
 
 
 def temporary_name(dest: Path, marker: str = PARTIAL) -> Path:
-    """This process's temporary next to `dest`: `.NAME{marker}HOST-PID`."""
-    return dest.parent / f".{dest.name}{marker}{socket.gethostname()}-{os.getpid()}"
+    """This process's temporary next to `dest`: `.NAME{marker}HOST-PID` (recorded for the
+    supervising `soup` process, which removes it should this one die of a signal)."""
+    tmp = dest.parent / f".{dest.name}{marker}{socket.gethostname()}-{os.getpid()}"
+    journal("temporary", tmp)
+    return tmp
 
 
 def remove_stale_partials(dest: Path, marker: str = PARTIAL) -> None:

@@ -11,14 +11,20 @@ cancellation.
 
 from __future__ import annotations
 
+import functools
+import os
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
 
 from ..average import weighted_state_dict
 from ..errors import SoupError
 from ..evaluate import Evaluator
 from ..ingredients import Ingredient
 from ..types import StateDict
-from .wise_ft import ZERO_TO_ONE, SweepResult, sweep
+from .sweep import ZERO_TO_ONE, SweepResult, sweep
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = ["task_arithmetic", "task_arithmetic_sweep", "task_arithmetic_weights"]
 
@@ -53,6 +59,16 @@ def task_arithmetic_sweep(
     evaluator: Evaluator | Callable[[StateDict], object],
     *,
     scales: Sequence[float] = ZERO_TO_ONE,
+    dtype: str | torch.dtype | None = None,
+    history: str | os.PathLike[str] | None = None,
+    resume: bool = False,
+    executor: Any = None,
 ) -> SweepResult:
-    """Score every `scale` on held-out data and keep the best (first on ties)."""
-    return sweep(lambda s: task_arithmetic(base, finetuned, scale=s), evaluator, scales, "scale")
+    """Score every `scale` on held-out data and keep the best (first on ties).
+
+    Candidates are computed tensor by tensor as the evaluator reads them (see `sweep`).
+    """
+    weights_of = functools.partial(task_arithmetic_weights, len(finetuned))
+    return sweep([base, *finetuned], weights_of, evaluator, scales, name="scale",
+                 recipe="task-arithmetic", dtype=dtype, history=history, resume=resume,
+                 executor=executor)  # fmt: skip

@@ -10,43 +10,37 @@ held-out data and returns the best.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 from ..average import weighted_state_dict
 from ..errors import SoupError
-from ..evaluate import Evaluator, Score, as_evaluator
+from ..evaluate import Evaluator
 from ..ingredients import Ingredient
-from ..io import MemoryCheckpoint
 from ..types import StateDict
+from .sweep import ZERO_TO_ONE, SweepResult, sweep
 
-__all__ = ["SweepResult", "parse_alphas", "wise_ft", "wise_ft_sweep"]
+if TYPE_CHECKING:
+    import torch
 
-ZERO_TO_ONE = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
+__all__ = ["SweepResult", "parse_alphas", "wise_ft", "wise_ft_sweep", "wise_ft_weights"]
 
 
 def wise_ft(zeroshot: Ingredient, finetuned: Ingredient, *, alpha: float = 0.5) -> StateDict:
-    """`(1 − alpha)·zeroshot + alpha·finetuned` of in-memory state dicts or modules.
+    """`(1 − alpha)·zeroshot + alpha·finetuned` of in-memory state dicts or modules,
+    accumulated in float64 and rounded once to the inputs' dtype.
 
     Example:
         >>> model.load_state_dict(wise_ft(zs_sd, ft_sd, alpha=0.5))  # doctest: +SKIP
     """
     return weighted_state_dict(
         [zeroshot, finetuned],  # type: ignore[list-item]
-        [1.0 - alpha, alpha],
+        wise_ft_weights(alpha),
         normalize=False,
         allow_negative=True,
+        accumulate="float64",
     )
-
-
-@dataclass
-class SweepResult:
-    """Held-out scores of a sweep over one mixing coefficient, and the best one."""
-
-    values: list[float]
-    scores: list[Score]
-    best: float
-    state_dict: StateDict
 
 
 def wise_ft_sweep(
@@ -55,31 +49,28 @@ def wise_ft_sweep(
     evaluator: Evaluator | Callable[[StateDict], object],
     *,
     alphas: Sequence[float] = ZERO_TO_ONE,
+    dtype: str | torch.dtype | None = None,
+    history: str | os.PathLike[str] | None = None,
+    resume: bool = False,
+    executor: Any = None,
 ) -> SweepResult:
-    """Score `wise_ft(alpha)` for every alpha on held-out data; keep the best (first on ties)."""
-    return sweep(lambda a: wise_ft(zeroshot, finetuned, alpha=a), evaluator, alphas, "alpha")
+    """Score `wise_ft(alpha)` for every alpha on held-out data; keep the best (first on ties).
+
+    Candidates are computed tensor by tensor as the evaluator reads them (see `sweep`):
+    with checkpoint paths, the only full state dict is the best one, returned.
+
+    Example:
+        >>> r = wise_ft_sweep("zs.safetensors", "ft.safetensors", val_acc)  # doctest: +SKIP
+        >>> r.best, r.state_dict  # doctest: +SKIP
+    """
+    return sweep([zeroshot, finetuned], wise_ft_weights, evaluator, alphas, name="alpha",
+                 recipe="wise-ft", dtype=dtype, history=history, resume=resume,
+                 executor=executor)  # fmt: skip
 
 
-def sweep(
-    make: Callable[[float], StateDict],
-    evaluator: Evaluator | Callable[[StateDict], object],
-    values: Sequence[float],
-    what: str,
-) -> SweepResult:
-    """Evaluate `make(v)` for each v; return the scores and the best state dict."""
-    if not values:
-        raise SoupError(f"give at least one {what}")
-    ev = as_evaluator(evaluator)
-    scores: list[Score] = []
-    best_i, best_sd = 0, None
-    for i, v in enumerate(values):
-        sd = make(v)
-        candidate = MemoryCheckpoint(sd, f"<state dict {i}>")
-        scores.append(ev.evaluate(candidate, name=f"{what}={v:g}"))
-        if best_sd is None or scores[i].score > scores[best_i].score:
-            best_i, best_sd = i, sd
-    assert best_sd is not None
-    return SweepResult(list(values), scores, values[best_i], best_sd)
+def wise_ft_weights(alpha: float) -> list[float]:
+    """The weights of [zero-shot, fine-tuned] for `alpha`."""
+    return [1.0 - alpha, alpha]
 
 
 def parse_alphas(text: str) -> list[float]:

@@ -1,0 +1,366 @@
+"""Inputs that change while the soup reads them, and the OS limits of reading many files.
+
+An evaluator, a training job still writing, or anyone else can truncate or rewrite an
+input mid-run. Each way gives one `soup: error:` line naming the file, exit code 1 and no
+leftovers:
+
+- changed before a tensor is read: the reader's size check (in-process);
+- rewritten in place, same size: the check of every input before the soup is published;
+- cut short *during* a read (SIGBUS, which Python cannot catch): the supervising `soup`
+  parent process (`cli/supervise.py`). A control run without the supervisor shows that
+  the same truncation really kills the process with SIGBUS.
+
+Deleting an input or replacing it by a rename is not a change of what is read: the open
+file stays intact and the soup is correct. And 2000 inputs under `ulimit -n 1024` work
+when the hard limit allows, or fail with one line.
+
+The truncations are real (`os.truncate` on the real file); hooks only choose the moment,
+as the crash tests' hooks choose when to kill.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import resource
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from test_crash_safety import big_inputs, digests, partials
+
+from modelsoups.cli import main
+from modelsoups.cli.common import STATE
+
+TENSORS = 8  # as big_inputs makes them: 8 tensors of 4 MiB per input
+
+
+@pytest.fixture(autouse=True)
+def _fresh_cli_state() -> object:
+    saved = dict(STATE)
+    STATE.update(quiet=True, debug=False)
+    yield
+    STATE.update(saved)
+
+
+def one_error_line(stderr: str, *names: str) -> str:
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1, f"expected one line, got:\n{stderr}"
+    assert lines[0].startswith("soup: error: "), lines[0]
+    for name in names:
+        assert name in lines[0], f"{name!r} not in {lines[0]!r}"
+    return lines[0]
+
+
+def after_tensors(n: int, action: Callable[[], None], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Run `action` once, right after the writer has received `n` tensors."""
+    from modelsoups.io import writer
+
+    original, written = writer.ShardedWriter.write, []
+
+    def write(self: object, name: str, array: object) -> None:
+        original(self, name, array)  # type: ignore[arg-type]
+        written.append(name)
+        if len(written) == n:
+            action()
+
+    monkeypatch.setattr(writer.ShardedWriter, "write", write)
+
+
+def run_in_process(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
+    capsys.readouterr()
+    rc = main(argv)
+    return rc, capsys.readouterr().err
+
+
+@pytest.mark.parametrize("kind", ["file", "sharded folder"])
+def test_input_truncated_mid_run_is_one_line(
+    tmp_path: Path, kind: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    a, b = big_inputs(tmp_path)
+    kept = digests([a])
+    out = tmp_path / ("soup.safetensors" if kind == "file" else "soup")
+    extra = ["--max-shard-size", "10MB"] if kind != "file" else []
+    size = b.stat().st_size
+    # Cut the last two tensors while the 4th is written: the tensors being read now (the
+    # 5th, maybe the 6th) stay whole, so this process cannot die of SIGBUS; the next
+    # tensor's size check must stop the soup.
+    after_tensors(4, lambda: os.truncate(b, size - 2 * 4 * (1 << 20)), monkeypatch)
+    rc, err = run_in_process(["uniform", str(a), str(b), "-o", str(out), *extra], capsys)
+    assert rc == 1
+    one_error_line(err, str(b), f"from {size} to {size - 8 * (1 << 20)} bytes")
+    assert not out.exists() and partials(tmp_path) == []
+    assert digests([a]) == kept
+
+
+def test_input_rewritten_in_place_is_caught_before_publishing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Same size, other bytes, after its tensors were read: no size check can see it; the
+    check of every input before the rename does (mtime)."""
+    a, b = big_inputs(tmp_path)
+    kept = digests([a])
+    out = tmp_path / "soup.safetensors"
+
+    def rewrite() -> None:
+        time.sleep(0.01)  # a later mtime, even on coarse-grained clocks
+        with open(b, "r+b") as f:
+            f.seek(-4, os.SEEK_END)
+            f.write(bytes(4))
+
+    after_tensors(TENSORS, rewrite, monkeypatch)
+    rc, err = run_in_process(["uniform", str(a), str(b), "-o", str(out)], capsys)
+    assert rc == 1
+    one_error_line(err, str(b), "it was rewritten")
+    assert not out.exists() and partials(tmp_path) == []
+    assert digests([a]) == kept
+
+
+@pytest.mark.parametrize("how", ["deleted", "replaced by a rename"])
+def test_input_deleted_or_replaced_mid_run_still_soups_the_old_file(
+    tmp_path: Path, how: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The open file is intact (a training job saving atomically does exactly this)."""
+    a, b = big_inputs(tmp_path)
+    want = {k: (v + load_file(b)[k]) / 2 for k, v in load_file(a).items()}
+
+    def change() -> None:
+        if how == "deleted":
+            b.unlink()
+        else:
+            other = b.with_name("new.safetensors")
+            save_file({k: torch.zeros_like(v) for k, v in want.items()}, other)
+            os.replace(other, b)
+
+    after_tensors(2, change, monkeypatch)
+    out = tmp_path / "soup.safetensors"
+    assert main(["uniform", str(a), str(b), "-o", str(out)]) == 0
+    got = load_file(out)
+    for k, v in want.items():
+        torch.testing.assert_close(got[k], v)
+
+
+# ---------------------------------------------------------------------------------------
+# SIGBUS: the file is cut short after the size check, while numpy reads it.
+
+# `soup` (the console script, supervised) with a hook that truncates run1 right after
+# handing out the view of one of its tensors for the soup (the second `array` call for
+# it: the first is the similarity check's sample), so the read that follows faults.
+SIGBUS_CHILD = textwrap.dedent(
+    """
+    import os, sys
+    from modelsoups.io.safetensors_file import SafetensorsFile
+
+    target, calls, original = sys.argv[1], [], SafetensorsFile.array
+
+    def array(self, name):
+        view = original(self, name)
+        if str(self.path) == target and name == "layer5.weight":
+            calls.append(name)
+            if len(calls) == 2:
+                os.truncate(self.path, 4096)
+        return view
+
+    SafetensorsFile.array = array
+    from modelsoups.cli import run
+    sys.argv = ["soup", *sys.argv[2:]]
+    run()
+    """
+)
+
+
+@pytest.mark.slow  # child processes importing torch
+@pytest.mark.parametrize("supervised", [True, False], ids=["soup", "control: unsupervised"])
+def test_input_cut_short_during_a_read(tmp_path: Path, supervised: bool) -> None:
+    a, b = big_inputs(tmp_path)
+    kept, size = digests([a]), b.stat().st_size
+    out = tmp_path / "soup.safetensors"
+    env = {**os.environ, **({} if supervised else {"SOUP_UNSUPERVISED": "1"})}
+    argv = ["uniform", str(a), str(b), "-o", str(out)]
+    proc = subprocess.run([sys.executable, "-c", SIGBUS_CHILD, str(b), *argv],
+                          capture_output=True, text=True, timeout=120, env=env)  # fmt: skip
+    assert b.stat().st_size == 4096, "the hook did not fire"
+    if not supervised:  # what happens without the supervisor: a silent death, a leftover
+        assert proc.returncode == -signal.SIGBUS, proc.stderr
+        assert len(partials(tmp_path)) == 1
+        return
+    assert proc.returncode == 1, proc.stderr
+    one_error_line(proc.stderr, str(b), f"from {size} to 4096 bytes", "Nothing was written")
+    assert not out.exists() and partials(tmp_path) == []
+    assert digests([a]) == kept
+
+
+@pytest.mark.slow
+def test_input_truncated_by_another_process_during_a_real_run(tmp_path: Path) -> None:
+    """No hook at all: a real `soup` over 2 x 256 MiB, and another process cutting one
+    input as soon as the soup's temporary appears. Whichever check catches it (the size
+    check, or the supervisor after a SIGBUS), the user sees one line naming the file."""
+    from test_bad_input import soup_command
+
+    paths = []
+    for i in range(2):
+        g = torch.Generator().manual_seed(i)
+        sd = {f"layer{j}": torch.randn(1 << 22, generator=g) for j in range(16)}
+        paths.append(tmp_path / f"run{i}.safetensors")
+        save_file(sd, paths[-1])
+    a, b = paths
+    kept = digests([a])
+    out = tmp_path / "soup.safetensors"
+    proc = subprocess.Popen([*soup_command(), "uniform", str(a), str(b), "-o", str(out)],
+                            stderr=subprocess.PIPE, text=True)  # fmt: skip
+    deadline = time.monotonic() + 60
+    while not partials(tmp_path) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.001)
+    os.truncate(b, 1 << 20)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 1, f"the soup was not stopped (finished first?): {stderr}"
+    one_error_line(stderr, str(b), "changed while the soup was reading it")
+    assert not out.exists() and partials(tmp_path) == []
+    assert digests([a]) == kept
+
+
+# ---------------------------------------------------------------------------------------
+# The supervisor and signals.
+
+# The crash tests' pausing hook, with the supervised console script instead of `main`.
+PAUSED_SUPERVISED = textwrap.dedent(
+    """
+    import json, sys, time
+    from modelsoups.io import writer
+
+    pause_after, argv = int(sys.argv[1]), json.loads(sys.argv[2])
+    original, written = writer.ShardedWriter.write, []
+
+    def write(self, name, tensor):
+        original(self, name, tensor)
+        written.append(name)
+        if len(written) == pause_after:
+            print("paused", flush=True)
+            time.sleep(120)
+
+    writer.ShardedWriter.write = write
+    from modelsoups.cli import run
+    sys.argv = ["soup", *argv]
+    run()
+    """
+)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("how", ["SIGTERM to soup", "SIGINT to its process group"])
+def test_signals_reach_the_supervised_soup_once(tmp_path: Path, how: str) -> None:
+    """`kill PID` (the parent) is forwarded; Ctrl-C reaches parent and child and is
+    forwarded too: either way the child cleans up once and exits 130 with one line."""
+    inputs = big_inputs(tmp_path)
+    before = digests(inputs)
+    out = tmp_path / "soup.safetensors"
+    proc = start_supervised(["uniform", *map(str, inputs), "-o", str(out)])
+    if how.startswith("SIGTERM"):
+        proc.terminate()
+    else:
+        os.killpg(proc.pid, signal.SIGINT)  # what the terminal does on Ctrl-C
+    _, stderr = proc.communicate(timeout=30)
+    assert proc.returncode == 130, stderr
+    assert stderr.strip().splitlines() == ["soup: interrupted; temporary files were removed"]
+    assert not out.exists() and partials(tmp_path) == []
+    assert digests(inputs) == before
+
+
+def start_supervised(argv: list[str]) -> subprocess.Popen[str]:
+    """`soup` (supervised) in a process group of its own, paused mid-write."""
+    proc = subprocess.Popen(
+        [sys.executable, "-c", PAUSED_SUPERVISED, str(TENSORS // 2), json.dumps(argv)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    assert proc.stdout is not None
+    if proc.stdout.readline().strip() != "paused":
+        proc.kill()
+        raise AssertionError(f"child did not pause: {proc.communicate()[1]}")
+    return proc
+
+
+@pytest.mark.slow
+def test_killing_the_supervisor_kills_the_work(tmp_path: Path) -> None:
+    """SIGKILL to `soup` leaves what it always left: no output, one dead-pid temporary."""
+    inputs = big_inputs(tmp_path)
+    out = tmp_path / "soup.safetensors"
+    proc = start_supervised(["uniform", *map(str, inputs), "-o", str(out)])
+    (partial,) = partials(tmp_path)
+    child = int(partial.name.rsplit("-", 1)[1])
+    assert child != proc.pid  # the work runs in a child process
+    proc.kill()
+    proc.wait(timeout=10)
+    deadline = time.monotonic() + 10
+    while _alive(child) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert not _alive(child)
+    assert not out.exists()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+# ---------------------------------------------------------------------------------------
+# Many inputs, few descriptors.
+
+
+def many_inputs(folder: Path, n: int) -> list[Path]:
+    folder.mkdir()
+    paths = []
+    for i in range(n):
+        paths.append(folder / f"m{i:04d}.safetensors")
+        save_file({"w": torch.full((4,), float(i)), "n": torch.tensor(3)}, paths[-1])
+    return paths
+
+
+def run_limited(argv: list[str], nofile: tuple[int, int]) -> subprocess.CompletedProcess[str]:
+    from test_bad_input import soup_command
+
+    def limit() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, nofile)
+
+    return subprocess.run([*soup_command(), *argv], capture_output=True, text=True,
+                          timeout=300, preexec_fn=limit)  # fmt: skip
+
+
+@pytest.mark.slow
+def test_2000_inputs_under_ulimit_1024(tmp_path: Path) -> None:
+    """The soft limit is raised towards the hard one: 2000 inputs soup. (Slow: ~30 s, most
+    of it the similarity check comparing every pair of inputs.)"""
+    paths = many_inputs(tmp_path / "many", 2000)
+    out = tmp_path / "soup.safetensors"
+    proc = run_limited(["uniform", str(tmp_path / "many" / "*.safetensors"), "-o", str(out)],
+                       (1024, 4096))  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    torch.testing.assert_close(load_file(out)["w"], torch.full((4,), 999.5))
+    assert len(paths) == 2000
+
+
+@pytest.mark.slow
+def test_2000_inputs_under_a_hard_limit_of_1024_is_one_line(tmp_path: Path) -> None:
+    paths = many_inputs(tmp_path / "many", 2000)
+    before = hashlib.sha256(json.dumps(sorted(digests(paths).values())).encode()).hexdigest()
+    out = tmp_path / "soup.safetensors"
+    proc = run_limited(["uniform", str(tmp_path / "many" / "*.safetensors"), "-o", str(out)],
+                       (1024, 1024))  # fmt: skip
+    assert proc.returncode == 1
+    one_error_line(proc.stderr, "too many open files", "limit is 1024", "ulimit -n")
+    assert not out.exists() and partials(tmp_path) == []
+    after = hashlib.sha256(json.dumps(sorted(digests(paths).values())).encode()).hexdigest()
+    assert after == before
