@@ -110,6 +110,20 @@ def index_key_twice(c: Ctx) -> Setup:
     return Setup(uniform(a, b, out=c.out), [str(index), "'fc.bias' twice"])
 
 
+def index_deeply_nested(c: Ctx) -> Setup:
+    a, b = c.make(2, "hf-sharded")
+    index = b / "model.safetensors.index.json"
+    index.write_text('{"weight_map": ' + "[" * 100_000 + "]" * 100_000 + "}")
+    return Setup(uniform(a, b, out=c.out), [str(index), "not a valid shard index"])
+
+
+def index_lists_itself(c: Ctx) -> Setup:
+    a, b = c.make(2, "hf-sharded")
+    name = "model.safetensors.index.json"
+    index = edit_index(b, lambda wm: wm.update({"head.weight": name}))
+    return Setup(uniform(a, b, out=c.out), [str(index)])
+
+
 def index_shard_is_a_folder(c: Ctx) -> Setup:
     a, b = c.make(2, "hf-sharded")
     (b / SHARD2).unlink()
@@ -241,6 +255,19 @@ def fifo_in_list_file(c: Ctx) -> Setup:
     return Setup(uniform(listing, out=c.out), ["pipe.safetensors", "FIFO"])
 
 
+def nul_in_list_file(c: Ctx) -> Setup:
+    (a,) = c.make(1)
+    listing = c.tmp / "inputs.txt"
+    listing.write_text(f"{a.name}\nrun1\x00.safetensors\n")
+    return Setup(uniform(listing, out=c.out), ["NUL byte"])
+
+
+def inspect_fifo(c: Ctx) -> Setup:
+    fifo = c.tmp / "p.safetensors"
+    os.mkfifo(fifo)
+    return Setup(["inspect", str(fifo)], [str(fifo), "FIFO"])
+
+
 def dev_zero(c: Ctx) -> Setup:
     (a,) = c.make(1)
     return Setup(uniform(a, "/dev/zero", out=c.out), ["/dev/zero", "character device"])
@@ -328,6 +355,8 @@ CASES: list[tuple[str, Callable[[Ctx], Setup]]] = [
     ("index names the folder itself", index_names_the_folder_itself),
     ("index maps a tensor to null", index_value_not_a_string),
     ("index names a tensor twice", index_key_twice),
+    ("index nested 100000 deep", index_deeply_nested),
+    ("index lists itself as a shard", index_lists_itself),
     ("index shard is a folder", index_shard_is_a_folder),
     ("shard is a broken symlink (interrupted download)", shard_is_a_broken_link),
     ("broken model.safetensors link beside a .bin", weights_file_broken_link_beside_a_bin),
@@ -343,6 +372,8 @@ CASES: list[tuple[str, Callable[[Ctx], Setup]]] = [
     ("FIFO named .pt", fifo_pickle),
     ("symlink to a FIFO", link_to_fifo),
     ("list file naming a FIFO", fifo_in_list_file),
+    ("list file naming a file with a NUL byte", nul_in_list_file),
+    ("soup inspect on a FIFO", inspect_fifo),
     ("/dev/zero", dev_zero),
     ("/dev/null", dev_null),
     ("unix socket", unix_socket),

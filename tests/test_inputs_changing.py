@@ -81,22 +81,30 @@ def run_in_process(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple
     return rc, capsys.readouterr().err
 
 
-@pytest.mark.parametrize("kind", ["file", "sharded folder"])
-def test_input_truncated_mid_run_is_one_line(
-    tmp_path: Path, kind: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+@pytest.mark.parametrize(
+    ("kind", "delta"),
+    [("file", -(8 << 20)), ("sharded folder", -(8 << 20)), ("file", +4096)],
+    ids=["cut short", "cut short, folder output", "extended"],
+)
+def test_input_resized_mid_run_is_one_line(
+    tmp_path: Path,
+    kind: str,
+    delta: int,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     a, b = big_inputs(tmp_path)
     kept = digests([a])
     out = tmp_path / ("soup.safetensors" if kind == "file" else "soup")
     extra = ["--max-shard-size", "10MB"] if kind != "file" else []
     size = b.stat().st_size
-    # Cut the last two tensors while the 4th is written: the tensors being read now (the
-    # 5th, maybe the 6th) stay whole, so this process cannot die of SIGBUS; the next
-    # tensor's size check must stop the soup.
-    after_tensors(4, lambda: os.truncate(b, size - 2 * 4 * (1 << 20)), monkeypatch)
+    # Cut the last two tensors (or append) while the 4th is written: the tensors being
+    # read now (the 5th, maybe the 6th) stay whole, so this process cannot die of SIGBUS;
+    # the next tensor's size check must stop the soup.
+    after_tensors(4, lambda: os.truncate(b, size + delta), monkeypatch)
     rc, err = run_in_process(["uniform", str(a), str(b), "-o", str(out), *extra], capsys)
     assert rc == 1
-    one_error_line(err, str(b), f"from {size} to {size - 8 * (1 << 20)} bytes")
+    one_error_line(err, str(b), f"from {size} to {size + delta} bytes")
     assert not out.exists() and partials(tmp_path) == []
     assert digests([a]) == kept
 
@@ -194,6 +202,46 @@ def test_input_cut_short_during_a_read(tmp_path: Path, supervised: bool) -> None
         return
     assert proc.returncode == 1, proc.stderr
     one_error_line(proc.stderr, str(b), f"from {size} to 4096 bytes", "Nothing was written")
+    assert not out.exists() and partials(tmp_path) == []
+    assert digests([a]) == kept
+
+
+# `soup` (supervised) that cuts its second input in half once `n` tensors were written.
+CUT_AFTER = textwrap.dedent(
+    """
+    import os, sys
+    from modelsoups.io import writer
+
+    n, target, original, written = int(sys.argv[1]), sys.argv[2], writer.ShardedWriter.write, []
+
+    def write(self, name, tensor):
+        original(self, name, tensor)
+        written.append(name)
+        if len(written) == n:
+            os.truncate(target, os.stat(target).st_size // 2)
+
+    writer.ShardedWriter.write = write
+    from modelsoups.cli import run
+    sys.argv = ["soup", *sys.argv[3:]]
+    run()
+    """
+)
+
+
+@pytest.mark.slow
+def test_pickle_input_cut_short_mid_run_is_one_line(tmp_path: Path) -> None:
+    """Pickles are memory-mapped by torch.load: the same checks, the same one line."""
+    a, b = (p.with_suffix(".pt") for p in big_inputs(tmp_path))
+    for p in (a, b):
+        torch.save(load_file(p.with_suffix(".safetensors")), p)
+        p.with_suffix(".safetensors").unlink()
+    kept = digests([a])
+    out = tmp_path / "soup.safetensors"
+    argv = ["uniform", str(a), str(b), "-o", str(out)]
+    proc = subprocess.run([sys.executable, "-c", CUT_AFTER, "3", str(b), *argv],
+                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert proc.returncode == 1, proc.stderr
+    one_error_line(proc.stderr, str(b), "changed while the soup was reading it")
     assert not out.exists() and partials(tmp_path) == []
     assert digests([a]) == kept
 

@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
+from ..errors import OutputError
 from .common import parse_dtype, parse_size, progress_bar, report_result
 
 Eval = Annotated[
@@ -54,6 +56,10 @@ def prepare(out: Path, inputs: list[Path], overwrite: bool, max_shard_size: str 
     check_output(out, inputs)
     check_sharding(out, parse_size(max_shard_size))
     check_destination(out, overwrite=overwrite)
+    try:  # the candidate folder, history and report go there too: fail now, not at the end
+        os.rmdir(tempfile.mkdtemp(prefix=f".{out.name[:64]}.soup-check-", dir=out.parent))
+    except OSError as e:
+        raise OutputError(f"{out}: cannot write in {out.parent} ({e.strerror})") from None
 
 
 def evaluator(command: str | None, timeout: float | None, workdir: Path) -> Any:

@@ -78,6 +78,9 @@ def expand_inputs(specs: list[str]) -> list[Path]:
         if p.suffix == ".txt" and p.is_file():
             lines = [ln.strip() for ln in p.read_text().splitlines()]
             listed = [ln for ln in lines if ln and not ln.startswith("#")]
+            bad = next((ln for ln in listed if "\x00" in ln), None)
+            if bad is not None:
+                raise CheckpointError(f"{p}: line {bad!r} holds a NUL byte, which no file name can")
             paths += [(p.parent / ln) if not Path(ln).is_absolute() else Path(ln) for ln in listed]
         elif not p.exists() and glob.has_magic(spec):
             matches = sorted(glob.glob(spec))

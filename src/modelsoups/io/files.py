@@ -57,6 +57,8 @@ def check_regular(path: Path, mode: int | None = None) -> None:
             mode = os.stat(path).st_mode
         except OSError as e:
             raise open_error(path, e) from None
+        except ValueError:  # from a list file: no file name holds a NUL byte
+            raise CheckpointError(f"{path!r}: a file name cannot contain a NUL byte") from None
     if not stat.S_ISREG(mode):
         kind = _KINDS.get(stat.S_IFMT(mode), "not a regular file")
         raise CheckpointError(f"{path}: is {kind}, not a checkpoint file; give a file or a folder")
