@@ -49,11 +49,25 @@ def sidecar(out: Path, suffix: str, given: Path | None) -> Path:
     )
 
 
-def prepare(out: Path, inputs: list[Path], overwrite: bool, max_shard_size: str | None) -> None:
-    """Fail before any evaluation if the output could not be written at the end."""
-    from ..io.writer import check_destination, check_output, check_sharding
+def prepare(
+    out: Path,
+    inputs: list[Path],
+    overwrite: bool,
+    max_shard_size: str | None,
+    opts: dict[str, Any] | None = None,
+) -> None:
+    """Fail before any evaluation if the output could not be written at the end, or if any
+    path the run writes (report, history, candidate folder) is an input or another output.
+    `opts`: the command's options (`report`, `history`, `scores`)."""
+    from ..candidate import CANDIDATES
+    from ..io.writer import check_destination, check_output, check_sharding, temporary_name
 
-    check_output(out, inputs)
+    opts = opts or {}
+    sidecars = [sidecar(out, ".report.json", opts.get("report")),
+                sidecar(out, ".history.jsonl", opts.get("history")),
+                temporary_name(out, CANDIDATES)]  # fmt: skip
+    given = [Path(opts["scores"])] if opts.get("scores") is not None else []
+    check_output(out, [*inputs, *given], sidecars=sidecars)
     check_sharding(out, parse_size(max_shard_size))
     check_destination(out, overwrite=overwrite)
     try:  # the candidate folder, history and report go there too: fail now, not at the end
