@@ -249,17 +249,34 @@ def plot(rows: list[dict], base: dict[str, int], path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
+def snapshot(commit: str) -> Path:
+    """`src/` of `commit`, extracted once under the cache: the run does not change code
+    when someone edits the work tree during it (as `bench_merge.py` does)."""
+    folder = CACHE / f"snapshot-{commit}"
+    if not (folder / "src").is_dir():
+        folder.mkdir(parents=True, exist_ok=True)
+        archive = subprocess.run(["git", "-C", str(ROOT), "archive", commit, "src"],
+                                 capture_output=True, check=True).stdout  # fmt: skip
+        subprocess.run(["tar", "-x", "-C", str(folder)], input=archive, check=True)
+    return folder / "src"
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--sizes", default="250M,1B")
     p.add_argument("--skip", default="", help="comma list of method name parts to skip")
     p.add_argument("--keep-inputs", action="store_true")
     p.add_argument("--out", default=str(HERE / "results" / "scale"))
+    p.add_argument("--snapshot", default="HEAD", help="git ref whose src/ runs ('' = work tree)")
     args = p.parse_args()
     args.skip = [s for s in args.skip.split(",") if s]
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
-    commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
-                            capture_output=True, text=True).stdout.strip()  # fmt: skip
+    # SOUP_UNSUPERVISED: `soup` would otherwise fork after its imports and wait for the
+    # child; the tree's RssAnon would count the pages they share (torch) twice.
+    ref = args.snapshot or "HEAD"
+    commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", ref],
+                            capture_output=True, text=True, check=True).stdout.strip()  # fmt: skip
+    src = ROOT / "src" if not args.snapshot else snapshot(commit)
+    env = {**os.environ, "PYTHONPATH": str(src), "SOUP_UNSUPERVISED": "1"}
     base = baseline(env)
     started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     rows: list[dict] = []

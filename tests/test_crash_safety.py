@@ -23,6 +23,7 @@ import socket
 import subprocess
 import sys
 import textwrap
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -461,3 +462,100 @@ def test_open_all_is_the_ingredient_loop_and_closes_on_error(
     with pytest.raises(Exception, match="missing"):
         open_all([a, tmp_path / "missing.safetensors"])
     assert closed == [a]  # the one already open was closed
+
+
+# ---------------------------------------------------------------------------------------
+# Signals with parallel evaluations: stop now, not after every queued evaluation.
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+@pytest.mark.slow  # worker processes importing torch
+@pytest.mark.parametrize("how", ["SIGTERM", "Ctrl-C"])
+def test_signal_stops_parallel_evaluations(
+    tmp_path: Path, make_ingredients: Callable[..., list[Path]], how: str
+) -> None:
+    """Four 60 s evaluations on two workers: SIGTERM to the soup (or SIGINT to its process
+    group, as a terminal's Ctrl-C) kills the running ones and skips the queued ones; the
+    soup exits 130 with one line and leaves no evaluator and no candidate folder behind
+    (was: SIGTERM waited for every queued evaluation, 62 s)."""
+    inputs = make_ingredients(4)
+    before = digests(inputs)
+    pids = tmp_path / "pids.txt"
+    out = tmp_path / "soup.safetensors"
+    command = f"echo $$ >> {pids}; sleep 60; echo 1; : {{ckpt}}"
+    argv = ["greedy", *map(str, inputs), "-o", str(out), "--eval", command, "--workers", "2"]
+    child = "import sys; from modelsoups.cli import main; sys.exit(main(sys.argv[1:]))"
+    proc = subprocess.Popen([sys.executable, "-c", child, *argv], stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 120
+        while len(calls(pids)) < 2 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert len(calls(pids)) == 2, "the two workers never started their evaluations"
+        if how == "SIGTERM":
+            proc.send_signal(signal.SIGTERM)
+        else:
+            os.killpg(proc.pid, signal.SIGINT)
+        _, stderr = proc.communicate(timeout=30)  # the evaluations would take 60 s
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 130, stderr
+    assert stderr.strip().splitlines() == ["soup: interrupted; temporary files were removed"]
+    time.sleep(0.5)
+    assert not [p for p in map(int, calls(pids)) if _alive(p)], "an evaluator is still running"
+    assert len(calls(pids)) == 2, "a queued evaluation started after the signal"
+    assert not out.exists() and not list(tmp_path.glob(".*soup-candidate-*"))
+    assert digests(inputs) == before
+
+
+# ---------------------------------------------------------------------------------------
+# The history's disk fills up.
+
+
+@pytest.mark.slow  # a child process importing torch
+def test_history_append_past_the_file_size_limit(
+    tmp_path: Path, make_ingredients: Callable[..., list[Path]]
+) -> None:
+    """RLIMIT_FSIZE stands in for a full disk (EFBIG instead of ENOSPC, same path): the
+    ingredient scores are logged (resumed), the next line no longer fits. One line, exit 1,
+    the history exactly as it was (no torn line), nothing else left."""
+    inputs = make_ingredients(2)
+    out = tmp_path / "soup.safetensors"
+    hist = tmp_path / "soup.history.jsonl"
+    limit = 1 << 16
+    records = [{"kind": "ingredient", "model_name": f"run{i}", "held_out": 1.0 - i / 10,
+                "pad": ""} for i in range(2)]  # fmt: skip
+    size = sum(len(json.dumps(r)) + 1 for r in records)
+    records[0]["pad"] = "x" * (limit - 20 - size)  # 20 bytes left: no greedy step fits
+    hist.write_text("".join(json.dumps(r) + "\n" for r in records))
+    assert hist.stat().st_size == limit - 20
+    history_before = hist.read_bytes()
+    before = digests(inputs)
+    child = textwrap.dedent(
+        f"""
+        import resource, signal, sys
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # EFBIG instead of a core dump
+        resource.setrlimit(resource.RLIMIT_FSIZE, ({limit}, {limit}))
+        from modelsoups.cli import main
+        sys.exit(main(sys.argv[1:]))
+        """
+    )
+    argv = ["greedy", *map(str, inputs), "-o", str(out), "--eval", "echo 1; : {ckpt}",
+            "--resume"]  # fmt: skip
+    proc = subprocess.run([sys.executable, "-c", child, *argv], capture_output=True,
+                          text=True, timeout=120)  # fmt: skip
+    err = proc.stderr.strip().splitlines()
+    assert proc.returncode == 1, proc.stderr
+    assert len(err) == 1 and err[0].startswith("soup: error: "), err
+    assert str(hist) in err[0] and "while appending to the history" in err[0]
+    assert hist.read_bytes() == history_before
+    assert sorted(os.listdir(tmp_path)) == sorted([hist.name, *(p.name for p in inputs)])
+    assert digests(inputs) == before

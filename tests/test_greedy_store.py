@@ -17,6 +17,8 @@ from hypothesis import strategies as st
 from modelsoups import greedy_soup
 from modelsoups.cli import main
 from modelsoups.errors import NonFiniteError, SoupError
+from modelsoups.evaluate import Score
+from modelsoups.io.base import Checkpoint
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -25,15 +27,22 @@ def cast(sd: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Ten
     return {k: v.to(dtype) if v.is_floating_point() else v for k, v in sd.items()}
 
 
-def recording(target: dict[str, torch.Tensor], seen: list[dict[str, torch.Tensor]]):
-    """A held-out score (rounded, so that ties happen) that keeps a copy of every candidate."""
+class Recording:
+    """A held-out score (rounded, so that ties happen) that keeps a copy of every candidate
+    as `get` gives it (float32 for a soup) and as `array` does (the declared dtype, what a
+    command evaluator's file holds)."""
 
-    def score(sd: dict[str, torch.Tensor]) -> float:
-        seen.append({k: v.clone() for k, v in sd.items()})
-        d = sum(float((sd[k].double() - target[k].double()).pow(2).sum()) for k in target)
-        return round(-d, 1)
+    def __init__(self, target: dict[str, torch.Tensor]) -> None:
+        self.target, self.seen = target, []
 
-    return score
+    def evaluate(self, candidate: Checkpoint, *, name: str) -> Score:
+        sd = {k: candidate.get(k).clone() for k in candidate.infos}
+        arrays = {k: torch.from_numpy(candidate.array(k).copy()) for k in candidate.infos}
+        self.seen += [sd, arrays]
+        t = self.target
+        return Score(
+            round(-sum(float((sd[k].double() - t[k].double()).pow(2).sum()) for k in t), 1)
+        )
 
 
 def same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
@@ -53,9 +62,9 @@ def test_streamed_and_in_memory_choose_the_same_soup_bit_for_bit(seeds, dtype, a
     target = {k: v for k, v in tiny_state_dict(0, noise=0.0).items() if v.is_floating_point()}
     runs = []
     for memory in (2**40, 0):
-        seen: list[dict[str, torch.Tensor]] = []
-        r = greedy_soup(sds, recording(target, seen), accept=accept, memory=memory)
-        runs.append((r, seen, r.state_dict()))
+        ev = Recording(target)
+        r = greedy_soup(sds, ev, accept=accept, memory=memory)
+        runs.append((r, ev.seen, r.state_dict()))
     (mem, mem_seen, mem_soup), (streamed, streamed_seen, streamed_soup) = runs
     assert (mem.store, streamed.store) == ("memory", "streamed")
     assert streamed.selected == mem.selected and streamed.history == mem.history

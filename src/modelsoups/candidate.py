@@ -61,9 +61,11 @@ class LazyCheckpoint(Checkpoint):
         *,
         model_files_from: Path | None = None,
         on_close: Callable[[], None] | None = None,
+        compute_array: Callable[[str], np.ndarray] | None = None,
     ) -> None:
         super().__init__(Path(label), "memory", dict(infos))
         self._compute, self.model_files_from = compute, model_files_from
+        self._compute_array = compute_array
         self._on_close = on_close
         self.extra: dict[str, Any] = {}  # what a recipe learns while computing (e.g. ratios)
 
@@ -74,11 +76,14 @@ class LazyCheckpoint(Checkpoint):
         """Release what computing it holds (buffers, open inputs); reading it then fails."""
         if self._on_close is not None:
             self._on_close()
-        self._on_close = None
+        self._on_close = self._compute_array = None
         self._compute = _closed(self.path)
 
     def array(self, name: str) -> np.ndarray:
-        """Tensor `name` in its declared dtype (`get` may return it wider), as numpy."""
+        """Tensor `name` in its declared dtype (`get` may return it wider), as numpy
+        (`compute_array`, if given, computes it so without a wider copy)."""
+        if self._compute_array is not None:
+            return self._compute_array(name)
         return to_numpy(self.get(name).to(self.infos[name].dtype.to_torch()))
 
 

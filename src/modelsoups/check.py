@@ -41,10 +41,14 @@ def resolve_weights(
     if not allow_negative and any(x < 0 for x in w):
         raise SoupError(f"negative weight in {w}; pass --allow-negative to extrapolate")
     if normalize:
-        total = math.fsum(w)
-        if abs(total) < 1e-12:
+        # scaled by the largest first: 1e308 + 1e308 must not overflow, and 1e-13, 3e-13
+        # are fine weights (1/4, 3/4); only a sum that cancels (1, -1) is refused
+        top = max(abs(x) for x in w)
+        scaled = [x / top for x in w] if top > 0 else w
+        total = math.fsum(scaled)
+        if top == 0 or abs(total) < 1e-12 * math.fsum(abs(x) for x in scaled):
             raise SoupError(f"weights {w} sum to 0 and cannot be normalised")
-        w = [x / total for x in w]
+        w = [x / total for x in scaled]
     return w
 
 

@@ -28,7 +28,6 @@ import contextlib
 import json
 import math
 import os
-import shlex
 import signal
 import subprocess
 import tempfile
@@ -109,6 +108,8 @@ def _number(value: object, name: str) -> float:
 def acceptance(accept: str, tolerance: float = 0.0) -> Callable[[float, float], bool]:
     """`better(new, best)`: "ge" accepts ties (the paper's ≥), "gt" needs a strict gain (the
     official code's >); `tolerance` accepts candidates up to that much below the best."""
+    if math.isnan(tolerance):
+        raise SoupError("tolerance must be a number (got nan); 0 accepts no drop at all")
     if accept == "ge":
         return lambda new, best: new >= best - tolerance
     if accept == "gt":
@@ -144,6 +145,8 @@ class ModuleEvaluator:
             under `torch.no_grad()` with the module in eval mode.
         bn_loader: if given, BatchNorm statistics are recalibrated on it before scoring
             (averaged running stats are stale, see `recalibrate_bn`).
+        device: where the module lives (e.g. "cuda"); candidates are copied onto it tensor
+            by tensor. `metric` moves its batches there itself.
 
     Example:
         >>> ev = ModuleEvaluator(TinyNet, lambda m: accuracy(m, val_loader))  # doctest: +SKIP
@@ -155,14 +158,17 @@ class ModuleEvaluator:
         metric: Callable[[nn.Module], object],
         *,
         bn_loader: Any = None,
+        device: str | torch.device | None = None,
     ) -> None:
         self.model_factory, self.metric, self.bn_loader = model_factory, metric, bn_loader
+        self.device = torch.device(device) if device is not None else None
         self._module: nn.Module | None = None
 
     @property
     def module(self) -> nn.Module:
         if self._module is None:
-            self._module = self.model_factory()
+            module = self.model_factory()
+            self._module = module.to(self.device) if self.device is not None else module
         return self._module
 
     def evaluate(self, candidate: Checkpoint, *, name: str) -> Score:
@@ -171,7 +177,7 @@ class ModuleEvaluator:
             if self.bn_loader is not None:
                 from .recipes.bn import recalibrate_bn
 
-                recalibrate_bn(module, self.bn_loader)
+                recalibrate_bn(module, self.bn_loader, device=self.device)
             module.eval()
             with torch.no_grad():
                 return self.metric(module)
@@ -248,10 +254,13 @@ def parse_score_line(stdout: str, name: str) -> Score:
 class CommandEvaluator:
     """Run a shell command on each candidate, e.g. `python eval.py --ckpt {ckpt}`.
 
-    In-memory candidates are written to a temporary checkpoint under `workdir` (default: the
-    system temp folder) and removed afterwards. The command also gets `SOUP_CKPT` and
-    `SOUP_CANDIDATE` in its environment. `timeout` is in seconds; the whole process group
-    is killed when it expires.
+    `{ckpt}` is never the user's file: in-memory candidates are written to a temporary
+    checkpoint under `workdir` (default: the system temp folder), ingredients are copied
+    there (read-only; a reflink where the filesystem has them), and the command gets that
+    path, spelled with shell-safe characters only whichever way `{ckpt}` is quoted (see
+    `sandbox.py`). An input changed while the command ran stops the run. The command also
+    gets `SOUP_CKPT` and `SOUP_CANDIDATE` in its environment. `timeout` is in seconds
+    (None or inf: no limit); the whole process group is killed when it expires.
     """
 
     command: str
@@ -260,48 +269,73 @@ class CommandEvaluator:
 
     def __post_init__(self) -> None:
         if "{ckpt}" not in self.command:
-            raise SoupError(f"eval command {self.command!r} must contain {{ckpt}}")
+            raise SoupError(f"eval command {self.command[:200]!r} must contain {{ckpt}}")
+        if self.timeout is not None:
+            t = float(self.timeout)
+            if math.isnan(t) or t <= 0:
+                raise SoupError(f"eval timeout must be a positive number of seconds, got {t}")
+            self.timeout = None if math.isinf(t) else t
 
     def evaluate(self, candidate: Checkpoint, *, name: str) -> Score:
-        if candidate.format != "memory":
-            return self.run(candidate.path, name)
-        source = getattr(candidate, "model_files_from", None)
+        from .sandbox import check_unchanged, fingerprint, private_copy
+
         with tempfile.TemporaryDirectory(prefix=".soup-candidate-", dir=self.workdir) as d:
-            path = Path(d) / ("candidate" if source else "candidate.safetensors")
-            write_candidate(candidate, path, model_files_from=source)
-            return self.run(path, name)
+            if candidate.format == "memory":
+                source = getattr(candidate, "model_files_from", None)
+                path = Path(d) / ("candidate" if source else "candidate.safetensors")
+                write_candidate(candidate, path, model_files_from=source)
+                return self.run(path, name)
+            before = fingerprint(candidate.path)
+            try:
+                return self.run(private_copy(candidate, Path(d)), name)
+            finally:
+                check_unchanged(candidate.path, before, name)
 
     def run(self, path: Path, name: str) -> Score:
-        cmd = self.command.replace("{ckpt}", shlex.quote(str(path)))
-        env = {**os.environ, "SOUP_CKPT": str(path), "SOUP_CANDIDATE": name}
-        proc = subprocess.Popen(
-            cmd,
-            shell=True,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            env=env,
-            start_new_session=True,  # so that a timeout kills the command's children too
-        )
-        try:
-            out, err = proc.communicate(timeout=self.timeout)
-        except subprocess.TimeoutExpired:
-            _kill(proc)
-            raise EvaluationError(
-                f"candidate {name!r}: eval command timed out after {self.timeout} s: {cmd}"
-            ) from None
-        except BaseException:
-            _kill(proc)
-            raise
-        if proc.returncode != 0:
-            tail = (err.strip().splitlines() or ["(no stderr)"])[-1][:200]
-            raise EvaluationError(
-                f"candidate {name!r}: eval command exited with code {proc.returncode}: {tail}"
+        """Run the command on the checkpoint at `path` (through a shell-safe name)."""
+        from .executor import child_groups
+        from .sandbox import shell_safe
+
+        with shell_safe(path) as safe:
+            cmd = self.command.replace("{ckpt}", str(safe))
+            env = {**os.environ, "SOUP_CKPT": str(safe), "SOUP_CANDIDATE": name}
+            proc = subprocess.Popen(
+                cmd,
+                shell=True,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                env=env,
+                start_new_session=True,  # so that a timeout kills the command's children too
             )
-        return parse_score_line(out, name)
+            child_groups.add(proc.pid)  # a stopped worker kills it (executor.py)
+            try:
+                out, err = proc.communicate(timeout=self.timeout)
+            except subprocess.TimeoutExpired:
+                _kill(proc)
+                raise EvaluationError(
+                    f"candidate {name!r}: eval command timed out after {self.timeout} s: "
+                    f"{cmd[:200]}"
+                ) from None
+            except BaseException:
+                _kill(proc)
+                raise
+            finally:
+                child_groups.discard(proc.pid)
+        if proc.returncode != 0:
+            lines = _text(err).strip().splitlines() or ["(no stderr)"]
+            raise EvaluationError(
+                f"candidate {name!r}: eval command exited with code {proc.returncode}: "
+                f"{lines[-1][:200]}"
+            )
+        return parse_score_line(_text(out), name)
 
 
-def _kill(proc: subprocess.Popen[str]) -> None:
+def _text(data: bytes) -> str:
+    """An eval command's output as text; bytes that are not UTF-8 become U+FFFD."""
+    return data.decode("utf-8", errors="replace")
+
+
+def _kill(proc: subprocess.Popen[bytes]) -> None:
     with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, signal.SIGKILL)
     proc.communicate()

@@ -16,9 +16,11 @@ re-raised in the caller (the first one, in item order).
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 import os
 import pickle
+import signal
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -60,18 +62,25 @@ class LocalExecutor:
         items = list(items)
         if self.workers == 1 or len(items) <= 1:
             return [fn(x) for x in items]
+        pool = self._pool or _pool(min(self.workers, len(items)))
         try:
-            if self._pool is not None:
-                return list(self._pool.map(fn, items))
-            with _pool(min(self.workers, len(items))) as pool:
-                return list(pool.map(fn, items))
+            return list(pool.map(fn, items))
         except (pickle.PicklingError, AttributeError, TypeError) as e:
+            _stop(pool)
+            self._pool = None
             if "pickle" not in str(e):
                 raise
             raise SoupError(
                 f"cannot send work to worker processes ({e}); with workers > 1, use "
                 "module-level functions (not lambdas or closures), or workers=1"
             ) from e
+        except BaseException:  # an error, Ctrl-C or SIGTERM: stop now, queued jobs too
+            _stop(pool)
+            self._pool = None
+            raise
+        finally:
+            if pool is not self._pool:
+                pool.shutdown(wait=True)
 
     def __enter__(self) -> LocalExecutor:
         """Keep one pool of worker processes for every `map` until the block ends, instead
@@ -85,8 +94,7 @@ class LocalExecutor:
         if pool is None:
             return
         if exc_type is not None:  # failed or interrupted: stop running jobs, do not wait
-            for process in list((getattr(pool, "_processes", None) or {}).values()):
-                process.terminate()
+            _stop(pool)
         pool.shutdown(wait=True, cancel_futures=True)
 
     def __repr__(self) -> str:
@@ -102,14 +110,45 @@ def _pool(workers: int) -> ProcessPoolExecutor:
     )
 
 
+def _stop(pool: ProcessPoolExecutor) -> None:
+    """Cancel the queued jobs and terminate the workers: each kills the process groups of
+    the commands it runs (`child_groups`) and exits, so nothing is left running."""
+    processes = list((getattr(pool, "_processes", None) or {}).values())
+    for process in processes:
+        with contextlib.suppress(OSError):
+            process.terminate()
+    pool.shutdown(wait=False, cancel_futures=True)
+    for process in processes:
+        process.join(5)
+
+
+# Process groups of the commands (eval commands) running in this process; a worker that is
+# stopped or orphaned kills them first, since they live in sessions of their own.
+child_groups: set[int] = set()
+
+
+def kill_child_groups() -> None:
+    for group in list(child_groups):
+        with contextlib.suppress(OSError):
+            os.killpg(group, signal.SIGKILL)
+
+
 def _exit_with_parent(parent: int) -> None:
-    """In a worker: exit as soon as the process that started the pool is gone. A parent
-    killed with SIGKILL cannot stop its workers; they would run their current job to the end."""
+    """In a worker: on SIGTERM or SIGINT, and as soon as the process that started the pool is
+    gone (a parent killed with SIGKILL cannot stop its workers), kill the commands this
+    worker runs and exit, instead of running the current job to its end."""
+
+    def stop(signum: int = 0, frame: object = None) -> None:
+        kill_child_groups()
+        os._exit(128 + signum if signum else 1)
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
 
     def watch() -> None:
         while os.getppid() == parent:
             time.sleep(0.5)
-        os._exit(1)
+        stop()
 
     threading.Thread(target=watch, daemon=True, name="exit-with-parent").start()
 

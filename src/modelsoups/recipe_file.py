@@ -195,10 +195,43 @@ def _field_error(path: Path, e: ValidationError) -> SoupError:
     elif first["type"] == "missing":
         msg = "required field is missing"
     elif first.get("input") is not None and first["type"] != "value_error":
-        msg += f" (got {first['input']!r})"
+        msg += f" (got {first['input']!r:.80})"
     more = f" (and {len(e.errors()) - 1} more)" if len(e.errors()) > 1 else ""
     where = f"{loc}: " if loc else ""
     return SoupError(f"{path}: {where}{msg}{more}")
+
+
+MAX_RECIPE_BYTES = 1 << 20  # a recipe is a page of fields; anything larger is a mistake
+MAX_NODES = 100_000  # values once aliases are expanded (a 448-byte file can make 10⁷)
+
+
+def _expanded_nodes(raw: bytes) -> int:
+    """How many values the YAML document holds with every alias expanded, from its events
+    (nothing is built: an alias bomb is counted, not expanded)."""
+    import yaml
+
+    anchors: dict[str, int] = {}
+    stack: list[tuple[str | None, int]] = [(None, 0)]
+    for e in yaml.parse(raw, yaml.SafeLoader):
+        if isinstance(e, yaml.AliasEvent):
+            anchor, n = stack.pop()
+            stack.append((anchor, n + anchors.get(str(e.anchor), 1)))
+        elif isinstance(e, yaml.ScalarEvent):
+            anchor, n = stack.pop()
+            stack.append((anchor, n + 1))
+            if e.anchor is not None:
+                anchors[e.anchor] = 1
+        elif isinstance(e, yaml.CollectionStartEvent):
+            stack.append((e.anchor, 1))
+        elif isinstance(e, yaml.CollectionEndEvent):
+            anchor, n = stack.pop()
+            if anchor is not None:
+                anchors[anchor] = n
+            parent, total = stack.pop()
+            stack.append((parent, total + n))
+        if stack[0][1] > MAX_NODES or (len(stack) > 1 and stack[-1][1] > MAX_NODES):
+            return max(stack[0][1], stack[-1][1])
+    return sum(n for _, n in stack)
 
 
 def load_recipe(path: PathLike) -> tuple[Recipe, dict[str, Any]]:
@@ -218,7 +251,13 @@ def load_recipe(path: PathLike) -> tuple[Recipe, dict[str, Any]]:
         raw = p.read_bytes()
     except OSError as e:
         raise SoupError(f"{p}: cannot read recipe ({e.strerror})") from None
+    if len(raw) > MAX_RECIPE_BYTES:
+        raise SoupError(f"{p}: {len(raw)} bytes; a recipe file is at most {MAX_RECIPE_BYTES}")
     try:
+        nodes = _expanded_nodes(raw)
+        if nodes > MAX_NODES:  # counted from the events, before anything is built
+            raise SoupError(f"{p}: YAML aliases (*name) expand to {nodes:.3g} values; a recipe "
+                            f"may hold at most {MAX_NODES}")  # fmt: skip
         data = yaml.safe_load(raw)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)

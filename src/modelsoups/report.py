@@ -65,52 +65,83 @@ def _test(report: dict[str, Any]) -> float | None:
 
 
 def _history(report: dict[str, Any], base: Path) -> list[dict[str, Any]]:
+    """The greedy history's records; lines that are not JSON objects (a torn last line,
+    binary junk) are skipped: the report itself is what is shown."""
     name = report.get("history")
     if not isinstance(name, str):
         return []
     for p in (Path(name), base / name, base / Path(name).name):
         if p.is_file():
-            lines = p.read_text().splitlines()
-            return [json.loads(ln) for ln in lines if ln.strip().startswith("{")]
+            records = []
+            for ln in p.read_bytes().decode("utf-8", errors="replace").splitlines():
+                try:
+                    r = json.loads(ln)
+                except ValueError:
+                    continue
+                if isinstance(r, dict):
+                    records.append(r)
+            return records
     return []
+
+
+def _read(p: Path) -> dict[str, Any]:
+    """The report's JSON object, or a one-line error."""
+    try:
+        report = json.loads(p.read_bytes().decode("utf-8"))
+    except OSError as e:
+        raise SoupError(f"{p}: cannot read report ({e.strerror})") from None
+    except UnicodeDecodeError:
+        raise SoupError(f"{p}: not a JSON report (binary content)") from None
+    except json.JSONDecodeError as e:
+        raise SoupError(f"{p}: not a JSON report (line {e.lineno}: {e.msg})") from None
+    except RecursionError:
+        raise SoupError(f"{p}: not a soup report (nested too deeply)") from None
+    if not isinstance(report, dict) or not isinstance(report.get("recipe"), str):
+        raise SoupError(f"{p}: not a soup report (no 'recipe' name)")
+    for name in ("ingredients", "weights", "sweep"):
+        if not isinstance(report.get(name) or [], list):
+            kind = type(report[name]).__name__
+            raise SoupError(f"{p}: not a soup report ({name!r} is a {kind}, not a list)")
+    return report
+
+
+def _row(ing: object, dataset: str, weight: float | None) -> Row:
+    if isinstance(ing, dict):
+        name = str(ing.get("name", ing.get("path")))[:200]
+        return Row(name, _num(ing.get(dataset)), weight=_num(ing.get("weight", weight)))
+    return Row(Path(str(ing)[:200]).name, weight=weight)
 
 
 def load_report(path: PathLike) -> ReportView:
     """Read `SOUP.report.json` (any recipe's) into a `ReportView`."""
     p = Path(path)
-    try:
-        report = json.loads(p.read_text())
-    except OSError as e:
-        raise SoupError(f"{p}: cannot read report ({e.strerror})") from None
-    except json.JSONDecodeError as e:
-        raise SoupError(f"{p}: not a JSON report (line {e.lineno}: {e.msg})") from None
-    if not isinstance(report, dict) or "recipe" not in report:
-        raise SoupError(f"{p}: not a soup report (no 'recipe' field)")
-    recipe, dataset = str(report["recipe"]), str(report.get("dataset", "held_out"))
+    report = _read(p)
+    recipe, dataset = report["recipe"], report.get("dataset", "held_out")
+    dataset = dataset if isinstance(dataset, str) else "held_out"
     weights = report.get("weights") or []
-    rows = []
-    for i, ing in enumerate(report.get("ingredients", [])):
-        w = _num(weights[i]) if i < len(weights) else None
-        if isinstance(ing, dict):
-            rows.append(Row(str(ing.get("name", ing.get("path"))), _num(ing.get(dataset)),
-                            weight=_num(ing.get("weight", w))))  # fmt: skip
-        else:
-            rows.append(Row(Path(str(ing)).name, weight=w))
-    view = ReportView(p, recipe, dataset, rows, [], recipe_file=report.get("recipe_file"))
+    rows = [_row(ing, dataset, _num(weights[i]) if i < len(weights) else None)
+            for i, ing in enumerate(report.get("ingredients") or [])]  # fmt: skip
+    given = report.get("recipe_file")
+    view = ReportView(
+        p, recipe, dataset, rows, [], recipe_file=given if isinstance(given, dict) else None
+    )
     view.soups.append(Row(f"{recipe} soup", _num(report.get("held_out")), _test(report)))
     if recipe == "greedy":
         steps = [r for r in _history(report, p.parent) if r.get("kind") == "greedy"]
-        best = [(float(r["soup_size"]), float(r[dataset])) for r in steps
-                if r.get("accepted") and dataset in r]  # fmt: skip
-        view.curve, view.curve_label = best, "greedy soup after each accepted ingredient"
-    sweep = report.get("sweep") or []
-    what = next((k for k in ("alpha", "scale") if k in report), None)
+        best = [(_num(r.get("soup_size")), _num(r.get(dataset))) for r in steps
+                if r.get("accepted") is True]  # fmt: skip
+        view.curve = [(x, y) for x, y in best if x is not None and y is not None]
+        view.curve_label = "greedy soup after each accepted ingredient"
+    sweep = [r for r in report.get("sweep") or [] if isinstance(r, dict)]
+    what = next((k for k in ("alpha", "scale") if _num(report.get(k)) is not None), None)
     if sweep and what:
-        view.curve = [(float(r[what]), float(r[dataset])) for r in sweep if dataset in r]
+        value = _num(report[what])
+        points = [(_num(r.get(what)), _num(r.get(dataset))) for r in sweep]
+        view.curve = [(x, y) for x, y in points if x is not None and y is not None]
         view.curve_label = f"{view.metric} by {what}"
-        view.soups[0].name += f" ({what} = {report[what]:g})"
+        view.soups[0].name += f" ({what} = {value:g})"
         if view.soups[0].held_out is None:
-            view.soups[0].held_out = next((s for a, s in view.curve if a == report[what]), None)
+            view.soups[0].held_out = next((s for a, s in view.curve if a == value), None)
     return view
 
 

@@ -34,6 +34,8 @@ def load_scores(path: str | os.PathLike[str], names: Sequence[str]) -> dict[str,
         text = p.read_text()
     except OSError as e:
         raise SoupError(f"{p}: cannot read scores ({e.strerror})") from None
+    except UnicodeDecodeError:
+        raise SoupError(f"{p}: not a scores file (binary content)") from None
     try:
         raw = _read_json_scores(text) if p.suffix == ".json" else _read_csv_scores(text)
     except (ValueError, KeyError, TypeError, IndexError) as e:

@@ -43,6 +43,16 @@ def _options(
     STATE["debug"] = STATE["debug"] or debug
 
 
+MAX_LINE = 500  # characters: a 10⁷-element value or a long path must not flood stderr
+
+
+def one_line(message: str) -> str:
+    """`message` on one line (newlines and other control characters, e.g. in a hostile file
+    name, shown escaped) and at most MAX_LINE characters."""
+    line = "".join(c if c.isprintable() else repr(c)[1:-1] for c in message[: MAX_LINE * 4])
+    return line if len(line) <= MAX_LINE else line[: MAX_LINE - 3] + "..."
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `soup` console script; returns the process exit code."""
     args = list(sys.argv[1:] if argv is None else argv)
@@ -65,7 +75,19 @@ def main(argv: list[str] | None = None) -> int:
     except SoupError as e:
         if STATE["debug"]:
             raise
-        print(f"soup: error: {e}".splitlines()[0], file=sys.stderr)
+        print(one_line(f"soup: error: {e}"), file=sys.stderr)
+        return 1
+    except OSError as e:  # a file problem no check above foresaw: still one line
+        if STATE["debug"]:
+            raise
+        where = f"{e.filename}: " if e.filename else ""
+        print(one_line(f"soup: error: {where}{e.strerror or e}"), file=sys.stderr)
+        return 1
+    except Exception as e:  # a bug: one line, and --debug shows the traceback
+        if STATE["debug"]:
+            raise
+        print(one_line(f"soup: error: internal error ({type(e).__name__}: {e}); rerun with "
+                       "--debug for the traceback and report it"), file=sys.stderr)  # fmt: skip
         return 1
     finally:
         STATE.update(quiet=False, debug=False)

@@ -6,6 +6,7 @@ Each option mirrors a keyword of the Python function of the same name, one to on
 from __future__ import annotations
 
 import contextlib
+import math
 import re
 import sys
 from collections.abc import Iterator
@@ -70,7 +71,10 @@ def parse_size(text: str | None) -> int | None:
         raise SoupError(f"cannot read size {text!r}; write e.g. 500MB, 5GB or 2GiB")
     base = 1024 if m.group(3) else 1000
     power = " KMGT".index(m.group(2).upper() or " ")
-    size = int(float(m.group(1)) * base**power)
+    value = float(m.group(1)) * base**power
+    if not math.isfinite(value) or value >= 2**63:
+        raise SoupError(f"size {text[:40]!r} is too large")
+    size = int(value)
     if size <= 0:
         raise SoupError(f"size must be positive, got {text!r}")
     return size
@@ -81,7 +85,9 @@ def parse_floats(text: str, what: str) -> list[float]:
     try:
         return [float(x) for x in text.split(",") if x.strip()]
     except ValueError:
-        raise SoupError(f"cannot read {what} {text!r}; write numbers separated by commas") from None
+        raise SoupError(
+            f"cannot read {what} {text[:80]!r}; write numbers separated by commas"
+        ) from None
 
 
 def err(message: str) -> None:

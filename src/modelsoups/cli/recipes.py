@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated, Any
@@ -58,6 +59,10 @@ def prepare(out: Path, inputs: list[Path], overwrite: bool, max_shard_size: str 
         raise OutputError(f"{out}: output folder {out.parent} does not exist")
     if out.exists() and not overwrite:
         raise OutputError(f"{out}: already exists; choose another name or pass --overwrite")
+    try:  # the candidate folder, history and report go there too: fail now, not at the end
+        os.rmdir(tempfile.mkdtemp(prefix=f".{out.name[:64]}.soup-check-", dir=out.parent))
+    except OSError as e:
+        raise OutputError(f"{out}: cannot write in {out.parent} ({e.strerror})") from None
 
 
 def evaluator(command: str | None, timeout: float | None, workdir: Path) -> Any:

@@ -22,13 +22,16 @@ def report(
     from rich.console import Console
     from rich.table import Table
 
+    from ..io.writer import atomic_path
     from ..report import load_report, plot_report, report_html, table_rows
+    from ..stream import check_output
 
     if output is not None:
         if output.suffix.lower() not in (".png", ".html", ".htm"):
             raise OutputError(f"{output}: write the report as .png or .html")
         if output.exists() and not overwrite:
             raise OutputError(f"{output}: already exists; choose another name or --overwrite")
+        check_output(output, [path], folder=False)
     view = load_report(path)
     table = Table("", view.metric, "test", "weight", title=view.title)
     rows = table_rows(view)
@@ -42,10 +45,9 @@ def report(
         console.print("no scores in this report: the soup was made without --eval", markup=False)
     if output is None:
         return
-    if output.suffix.lower() == ".png":
-        plot_report(view, output)
-    else:
-        output.write_text(report_html(view))
+    data = plot_report(view) if output.suffix.lower() == ".png" else report_html(view).encode()
+    with atomic_path(output, folder=False, overwrite=overwrite) as tmp:
+        tmp.write_bytes(data)
     console.print(f"wrote {output}", markup=False)
 
 

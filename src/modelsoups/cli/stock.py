@@ -54,10 +54,12 @@ def stock(
 ) -> None:
     """Model Stock: per layer, pull the fine-tunes' mean towards θ₀ by their angle."""
     from ..history import History as Log
+    from ..history import check_dataset, record
     from ..io import expand_inputs
 
     opts = dict(locals())
     STATE["quiet"] = STATE["quiet"] or quiet
+    check_dataset(dataset)
     started, paths = time.perf_counter(), [Path(base), *expand_inputs(finetuned)]
     prepare(output, paths, overwrite, max_shard_size)
     ratios = _write_stock(paths, output, opts)
@@ -67,9 +69,9 @@ def stock(
     if eval_command is not None:
         score = evaluator(eval_command, eval_timeout, output.parent).run(output, "model stock")
         held_out = score.score
-        Log(sidecar(output, ".history.jsonl", history), resume=True).append(
-            {"kind": "final", "model_name": "model_stock", dataset: score.score, **score.metrics}
-        )
+        with Log(sidecar(output, ".history.jsonl", history), resume=True,
+                 dataset=dataset) as log:  # fmt: skip
+            log.append(record("final", "model_stock", dataset, score.score, score.metrics))
     write_report(sidecar(output, ".report.json", report), {
         "recipe": "model-stock", "output": str(output), "base": str(paths[0]),
         "ingredients": [str(p) for p in paths[1:]], "held_out": held_out, "dataset": dataset,

@@ -169,6 +169,12 @@ class HFFolder(Checkpoint):
     def array(self, name: str) -> np.ndarray:
         return self._where[name].array(name)
 
+    @property
+    def files(self) -> list[Path]:
+        """The files the weights are read from: the index (if any) and every shard."""
+        shards = [self.path / name for name in self._shards]
+        return shards if self.weights_file in shards else [self.weights_file, *shards]
+
     def check_unchanged(self) -> None:
         for shard in self._shards.values():
             shard.check_unchanged()

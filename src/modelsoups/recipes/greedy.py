@@ -38,7 +38,7 @@ from ..candidate import materialize, model_files_source
 from ..check import check_compatible, check_non_float
 from ..errors import EvaluationError, SoupError
 from ..evaluate import Evaluator, Score, acceptance, as_evaluator
-from ..history import History
+from ..history import History, check_dataset, record
 from ..ingredients import (
     Ingredient,
     close_all,
@@ -126,17 +126,17 @@ def greedy_soup(
         check_compatible(ckpts)
         check_non_float(ckpts)
         warning = init_warning(ckpts)
-        log = History(history, resume=resume)
-        todo = ingredient_sources(ingredients, all_names)
-        opts = {"executor": executor, "key": key, "unsafe_pickle": unsafe_pickle}
-        known = _score_ingredients(ev, todo, log, dataset, scores or {}, opts)
-        ranked = sorted(zip(all_names, ckpts, strict=True), key=lambda x: -known[x[0]])
-        store = choose_store(ranked[0][1], model_files_source(ckpts), memory, allow_nonfinite)
-        try:
-            steps = _Steps(log, dataset, ranked[0][0], known[ranked[0][0]])
-            selected, best = _select(ev, better, ranked, store, steps)
-        finally:
-            store.close()
+        with History(history, resume=resume, dataset=check_dataset(dataset)) as log:
+            todo = ingredient_sources(ingredients, all_names)
+            opts = {"executor": executor, "key": key, "unsafe_pickle": unsafe_pickle}
+            known = _score_ingredients(ev, todo, log, dataset, scores or {}, opts)
+            ranked = sorted(zip(all_names, ckpts, strict=True), key=lambda x: -known[x[0]])
+            store = choose_store(ranked[0][1], model_files_source(ckpts), memory, allow_nonfinite)
+            try:
+                steps = _Steps(log, dataset, ranked[0][0], known[ranked[0][0]])
+                selected, best = _select(ev, better, ranked, store, steps)
+            finally:
+                store.close()
         final = store.soup("<greedy soup>")  # streamed: keeps its members open until closed
         test = test_evaluator.evaluate(final, name="greedy soup (test)") if test_evaluator else None
     except BaseException:
@@ -201,8 +201,8 @@ class _Steps:
 
     def record(self, name: str, s: Score, accepted: bool, size: int) -> tuple[bool, float]:
         """Log a step that tried `name` on a soup of `size` ingredients."""
-        record = {"kind": "greedy", "model_name": name, self.dataset: s.score, **s.metrics}
-        self.log.append({**record, "accepted": accepted, "soup_size": size + accepted})
+        self.log.append(record("greedy", name, self.dataset, s.score, s.metrics,
+                               accepted=accepted, soup_size=size + accepted))  # fmt: skip
         return accepted, s.score
 
 
@@ -224,12 +224,12 @@ def _score_ingredients(
     for n, s in given.items():
         if n not in known:
             known[n] = float(s)
-            log.append({"kind": "ingredient", "model_name": n, dataset: float(s), "given": True})
+            log.append(record("ingredient", n, dataset, float(s), given=True))
     todo = [(n, s) for n, s in todo if n not in known]
     results = score_ingredients(ev, todo, **opts)
     for (n, _), r in zip(todo, results, strict=True):
         if isinstance(r, Score):
-            log.append({"kind": "ingredient", "model_name": n, dataset: r.score, **r.metrics})
+            log.append(record("ingredient", n, dataset, r.score, r.metrics))
             known[n] = r.score
     if errors := [r for r in results if isinstance(r, EvaluationError)]:
         raise errors[0]  # the others' scores are logged: --resume will not redo them

@@ -33,7 +33,7 @@ import torch
 
 from ..average import CHUNK, check_finite, widen, widen_buffer
 from ..candidate import LazyCheckpoint
-from ..dtypes import DType
+from ..dtypes import DType, to_numpy
 from ..io.base import Checkpoint, TensorInfo
 
 __all__ = [
@@ -113,19 +113,22 @@ class SoupStore:
     def _sum(
         self,
         k: str,
-        out: np.ndarray,
+        out: np.ndarray | None,
         terms: list[Term],
         *,
         start: np.ndarray | None = None,
-        mean: np.ndarray | None = None,
+        mean: np.ndarray | torch.Tensor | None = None,
         n: int = 1,
         members: Sequence[Checkpoint] = (),
     ) -> None:
         """`out = start + Σ terms` in float32, left to right (without `start`: the first
-        term widened, then the others); with `mean` (which may be `out`), `mean = out / n`,
-        checked: a NaN, Inf or float16 overflow raises `NonFiniteError` naming the input
-        among `members` that holds one. Slice by slice, split across the threads."""
-        dtype, flat_out = self.infos[k].dtype, out.reshape(-1)
+        term widened, then the others); with `mean`, `mean = out / n` (`mean` may be `out`,
+        or a tensor of the declared dtype, rounded into as torch's `.to` does; `out` may
+        then be None: a slice of scratch per thread), checked: a NaN, Inf or float16
+        overflow raises `NonFiniteError` naming the input among `members` that holds one.
+        Slice by slice, split across the threads."""
+        dtype, size = self.infos[k].dtype, self.infos[k].numel
+        flat_out = None if out is None else out.reshape(-1)
         flat_mean = None if mean is None else mean.reshape(-1)
         flat_start = None if start is None else start.reshape(-1)
         flats = [(x.reshape(-1), d) for x, d in terms]
@@ -133,9 +136,11 @@ class SoupStore:
 
         def part(lo: int, hi: int) -> None:
             wide = widen_buffer()
+            scratch = np.empty(min(CHUNK, hi - lo), np.float32) if flat_out is None else None
             for a in range(lo, hi, CHUNK):
                 b = min(a + CHUNK, hi)
-                acc, rest, prev = flat_out[a:b], flats, None
+                acc = scratch[: b - a] if scratch is not None else flat_out[a:b]  # type: ignore[index]
+                rest, prev = flats, None
                 if flat_start is None:
                     np.copyto(acc, widen(flats[0][0][a:b], flats[0][1], wide), casting="unsafe")
                     rest = flats[1:]
@@ -145,11 +150,15 @@ class SoupStore:
                     np.add(acc if prev is None else prev, widen(x[a:b], d, wide), out=acc,
                            dtype=np.float32)  # fmt: skip
                     prev = None
-                if flat_mean is not None:
+                if isinstance(flat_mean, np.ndarray):
                     np.divide(acc, n, out=flat_mean[a:b])
                     finite[0] = _finite(flat_mean[a:b], dtype) and finite[0]
+                elif flat_mean is not None:  # a tensor of the declared dtype
+                    np.divide(acc, n, out=acc)
+                    finite[0] = _finite(acc, dtype) and finite[0]
+                    flat_mean[a:b].copy_(torch.from_numpy(acc))
 
-        _in_slices(self.pool, self.threads, flat_out.size, part)
+        _in_slices(self.pool, self.threads, size, part)
         if self.check and not finite[0]:
             check_finite(k, dtype, members)
 
@@ -225,31 +234,42 @@ class InMemorySum(SoupStore):
 
 class StreamedSum(SoupStore):
     """No sum kept: each candidate tensor is the mean of the members and θ, read from their
-    (memory-mapped) inputs into a fresh float32 array that the reader frees. Memory: a few
-    copies of the largest tensor, whatever the model size; a step reads the soup's members
-    again (page-cached) plus θ."""
+    (memory-mapped) inputs into a fresh array that the reader frees: float32 from `get`,
+    the declared dtype from `array` (what a command evaluator's file gets, rounded slice by
+    slice). Memory: a few copies of the largest tensor, whatever the model size; a step
+    reads the soup's members again (page-cached) plus θ."""
 
     kind = "streamed"
 
     def candidate(self, label: str, extra: Checkpoint) -> LazyCheckpoint:
-        return self._mean_of(label, [*self.members, extra], self.pool)
+        return self._mean_of(label, [*self.members, extra])
 
     def soup(self, label: str) -> LazyCheckpoint:
         """The soup, read from its members, which stay open until the soup is closed."""
-        return self._mean_of(label, list(self.members), None)
+        return self._mean_of(label, list(self.members))
 
-    def _mean_of(self, label: str, members: list[Checkpoint],
-                 pool: ThreadPoolExecutor | None) -> LazyCheckpoint:  # fmt: skip
-        def compute(k: str) -> torch.Tensor:
+    def _mean_of(self, label: str, members: list[Checkpoint]) -> LazyCheckpoint:
+        def terms(k: str) -> list[Term]:
+            return [(m.array(k), m.infos[k].dtype) for m in members]
+
+        def compute(k: str) -> torch.Tensor:  # float32, as `InMemorySum` gives it
             info = self.infos[k]
             if not info.is_float:
                 return members[0].get(k).clone()
             out = np.empty(info.shape, np.float32)
-            terms = [(m.array(k), m.infos[k].dtype) for m in members]
-            self._sum(k, out, terms, mean=out, n=len(members), members=members)
+            self._sum(k, out, terms(k), mean=out, n=len(members), members=members)
             return torch.from_numpy(out)
 
-        return LazyCheckpoint(label, self.infos, compute, model_files_from=self.folder)
+        def compute_array(k: str) -> np.ndarray:  # the declared dtype, no float32 copy
+            info = self.infos[k]
+            if not info.is_float:
+                return members[0].array(k).copy()
+            out = torch.empty(info.shape, dtype=info.dtype.to_torch())
+            self._sum(k, None, terms(k), mean=out, n=len(members), members=members)
+            return to_numpy(out)
+
+        return LazyCheckpoint(label, self.infos, compute, model_files_from=self.folder,
+                              compute_array=compute_array)  # fmt: skip
 
 
 def _in_slices(pool: ThreadPoolExecutor | None, threads: int, size: int,

@@ -25,7 +25,7 @@ from ..check import check_compatible, check_non_float
 from ..dtypes import F64, DType, to_torch
 from ..errors import EvaluationError, SoupError
 from ..evaluate import Evaluator, Score, as_evaluator
-from ..history import History
+from ..history import History, check_dataset, record
 from ..ingredients import Ingredient, close_all, ingredient_sources, open_sources
 from ..io.base import Checkpoint
 
@@ -93,21 +93,22 @@ def sweep(
     finally:
         close_all(ckpts)
     named = {f"{recipe}_{name}={v:g}": v for v in values}
-    log = History(history, resume=resume)
-    done = {r["model_name"] for r in log.records if r.get("kind") == "sweep"}
-    todo = [(n, list(weights_of(v))) for n, v in named.items() if n not in done]
-    sources = [s for _, s in ingredient_sources(ingredients, [str(i) for i in range(len(ckpts))])]
-    options = {"key": key, "unsafe_pickle": unsafe_pickle, "dtype": out_dtype}
-    score = functools.partial(_score_mix, ev, sources, options)
-    from ..executor import get_executor
+    with History(history, resume=resume, dataset=check_dataset(dataset)) as log:
+        done = {r["model_name"] for r in log.records if r.get("kind") == "sweep"}
+        todo = [(n, list(weights_of(v))) for n, v in named.items() if n not in done]
+        sources = [
+            s for _, s in ingredient_sources(ingredients, [str(i) for i in range(len(ckpts))])
+        ]
+        options = {"key": key, "unsafe_pickle": unsafe_pickle, "dtype": out_dtype}
+        score = functools.partial(_score_mix, ev, sources, options)
+        from ..executor import get_executor
 
-    results = get_executor(executor).map(score, todo)
-    for (n, _), s in zip(todo, results, strict=True):
-        if isinstance(s, Score):
-            log.append({"kind": "sweep", "model_name": n, dataset: s.score, **s.metrics,
-                        name: named[n]})  # fmt: skip
-    if errors := [s for s in results if isinstance(s, EvaluationError)]:
-        raise errors[0]  # the others' scores are logged: resume does not redo them
+        results = get_executor(executor).map(score, todo)
+        for (n, _), s in zip(todo, results, strict=True):
+            if isinstance(s, Score):
+                log.append(record("sweep", n, dataset, s.score, s.metrics, **{name: named[n]}))
+        if errors := [s for s in results if isinstance(s, EvaluationError)]:
+            raise errors[0]  # the others' scores are logged: resume does not redo them
     by_name = {r["model_name"]: r for r in log.records if r.get("kind") == "sweep"}
     records = [{**by_name[n], name: v} for n, v in named.items()]
     best = max(records, key=lambda r: float(r[dataset]))  # the first of the best on ties

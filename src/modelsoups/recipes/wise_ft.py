@@ -10,6 +10,7 @@ held-out data and returns the best.
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
@@ -73,17 +74,31 @@ def wise_ft_weights(alpha: float) -> list[float]:
     return [1.0 - alpha, alpha]
 
 
+MAX_SWEEP = 1000  # values in one sweep: each is a full evaluation
+
+
 def parse_alphas(text: str) -> list[float]:
-    """'0:1:0.1' → [0.0, 0.1, ..., 1.0] (stop included); '0.3,0.5' → [0.3, 0.5]."""
+    """'0:1:0.1' → [0.0, 0.1, ..., 1.0] (stop included); '0.3,0.5' → [0.3, 0.5].
+
+    Every value must be finite, and a sweep holds 1 to MAX_SWEEP values.
+    """
+    how = "write start:stop:step (0:1:0.1) or 0.3,0.5"
     try:
         if ":" in text:
             start, stop, step = (float(x) for x in text.split(":"))
-            if step <= 0 or stop < start:
+            if not all(map(math.isfinite, (start, stop, step))) or step <= 0 or stop < start:
                 raise ValueError
-            n = round((stop - start) / step + 1e-9)
-            return [round(start + i * step, 10) for i in range(n + 1)]
-        return [float(x) for x in text.split(",") if x.strip()]
+            n = (stop - start) / step + 1e-9
+            if n >= MAX_SWEEP:
+                raise SoupError(f"sweep {text[:60]!r} has {n + 1:.3g} values, more than "
+                                f"{MAX_SWEEP}; use a larger step")  # fmt: skip
+            values = [round(start + i * step, 10) for i in range(round(n) + 1)]
+        else:
+            values = [float(x) for x in text.split(",") if x.strip()]
     except ValueError:
-        raise SoupError(
-            f"cannot read {text!r}; write start:stop:step (0:1:0.1) or 0.3,0.5"
-        ) from None
+        raise SoupError(f"cannot read sweep {text[:60]!r}; {how}") from None
+    if not values or not all(map(math.isfinite, values)):
+        raise SoupError(f"sweep {text[:60]!r} needs finite values; {how}")
+    if len(values) > MAX_SWEEP:
+        raise SoupError(f"sweep {text[:60]!r} has {len(values)} values, more than {MAX_SWEEP}")
+    return values

@@ -1,0 +1,213 @@
+"""Side paths: what an eval command gets as `{ckpt}`, and runs sharing a history.
+
+- No file name runs code: hostile checkpoint and output names (`$(...)`, backticks,
+  quotes, `;`, spaces, newlines) with `{ckpt}` bare, in "..." and in '...': no PWNED file
+  ever appears, and the evaluator reads exactly the bytes of the ingredient it scores.
+- `{ckpt}` is private: `rm -rf {ckpt}`, a rewrite in place or a truncation by the
+  evaluator leaves every input byte-for-byte unchanged; an input changed by anyone else
+  while the command runs stops the run with one line naming it.
+- One history, one run: a second run on the same history is refused with one line while
+  the first holds it (flock), and the first run's history stays well-formed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from conftest import save_as, tiny_state_dict
+from test_bad_input import snapshot
+
+from modelsoups.cli import MAX_LINE, main
+from modelsoups.cli.common import STATE
+from modelsoups.errors import SoupError
+from modelsoups.history import History
+
+Maker = Callable[..., list[Path]]
+
+HOSTILE = [
+    "r$(touch PWNED)",
+    "r`touch PWNED`",
+    "r'; touch PWNED; '",
+    'r"; touch PWNED; "',
+    "r x; touch PWNED",
+    "r\n$(touch PWNED)\n",
+    "r$'\\x41'&&touch PWNED||",
+]
+QUOTING = {"bare": "{ckpt}", "double": '"{ckpt}"', "single": "'{ckpt}'"}
+
+
+@pytest.fixture(autouse=True)
+def _fresh_cli_state() -> object:
+    saved = dict(STATE)
+    STATE.update(quiet=True, debug=False)
+    yield
+    STATE.update(saved)
+
+
+def sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def hostile_inputs(folder: Path) -> list[Path]:
+    folder.mkdir()
+    return [
+        save_as(tiny_state_dict(i), folder / f"{name}.x", "safetensors")
+        for i, name in enumerate(HOSTILE)
+    ]
+
+
+@pytest.mark.parametrize("quoting", list(QUOTING), ids=list(QUOTING))
+def test_no_file_name_runs_code_whatever_the_quoting(
+    quoting: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)  # where `touch PWNED` would land
+    inputs = hostile_inputs(tmp_path / "runs")
+    outdir = tmp_path / "out $(touch PWNED) `touch PWNED` ' \""
+    outdir.mkdir()
+    out = outdir / "soup;touch PWNED.safetensors"
+    log = tmp_path / "seen.txt"
+    command = f"sha256sum {QUOTING[quoting]} >> {log}; echo 1"
+    before = {p: sha(p) for p in inputs}
+
+    assert main(["greedy", *map(str, inputs), "-o", str(out), "--eval", command]) == 0
+
+    assert not list(tmp_path.rglob("PWNED")), "a file name ran code"
+    seen = [ln.split()[0] for ln in log.read_text().splitlines()]
+    n = len(inputs)
+    assert len(seen) == n + (n - 1)  # every ingredient, then every greedy step
+    assert sorted(seen[:n]) == sorted(before.values())  # the evaluator read the inputs' bytes
+    assert {p: sha(p) for p in inputs} == before
+    assert out.is_file()
+
+
+def test_soup_ckpt_environment_names_the_same_file(tmp_path: Path, make_ingredients: Maker) -> None:
+    a, b = make_ingredients(2)
+    log = tmp_path / "env.txt"
+    command = f'test "$SOUP_CKPT" = {{ckpt}} && sha256sum "$SOUP_CKPT" >> {log}; echo 1'
+    out = tmp_path / "soup.safetensors"
+    assert main(["greedy", str(a), str(b), "-o", str(out), "--eval", command]) == 0
+    seen = [ln.split()[0] for ln in log.read_text().splitlines()]
+    assert len(seen) == 3 and sorted(seen[:2]) == sorted([sha(a), sha(b)])
+
+
+# An evaluator that damages what it is given, three ways, for files and folders alike.
+DAMAGE = {
+    "rm -rf": "rm -rf {ckpt}",
+    "rewrite in place": (
+        "for f in $(find {ckpt} -type f); do chmod u+w $f; "
+        "printf garbage | dd of=$f conv=notrunc 2>/dev/null; done"
+    ),
+    "truncate": "for f in $(find {ckpt} -type f); do chmod u+w $f; : > $f; done",
+}
+
+
+@pytest.mark.parametrize("fmt", ["safetensors", "pt", "hf-folder", "hf-sharded"])
+@pytest.mark.parametrize("damage", list(DAMAGE), ids=list(DAMAGE))
+def test_evaluator_damaging_ckpt_never_touches_an_input(
+    damage: str, fmt: str, tmp_path: Path, make_ingredients: Maker
+) -> None:
+    inputs = make_ingredients(2, fmt)
+    runs = snapshot(inputs[0].parent)
+    out = tmp_path / "soup-out"
+    out.mkdir()
+    soup = out / "soup.safetensors"
+    command = DAMAGE[damage] + "; echo 1"
+    assert main(["greedy", *map(str, inputs), "-o", str(soup), "--eval", command]) == 0
+    after = snapshot(inputs[0].parent)
+    assert {k: v for k, v in after.items() if not k.startswith("soup-out")} == runs
+    for p in inputs:
+        assert p.exists()
+    assert sorted(x.name for x in out.iterdir()) == [
+        "soup.history.jsonl",
+        "soup.report.json",
+        "soup.safetensors",
+    ]
+
+
+def test_input_changed_while_the_evaluator_ran_stops_the_run(
+    tmp_path: Path, make_ingredients: Maker, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Another process (here the evaluator itself, through a path it knew) appends to an
+    input while it is scored: one line naming the input, exit 1."""
+    a, b = make_ingredients(2)
+    out = tmp_path / "soup.safetensors"
+    command = f"printf x >> {b}; echo 1; : {{ckpt}}"
+    capsys.readouterr()
+    assert main(["greedy", str(a), str(b), "-o", str(out), "--eval", command]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and len(err[0]) <= MAX_LINE, err
+    assert str(b) in err[0] and "changed while the eval command ran" in err[0]
+    assert not out.exists() and not list(tmp_path.glob(".*soup-candidate-*"))
+
+
+def test_ingredient_copy_is_read_only_and_plainly_named(
+    tmp_path: Path, make_ingredients: Maker
+) -> None:
+    a, b = make_ingredients(2)
+    log = tmp_path / "modes.txt"
+    command = f"stat -c %a {{ckpt}} >> {log}; basename {{ckpt}} >> {log}; echo 1"
+    out = tmp_path / "soup.safetensors"
+    assert main(["greedy", str(a), str(b), "-o", str(out), "--eval", command]) == 0
+    lines = log.read_text().split()
+    assert lines[:4] == ["444", "ingredient.safetensors", "444", "ingredient.safetensors"]
+
+
+# ---------------------------------------------------------------------------------------
+# One history, one run.
+
+
+def test_a_locked_history_refuses_a_second_writer(tmp_path: Path) -> None:
+    path = tmp_path / "h.jsonl"
+    with History(path) as first:
+        first.append({"kind": "ingredient", "model_name": "a", "held_out": 1.0})
+        with pytest.raises(SoupError, match="another soup run is using this history"):
+            History(path, resume=True)
+        with pytest.raises(SoupError, match="--resume"):
+            History(path)
+    with History(path, resume=True) as again:  # released: resumable
+        assert again.records == [{"kind": "ingredient", "model_name": "a", "held_out": 1.0}]
+
+
+def test_a_history_created_and_never_written_is_removed(tmp_path: Path) -> None:
+    path = tmp_path / "h.jsonl"
+    History(path).close()
+    assert not path.exists()
+
+
+@pytest.mark.slow  # a child process importing torch
+def test_two_greedy_runs_never_interleave_one_history(
+    tmp_path: Path, make_ingredients: Maker, capsys: pytest.CaptureFixture[str]
+) -> None:
+    inputs = make_ingredients(3)
+    out = tmp_path / "soup.safetensors"
+    hist = tmp_path / "soup.history.jsonl"
+    argv = ["greedy", *map(str, inputs), "-o", str(out), "--eval", "sleep 1; echo 1; : {ckpt}"]
+    child = "import sys; from modelsoups.cli import main; sys.exit(main(sys.argv[1:]))"
+    first = subprocess.Popen([sys.executable, "-c", child, *argv], stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 60
+        while not (hist.exists() and hist.read_text()) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert hist.read_text(), "the first run never wrote its history"
+        for extra in ([], ["--resume"]):
+            capsys.readouterr()
+            assert main([*argv, *extra]) == 1
+            err = capsys.readouterr().err.strip().splitlines()
+            assert len(err) == 1 and str(hist) in err[0], err
+        assert "another soup run" in err[0]
+    finally:
+        _, stderr = first.communicate(timeout=120)
+    assert first.returncode == 0, stderr
+    records = [json.loads(x) for x in hist.read_text().splitlines()]
+    names = [r["model_name"] for r in records if r["kind"] == "ingredient"]
+    assert sorted(names) == ["run0", "run1", "run2"]
+    assert sum(r["kind"] == "greedy" for r in records) == 3
+    assert os.path.exists(out)
