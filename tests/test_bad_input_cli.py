@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import save_as, tiny_state_dict
 from safetensors.torch import load_file
 from test_bad_input import (
     Ctx,
@@ -175,7 +177,7 @@ def history_not_objects(c: Ctx) -> Setup:
 
 def history_is_a_checkpoint(c: Ctx) -> Setup:
     """`--history` naming a safetensors file (here not an input): refused, not truncated."""
-    (other,) = c.make(1)
+    other = save_as(tiny_state_dict(5), c.tmp / "other", "safetensors")
     setup = greedy(c, "--history", str(other), "--resume")
     return Setup(setup, [str(other), "binary"])
 
@@ -287,6 +289,109 @@ def recipe_binary(c: Ctx) -> Setup:
     return Setup(argv, [str(path)])
 
 
+# ---------------------------------------------------------------------------------------
+# Every path the run writes is checked like the output (report, history, candidates).
+
+
+def report_is_an_input(c: Ctx) -> Setup:
+    a, b = c.make(2)
+    argv = ["greedy", str(a), str(b), "-o", str(c.out), "--eval", OK, "--report", str(a)]
+    return Setup(argv, [str(a), "input"])
+
+
+def history_is_an_input_resumed(c: Ctx) -> Setup:
+    """Was: the input truncated to 0 bytes."""
+    a, b = c.make(2)
+    argv = ["greedy", str(a), str(b), "-o", str(c.out), "--eval", OK, "--history", str(a)]
+    return Setup([*argv, "--resume"], [str(a), "input"])
+
+
+def stock_history_is_an_input(c: Ctx) -> Setup:
+    a, b, base = c.make(3)
+    argv = ["stock", str(a), str(b), "--base", str(base), "-o", str(c.out), "--eval", OK]
+    return Setup([*argv, "--history", str(b)], [str(b), "input"])
+
+
+def wise_ft_report_is_the_base(c: Ctx) -> Setup:
+    a, b = c.make(2)
+    argv = ["wise-ft", str(a), str(b), "-o", str(c.out), "--report", str(a)]
+    return Setup(argv, [str(a), "input"])
+
+
+def task_arithmetic_history_is_the_base(c: Ctx) -> Setup:
+    a, b, base = c.make(3)
+    argv = ["task-arithmetic", str(a), str(b), "--base", str(base), "-o", str(c.out)]
+    argv += ["--eval", OK, "--scales", "0,1", "--history", str(base)]
+    return Setup(argv, [str(base), "input"])
+
+
+def report_inside_an_input_folder(c: Ctx) -> Setup:
+    a, b = c.make(2, "hf-folder")
+    report = b / "soup.report.json"
+    argv = ["greedy", str(a), str(b), "-o", str(c.out), "--eval", OK, "--report", str(report)]
+    return Setup(argv, [str(report), "input"])
+
+
+def report_is_the_history(c: Ctx) -> Setup:
+    shared = c.tmp / "log.json"
+    argv = greedy(c, "--report", str(shared), "--history", str(shared))
+    return Setup(argv, [str(shared), "also writes"])
+
+
+def report_is_the_output(c: Ctx) -> Setup:
+    return Setup(greedy(c, "--report", str(c.out)), [str(c.out), "also writes"])
+
+
+def history_inside_the_output_folder(c: Ctx) -> Setup:
+    out = c.tmp / "soup-folder"
+    hist = out / "history.jsonl"
+    return Setup(greedy(c, "--history", str(hist), out=out), [str(hist), "also writes"], out=out)
+
+
+def history_is_the_scores_file(c: Ctx) -> Setup:
+    scores = c.tmp / "scores.json"
+    scores.write_text(json.dumps({"run0": 0.9, "run1": 0.8}))
+    argv = greedy(c, "--scores", str(scores), "--history", str(scores), "--resume")
+    return Setup(argv, [str(scores), "input"])
+
+
+def report_hard_link_to_an_input(c: Ctx) -> Setup:
+    a, b = c.make(2)
+    link = c.tmp / "report.json"
+    os.link(a, link)
+    argv = ["greedy", str(a), str(b), "-o", str(c.out), "--eval", OK, "--report", str(link)]
+    return Setup(argv, [str(link), "input"])
+
+
+def report_symlink_to_an_input(c: Ctx) -> Setup:
+    a, b = c.make(2)
+    link = c.tmp / "report.json"
+    link.symlink_to(a)
+    argv = ["greedy", str(a), str(b), "-o", str(c.out), "--eval", OK, "--report", str(link)]
+    return Setup(argv, [str(link), "input"])
+
+
+def recipe_report_is_an_ingredient(c: Ctx) -> Setup:
+    c.make(2)
+    text = "method: uniform\ningredients: [run0.safetensors, run1.safetensors]\n"
+    _, argv = recipe_case(c, text + "output: soup.safetensors\nreport: run1.safetensors\n")
+    return Setup(argv, ["run1.safetensors", "input"])
+
+
+def recipe_report_is_the_recipe(c: Ctx) -> Setup:
+    c.make(2)
+    text = "method: uniform\ningredients: [run0.safetensors, run1.safetensors]\n"
+    _, argv = recipe_case(c, text + "output: soup.safetensors\nreport: recipe.yaml\n")
+    return Setup(argv, ["recipe.yaml", "input"])
+
+
+def soup_report_output_is_the_report(c: Ctx) -> Setup:
+    path = c.tmp / "report.html"  # JSON under an .html name
+    path.write_text(json.dumps({"recipe": "uniform", "ingredients": ["a"], "weights": [1.0]}))
+    argv = ["report", str(path), "-o", str(path), "--overwrite"]
+    return Setup(argv, [str(path), "input"], out=path)
+
+
 CASES: list[tuple[str, Callable[[Ctx], Setup]]] = [
     ("--eval-timeout nan", eval_timeout_nan),
     ("--eval-timeout 0", eval_timeout_zero),
@@ -328,6 +433,21 @@ CASES: list[tuple[str, Callable[[Ctx], Setup]]] = [
     ("recipe: larger than 1 MiB", recipe_too_large),
     ("recipe: a 500 KB value", recipe_huge_value),
     ("recipe: binary", recipe_binary),
+    ("--report is an input", report_is_an_input),
+    ("--history is an input, --resume", history_is_an_input_resumed),
+    ("stock --history is an input", stock_history_is_an_input),
+    ("wise-ft --report is the zero-shot input", wise_ft_report_is_the_base),
+    ("task-arithmetic --history is the base", task_arithmetic_history_is_the_base),
+    ("--report inside an input folder", report_inside_an_input_folder),
+    ("--report and --history the same file", report_is_the_history),
+    ("--report is the output", report_is_the_output),
+    ("--history inside the output folder", history_inside_the_output_folder),
+    ("--history is the --scores file", history_is_the_scores_file),
+    ("--report a hard link to an input", report_hard_link_to_an_input),
+    ("--report a symlink to an input", report_symlink_to_an_input),
+    ("recipe report: names an ingredient", recipe_report_is_an_ingredient),
+    ("recipe report: the recipe file itself", recipe_report_is_the_recipe),
+    ("soup report -o the report itself", soup_report_output_is_the_report),
 ]
 
 
@@ -362,7 +482,7 @@ def test_bad_cli_input(
 
 
 def test_cli_battery_is_large_enough() -> None:
-    assert len(CASES) >= 40
+    assert len(CASES) >= 55
     assert len({i for i, _ in CASES}) == len(CASES)
 
 

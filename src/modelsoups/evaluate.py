@@ -145,6 +145,8 @@ class ModuleEvaluator:
             under `torch.no_grad()` with the module in eval mode.
         bn_loader: if given, BatchNorm statistics are recalibrated on it before scoring
             (averaged running stats are stale, see `recalibrate_bn`).
+        device: where the module lives (e.g. "cuda"); candidates are copied onto it tensor
+            by tensor. `metric` moves its batches there itself.
 
     Example:
         >>> ev = ModuleEvaluator(TinyNet, lambda m: accuracy(m, val_loader))  # doctest: +SKIP
@@ -156,14 +158,17 @@ class ModuleEvaluator:
         metric: Callable[[nn.Module], object],
         *,
         bn_loader: Any = None,
+        device: str | torch.device | None = None,
     ) -> None:
         self.model_factory, self.metric, self.bn_loader = model_factory, metric, bn_loader
+        self.device = torch.device(device) if device is not None else None
         self._module: nn.Module | None = None
 
     @property
     def module(self) -> nn.Module:
         if self._module is None:
-            self._module = self.model_factory()
+            module = self.model_factory()
+            self._module = module.to(self.device) if self.device is not None else module
         return self._module
 
     def evaluate(self, candidate: Checkpoint, *, name: str) -> Score:
@@ -172,7 +177,7 @@ class ModuleEvaluator:
             if self.bn_loader is not None:
                 from .recipes.bn import recalibrate_bn
 
-                recalibrate_bn(module, self.bn_loader)
+                recalibrate_bn(module, self.bn_loader, device=self.device)
             module.eval()
             with torch.no_grad():
                 return self.metric(module)

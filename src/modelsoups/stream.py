@@ -8,6 +8,7 @@ temporary output into place. Memory holds one accumulated tensor at a time, what
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import threading
@@ -46,18 +47,38 @@ __all__ = [
 ]
 
 
-def check_output(out: Path, inputs: Sequence[Path], *, folder: bool) -> None:
-    """Refuse outputs that could overwrite or live inside an input."""
+def check_output(
+    out: Path, inputs: Sequence[Path], *, folder: bool, sidecars: Sequence[Path] = ()
+) -> None:
+    """Refuse outputs that could overwrite or live inside an input.
+
+    `sidecars` are the run's other written paths (report, history, coefficients, candidate
+    folder, a plot): none may be an input, contain one or lie inside one, and none may be
+    the output, lie inside it, or be another sidecar.
+    """
     if out.suffix in (".pt", ".pth", ".bin", ".ckpt"):
         raise OutputError(
             f"{out}: modelsoups writes safetensors; name the output *.safetensors or a folder"
         )
-    ro = out.resolve()
-    for p in inputs:
-        rp = Path(os.path.realpath(p))  # no error on a symlink loop: it is refused later
-        same = ro == rp or (out.exists() and p.exists() and os.path.samefile(out, p))
-        if same or ro in rp.parents or (rp.is_dir() and rp in ro.parents):
-            raise OutputError(f"{out}: output path is (or contains, or is inside) input {p}")
+    written = [out, *sidecars]
+    for i, w in enumerate(written):
+        for p in inputs:
+            if _overlap(w, p):
+                what = "output" if i == 0 else "path the soup writes"
+                raise OutputError(f"{w}: {what} is (or contains, or is inside) input {p}")
+        for other in written[:i]:
+            if _overlap(w, other):
+                raise OutputError(f"{w}: is (or contains, or is inside) {other}, which this run "
+                                  "also writes; give each output its own name")  # fmt: skip
+
+
+def _overlap(a: Path, b: Path) -> bool:
+    """`a` and `b` name the same file (links included), or one lies inside the other."""
+    ra, rb = Path(os.path.realpath(a)), Path(os.path.realpath(b))  # no error on a loop
+    with contextlib.suppress(OSError):
+        if a.exists() and b.exists() and os.path.samefile(a, b):
+            return True
+    return ra == rb or ra in rb.parents or rb in ra.parents
 
 
 def check_sharding(out: Path, max_shard_size: int | None) -> None:

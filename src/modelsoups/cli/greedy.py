@@ -93,7 +93,7 @@ def greedy(
     opts = dict(locals())
     STATE["quiet"] = STATE["quiet"] or quiet
     started, paths = time.perf_counter(), expand_inputs(inputs)
-    prepare(output, paths, overwrite, max_shard_size)
+    prepare(output, paths, overwrite, max_shard_size, opts)
     if eval_command is None:
         raise SoupError("greedy needs --eval to score candidate soups (--scores only replaces "
                         "the N individual evaluations)")  # fmt: skip

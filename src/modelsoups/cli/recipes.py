@@ -49,11 +49,26 @@ def sidecar(out: Path, suffix: str, given: Path | None) -> Path:
     )
 
 
-def prepare(out: Path, inputs: list[Path], overwrite: bool, max_shard_size: str | None) -> None:
-    """Fail before any evaluation if the output could not be written at the end."""
+def prepare(
+    out: Path,
+    inputs: list[Path],
+    overwrite: bool,
+    max_shard_size: str | None,
+    opts: dict[str, Any] | None = None,
+) -> None:
+    """Fail before any evaluation if the output could not be written at the end, or if any
+    path the run writes (report, history, candidate folder) is an input or another output.
+    `opts`: the command's options (`report`, `history`, `scores`)."""
+    from ..candidate import CANDIDATES
+    from ..io.writer import temporary_name
     from ..stream import check_output, check_sharding
 
-    check_output(out, inputs, folder=out.suffix != ".safetensors")
+    opts = opts or {}
+    sidecars = [sidecar(out, ".report.json", opts.get("report")),
+                sidecar(out, ".history.jsonl", opts.get("history")),
+                temporary_name(out, CANDIDATES)]  # fmt: skip
+    given = [Path(opts["scores"])] if opts.get("scores") is not None else []
+    check_output(out, [*inputs, *given], folder=out.suffix != ".safetensors", sidecars=sidecars)
     check_sharding(out, parse_size(max_shard_size))
     if not out.parent.is_dir():
         raise OutputError(f"{out}: output folder {out.parent} does not exist")

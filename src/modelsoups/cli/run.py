@@ -129,6 +129,17 @@ def _store_recipe(
     return path
 
 
+def _check_report(recipe: Recipe, inputs: list[str], recipe_path: Path) -> None:
+    """The report the recipe is stored in is checked like every written path: never an
+    ingredient, the base, the recipe file itself, or the output."""
+    from ..stream import check_output
+
+    out = Path(recipe.output)
+    base = getattr(recipe, "base", None)
+    given = [*map(Path, inputs), recipe_path, *([Path(str(base))] if base else [])]
+    check_output(out, given, folder=out.suffix != ".safetensors", sidecars=[_report_path(recipe)])
+
+
 def run_recipe(path: Path, *, dry_run: bool = False) -> list[str]:
     """Validate the recipe at `path`, run it, store it in the report; returns the argv."""
     import typer.main
@@ -145,6 +156,7 @@ def run_recipe(path: Path, *, dry_run: bool = False) -> list[str]:
         argv = recipe_argv(recipe, inputs)
         if dry_run:
             return argv
+        _check_report(recipe, inputs, path.resolve())
         group: Any = typer.main.get_command(app)
         group.main(args=argv, prog_name="soup", standalone_mode=False)
         report = _store_recipe(recipe, given, inputs, source, argv)

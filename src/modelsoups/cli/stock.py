@@ -61,7 +61,7 @@ def stock(
     STATE["quiet"] = STATE["quiet"] or quiet
     check_dataset(dataset)
     started, paths = time.perf_counter(), [Path(base), *expand_inputs(finetuned)]
-    prepare(output, paths, overwrite, max_shard_size)
+    prepare(output, paths, overwrite, max_shard_size, opts)
     ratios = _write_stock(paths, output, opts)
     say(f"wrote {output} (model stock of {len(paths) - 1} over {paths[0]}, mean t = "
         f"{sum(t for _, t in ratios.values()) / max(len(ratios), 1):.3f})")  # fmt: skip

@@ -88,7 +88,7 @@ def _linear(
 
     STATE["quiet"] = STATE["quiet"] or opts.pop("quiet")
     started = time.perf_counter()
-    prepare(output, paths, opts["overwrite"], opts["max_shard_size"])
+    prepare(output, paths, opts["overwrite"], opts["max_shard_size"], opts)
     scored: list[dict[str, Any]] = []
     if sweep is not None:
         if opts["eval_command"] is None:

@@ -30,17 +30,22 @@ __all__ = ["EnsembleResult", "accuracy", "ensemble_logits", "greedy_ensemble", "
 
 
 def ensemble_logits(
-    logits: Sequence[torch.Tensor], weights: Sequence[float] | None = None
+    logits: Sequence[torch.Tensor],
+    weights: Sequence[float] | None = None,
+    *,
+    device: str | torch.device | None = None,
 ) -> torch.Tensor:
-    """The (weighted) mean of per-model logits, each of shape (examples, classes)."""
+    """The (weighted) mean of per-model logits, each of shape (examples, classes), in
+    float32 on `device` (default: the first model's logits' device)."""
     if not logits:
         raise SoupError("an ensemble needs at least one model's logits")
     w = [1.0 / len(logits)] * len(logits) if weights is None else list(weights)
     if len(w) != len(logits):
         raise SoupError(f"got {len(w)} weights for {len(logits)} models")
-    out = torch.zeros(logits[0].shape, dtype=torch.float32)
+    dev = torch.device(device) if device is not None else logits[0].device
+    out = torch.zeros(logits[0].shape, dtype=torch.float32, device=dev)
     for t, wi in zip(logits, w, strict=True):
-        out.add_(t.to(torch.float32), alpha=wi)
+        out.add_(t.to(dev, torch.float32), alpha=wi)
     return out
 
 
@@ -56,16 +61,26 @@ def predict(
     batches: Iterable[Any],
     *,
     forward: Callable[[nn.Module, Any], torch.Tensor] | None = None,
+    device: str | torch.device | None = None,
 ) -> list[torch.Tensor]:
     """Logits of every ingredient on `batches`, computed once each in one reused module.
 
     `batches` yields inputs (or `(x, y)` tuples: `x` is used); `forward(model, batch)`
     overrides how a batch is run. Iterated once per ingredient (a generator is first
-    turned into a list).
+    turned into a list). With `device`, the module runs there; the default `forward`
+    moves `x` there, a custom one moves its batch itself. Logits stay on `device`.
     """
     data = list(batches) if isinstance(batches, Iterator) else batches  # generators: once
-    run = forward or (lambda m, b: m(b[0] if isinstance(b, tuple | list) else b))
+    dev = torch.device(device) if device is not None else None
+
+    def default(m: nn.Module, b: Any) -> torch.Tensor:
+        x = b[0] if isinstance(b, tuple | list) else b
+        return m(x.to(dev) if dev is not None else x)
+
+    run = forward or default
     module = model_factory().eval()
+    if dev is not None:
+        module.to(dev)
     _, ckpts = open_ingredients(ingredients)
     try:
         out = []
