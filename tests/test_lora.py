@@ -168,3 +168,45 @@ def test_python_uniform_soups_adapters_and_leaves_them_untouched(
     assert meta["recipe"] == "uniform"
     assert json.loads(meta["weights"]) == pytest.approx([1 / 3] * 3)
     assert before == [(r / "adapter_model.safetensors").read_bytes() for r in runs]
+
+
+def test_weighted_mean_of_adapter_space_state_dicts_is_the_exact_soup(
+    adapters: tuple[Path, list[Path]], tmp_path: Path
+) -> None:
+    import modelsoups as ms
+
+    base, runs = adapters
+    space = ms.AdapterSpace(runs)
+    soup = ms.weighted_state_dict(space.state_dicts, [0.5, 0.3, 0.2])
+    space.save(soup, tmp_path / "soup")
+    assert_matches(peft_merged(base, tmp_path / "soup"), reference(base, runs, [0.5, 0.3, 0.2]))
+
+
+def test_greedy_soup_of_adapters_scores_candidates_in_a_peft_model_without_touching_the_base(
+    adapters: tuple[Path, list[Path]], tmp_path: Path
+) -> None:
+    """Each candidate is loaded into one PeftModel as adapter 'soup'; the base weights stay
+    bit-identical, and the chosen soup is the exact soup of the chosen adapters."""
+    from transformers import LlamaForCausalLM
+
+    import modelsoups as ms
+
+    base, runs = adapters
+    space = ms.AdapterSpace(runs)
+    model = peft.PeftModel.from_pretrained(LlamaForCausalLM.from_pretrained(base), runs[0])
+    frozen = {k: v.clone() for k, v in model.state_dict().items() if "lora_" not in k
+              and "modules_to_save" not in k}  # fmt: skip
+    tokens = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(0))
+
+    def held_out(state_dict: dict[str, torch.Tensor]) -> float:
+        space.load_into(model, state_dict)
+        with torch.no_grad():
+            return -float(model(input_ids=tokens, labels=tokens).loss)
+
+    result = ms.greedy_soup(space.state_dicts, held_out)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in frozen.items())
+    chosen = [runs[i] for i, w in enumerate(result.weights) if w > 0]
+    space.save(result.state_dict(), tmp_path / "greedy")
+    want = reference(base, chosen, [1 / len(chosen)] * len(chosen))
+    assert_matches(peft_merged(base, tmp_path / "greedy"), want)
+    assert held_out(result.state_dict()) == pytest.approx(result.score, abs=1e-6)

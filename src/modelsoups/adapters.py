@@ -12,6 +12,7 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from .errors import IncompatibleError, SoupError
 from .io.adapter import LoraAdapter, adapter_folder, open_adapter
@@ -23,6 +24,7 @@ __all__ = [
     "inspect_adapters",
     "is_adapter_set",
     "open_adapters",
+    "soup_config",
 ]
 
 
@@ -107,6 +109,15 @@ def check_adapters(adapters: Sequence[LoraAdapter], *, allow_different_base: boo
                     f"{other.path}: tensor {key!r} is {b.dtype} {list(b.shape)} but {ref.path} "
                     f"has {a.dtype} {list(a.shape)}"
                 )
+
+
+def soup_config(config: dict[str, Any], ranks: dict[str, int]) -> dict[str, Any]:
+    """`config` (an adapter's) at the soup's rank per module and a scale of 1 (α = r, no
+    rsLoRA); `rank_pattern`/`alpha_pattern` name the modules whose rank is not the common one."""
+    common = max(set(ranks.values()), key=list(ranks.values()).count)
+    pattern = {m: r for m, r in ranks.items() if r != common}
+    scale_one = {"r": common, "lora_alpha": common, "use_rslora": False, "inference_mode": True}
+    return {**config, **scale_one, "rank_pattern": pattern, "alpha_pattern": dict(pattern)}
 
 
 @dataclass

@@ -29,7 +29,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..adapters import check_adapters, open_adapters
+from ..adapters import check_adapters, open_adapters, soup_config
 from ..average import accumulate_dtype, output_dtype, soup_tensor
 from ..check import resolve_weights
 from ..dtypes import DType, to_numpy
@@ -149,23 +149,6 @@ def _describe(result: SoupResult, plan: LoraPlan) -> None:
         )
 
 
-def adapter_config(plan: LoraPlan, ranks: dict[str, int]) -> dict[str, Any]:
-    """The first adapter's config with the soup's ranks and a scale of 1 (α = r, no
-    rsLoRA); `rank_pattern`/`alpha_pattern` where modules' ranks differ."""
-    config = dict(plan.adapters[0].config)
-    common = max(set(ranks.values()), key=list(ranks.values()).count)
-    pattern = {m: r for m, r in ranks.items() if r != common}
-    config.update(
-        r=common,
-        lora_alpha=common,
-        use_rslora=False,
-        rank_pattern=pattern,
-        alpha_pattern=dict(pattern),
-        inference_mode=True,
-    )
-    return config
-
-
 def _cast(x: torch.Tensor, dtype: DType) -> Any:
     return to_numpy(x.to(dtype.to_torch()).contiguous())
 
@@ -205,7 +188,7 @@ def _write_adapter(
             writer.close()
         finally:
             writer.abort()
-        config = adapter_config(plan, ranks)
+        config = soup_config(first.config, ranks)
         (tmp / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     total = sum(e.nbytes for e in entries)
     return SoupResult(out, "", [], [], len(entries), total)
