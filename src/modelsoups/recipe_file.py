@@ -14,7 +14,9 @@ Every option of the soup commands (`soup uniform|weighted|greedy|wise-ft|stock|
 task-arithmetic`) is a field of the same name (`max_shard_size`, `unsafe_pickle`, ...);
 the few that differ: `ingredients`/`glob`/`mlflow` are the inputs, `base` is the pretrained
 model (`--base`, and wise-ft's zero-shot end), `evaluator.command` with `splits.held_out`
-is `--eval` and with `splits.test` is `--test-eval`. Relative paths are relative to the
+is `--eval` and with `splits.test` is `--test-eval`; `metric: lm-loss` with `data: val.jsonl`
+(and `device`, `batch_size`, `max_length`, `model`, `test_metric`, `test_data`) scores in
+process instead, as `--metric` does. Relative paths are relative to the
 recipe file, and commands run in its folder. A field that is wrong, unknown or not an
 option of the method is a one-line `SoupError` naming the field.
 """
@@ -41,6 +43,7 @@ _COMMON = {"key", "unsafe_pickle", "dtype", "overwrite", "quiet", "report"}
 _WRITE = {"max_shard_size"}
 _SCORED = {"evaluator", "splits", "dataset", "history", "resume"}
 _PARALLEL = {"workers", "ray", "ray_address"}
+_METRIC = {"metric", "data", "device", "batch_size", "max_length", "model"}
 # The fields each method accepts, besides method/ingredients/glob/mlflow/output.
 METHOD_FIELDS: dict[str, set[str]] = {
     "uniform": _COMMON | _WRITE | {"accumulate", "non_float", "allow_nonfinite"},
@@ -51,10 +54,17 @@ METHOD_FIELDS: dict[str, set[str]] = {
     | _WRITE
     | _SCORED
     | _PARALLEL
-    | {"scores", "accept", "tolerance", "memory", "workdir", "allow_nonfinite"},
-    "wise-ft": _COMMON | _WRITE | _SCORED | _PARALLEL | {"base", "alpha", "alphas"},
-    "stock": _COMMON | _WRITE | (_SCORED - {"resume"}) | {"base"},
-    "task-arithmetic": _COMMON | _WRITE | _SCORED | _PARALLEL | {"base", "scale", "scales"},
+    | _METRIC
+    | {"scores", "accept", "tolerance", "memory", "workdir", "allow_nonfinite"}
+    | {"test_metric", "test_data"},
+    "wise-ft": _COMMON | _WRITE | _SCORED | _PARALLEL | _METRIC | {"base", "alpha", "alphas"},
+    "stock": _COMMON | _WRITE | (_SCORED - {"resume"}) | _METRIC | {"base"},
+    "task-arithmetic": _COMMON
+    | _WRITE
+    | _SCORED
+    | _PARALLEL
+    | _METRIC
+    | {"base", "scale", "scales"},
 }
 
 
@@ -109,6 +119,14 @@ class Recipe(_Strict):
     scale: float | None = None
     scales: str | list[float] | None = None
     evaluator: EvaluatorSpec | None = None
+    metric: str | None = Field(None, description="built-in metric instead of an evaluator")
+    data: str | None = Field(None, description="held-out data of the metric")
+    device: str | None = Field(None, description="auto (default), cpu, cuda or cuda:N")
+    batch_size: int | None = Field(None, ge=1, description="default 8")
+    max_length: int | None = Field(None, ge=1, description="default 512")
+    model: str | None = Field(None, description="folder with config and tokenizer")
+    test_metric: str | None = Field(None, description="built-in metric of the final soup")
+    test_data: str | None = None
     splits: Splits | None = None
     scores: str | None = None
     accept: Literal["ge", "gt"] = "ge"
@@ -154,8 +172,10 @@ class Recipe(_Strict):
         ):
             raise ValueError("evaluator.command: put {split} where the split name goes, or the "
                              "test score would be the held-out score")  # fmt: skip
-        if self.method == "greedy" and self.evaluator is None:
-            raise ValueError("evaluator: method 'greedy' needs an evaluator command")
+        if self.metric is not None and self.evaluator is not None:
+            raise ValueError("metric: give a metric or an evaluator command, not both")
+        if self.method == "greedy" and self.evaluator is None and self.metric is None:
+            raise ValueError("evaluator: method 'greedy' needs an evaluator command or a metric")
         return self
 
     def inputs(self, root: Path) -> list[str]:

@@ -17,6 +17,7 @@ import typer
 from ..errors import SoupError
 from . import core, demo, greedy, integrations, stock, sweeps
 from . import evaluate as evaluate_cli
+from . import learned as learned_cli
 from . import report as report_cli
 from . import run as run_cli
 from .common import STATE
@@ -30,7 +31,18 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
-for module in (core, evaluate_cli, greedy, sweeps, stock, run_cli, report_cli, integrations, demo):
+for module in (
+    core,
+    evaluate_cli,
+    learned_cli,
+    greedy,
+    sweeps,
+    stock,
+    run_cli,
+    report_cli,
+    integrations,
+    demo,
+):
     module.register(app)
 
 

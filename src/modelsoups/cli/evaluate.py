@@ -80,14 +80,22 @@ class MetricOptions:
         from ..metrics import MetricEvaluator
 
         quiet_transformers()
-        model = self.model if self.model is not None else first
+        model = (self.model if self.model is not None else first).resolve()
         if self.model is None and not first.is_dir():
             raise SoupError(f"{first}: a file, so there is no config.json to build the model "
                             "from; pass --model FOLDER with config and tokenizer")  # fmt: skip
-        ev = MetricEvaluator(metric, data, model=model, device=self.device,
+        ev = MetricEvaluator(metric, data.resolve(), model=model, device=self.device,
                              batch_size=self.batch_size, max_length=self.max_length)  # fmt: skip
         ev.check()
         return ev
+
+
+def scoring(opts: dict[str, Any], first: Path) -> tuple[Any, Any]:
+    """A soup command's metric evaluators (held-out, test), built and checked NOW, before
+    anything is computed or written; None where a command (`--eval`) or nothing scores."""
+    m = MetricOptions.of(opts)
+    m.check(opts.get("eval_command"), opts.get("test_eval"))
+    return m.evaluator(first), m.evaluator(first, test=True)
 
 
 def quiet_transformers() -> None:

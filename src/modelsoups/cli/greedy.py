@@ -28,6 +28,17 @@ from .common import (
     parse_size,
     say,
 )
+from .evaluate import (
+    BatchSize,
+    Data,
+    Device,
+    MaxLength,
+    Metric,
+    ModelDir,
+    TestData,
+    TestMetric,
+    scoring,
+)
 from .recipes import (
     Dataset,
     Eval,
@@ -51,6 +62,12 @@ def greedy(
     output: Output,
     eval_command: Eval = None,
     eval_timeout: EvalTimeout = None,
+    metric: Metric = None,
+    data: Data = None,
+    device: Device = "auto",
+    batch_size: BatchSize = 8,
+    max_length: MaxLength = 512,
+    model: ModelDir = None,
     scores: Annotated[
         Path | None, typer.Option(help="CSV/JSON of held-out scores: skips N evaluations.")
     ] = None,
@@ -66,6 +83,8 @@ def greedy(
     test_eval: Annotated[
         str | None, typer.Option(help="Test eval command: scores the final soup, never selects.")
     ] = None,
+    test_metric: TestMetric = None,
+    test_data: TestData = None,
     memory: Annotated[
         str,
         typer.Option(
@@ -94,9 +113,10 @@ def greedy(
     STATE["quiet"] = STATE["quiet"] or quiet
     started, paths = time.perf_counter(), expand_inputs(inputs)
     prepare(output, paths, overwrite, max_shard_size, opts)
-    if eval_command is None:
-        raise SoupError("greedy needs --eval to score candidate soups (--scores only replaces "
-                        "the N individual evaluations)")  # fmt: skip
+    if eval_command is None and metric is None:
+        raise SoupError("greedy needs --eval or --metric to score candidate soups (--scores "
+                        "only replaces the N individual evaluations)")  # fmt: skip
+    opts["metric_evaluators"] = scoring(opts, paths[0])
     hist = sidecar(output, ".history.jsonl", history)
     opts["memory"] = parse_memory(memory)
     with candidate_folder(_work_name(output, workdir)) as work:
@@ -153,9 +173,10 @@ def _run_selection(paths: list[Path], work: Path, hist: Path, opts: dict[str, An
 
     names = ingredient_names(paths)
     scores = opts["scores"]
+    held_out, test = opts["metric_evaluators"]
     return greedy_soup(
         paths,
-        evaluator(opts["eval_command"], opts["eval_timeout"], work),
+        held_out or evaluator(opts["eval_command"], opts["eval_timeout"], work),
         names=names,
         scores=load_scores(scores, names) if scores is not None else None,
         accept=opts["accept"],
@@ -164,7 +185,7 @@ def _run_selection(paths: list[Path], work: Path, hist: Path, opts: dict[str, An
         history=str(hist),
         resume=opts["resume"],
         executor=make_executor(opts["workers"], ray=opts["ray"], ray_address=opts["ray_address"]),
-        test_evaluator=evaluator(opts["test_eval"], opts["eval_timeout"], work),
+        test_evaluator=test or evaluator(opts["test_eval"], opts["eval_timeout"], work),
         memory=opts["memory"],
         allow_nonfinite=opts["allow_nonfinite"],
         key=opts["key"],

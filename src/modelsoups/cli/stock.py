@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 from pathlib import Path
 from typing import Annotated, Any
@@ -23,6 +24,7 @@ from .common import (
     progress_bar,
     say,
 )
+from .evaluate import BatchSize, Data, Device, MaxLength, Metric, ModelDir, scoring
 from .recipes import (
     Dataset,
     Eval,
@@ -42,6 +44,12 @@ def stock(
     base: Annotated[str, typer.Option(help="The pretrained checkpoint θ₀.")],
     eval_command: Eval = None,
     eval_timeout: EvalTimeout = None,
+    metric: Metric = None,
+    data: Data = None,
+    device: Device = "auto",
+    batch_size: BatchSize = 8,
+    max_length: MaxLength = 512,
+    model: ModelDir = None,
     dataset: Dataset = "held_out",
     history: History = None,
     report: Report = None,
@@ -62,12 +70,13 @@ def stock(
     check_dataset(dataset)
     started, paths = time.perf_counter(), [Path(base), *expand_inputs(finetuned)]
     prepare(output, paths, overwrite, max_shard_size, opts)
+    metric_ev, _ = scoring(opts, paths[0])
     ratios = _write_stock(paths, output, opts)
     say(f"wrote {output} (model stock of {len(paths) - 1} over {paths[0]}, mean t = "
         f"{sum(t for _, t in ratios.values()) / max(len(ratios), 1):.3f})")  # fmt: skip
     held_out = None
-    if eval_command is not None:
-        score = evaluator(eval_command, eval_timeout, output.parent).run(output, "model stock")
+    if eval_command is not None or metric_ev is not None:
+        score = _score(metric_ev or evaluator(eval_command, eval_timeout, output.parent), output)
         held_out = score.score
         with Log(sidecar(output, ".history.jsonl", history), resume=True,
                  dataset=dataset) as log:  # fmt: skip
@@ -78,6 +87,16 @@ def stock(
         "ratios": {k: {"cos": c, "t": t} for k, (c, t) in ratios.items()},
         "seconds": {"total": time.perf_counter() - started},
     })  # fmt: skip
+
+
+def _score(ev: Any, output: Path) -> Any:
+    """The held-out score of the written soup (a command reads the file, a metric loads it)."""
+    if not hasattr(ev, "run"):
+        from ..io import open_checkpoint
+
+        with contextlib.closing(open_checkpoint(output)) as soup:
+            return ev.evaluate(soup, name="model stock")
+    return ev.run(output, "model stock")
 
 
 def _write_stock(

@@ -29,6 +29,7 @@ from .common import (
     parse_dtype,
     say,
 )
+from .evaluate import BatchSize, Data, Device, MaxLength, Metric, ModelDir, scoring
 from .recipes import (
     Dataset,
     Eval,
@@ -64,7 +65,8 @@ def _sweep(
     executor = make_executor(opts["workers"], ray=opts["ray"], ray_address=opts["ray_address"])
     with candidate_folder(output) as work:
         result = sweep(
-            paths, weights_of, evaluator(opts["eval_command"], opts["eval_timeout"], work),
+            paths, weights_of,
+            opts["metric_evaluator"] or evaluator(opts["eval_command"], opts["eval_timeout"], work),
             values, name=what, recipe=recipe, dtype=parse_dtype(opts["dtype"]),
             dataset=opts["dataset"], history=sidecar(output, ".history.jsonl", opts["history"]),
             resume=opts["resume"], executor=executor, keep_best=False, key=opts["key"],
@@ -90,14 +92,17 @@ def _linear(
     started = time.perf_counter()
     prepare(output, paths, opts["overwrite"], opts["max_shard_size"], opts)
     scored: list[dict[str, Any]] = []
+    opts["metric_evaluator"], _ = scoring(opts, paths[0])
+    scores = opts["eval_command"] is not None or opts["metric"] is not None
     if sweep is not None:
-        if opts["eval_command"] is None:
-            raise SoupError(f"a sweep needs --eval to choose the best {what} on held-out data")
+        if not scores:
+            raise SoupError(f"a sweep needs --eval or --metric to choose the best {what} on "
+                            "held-out data")  # fmt: skip
         value, scored = _sweep(recipe, what, paths, output, parse_alphas(sweep), weights_of, opts)
         say(f"best {what} = {value:g} (held-out {opts['dataset']} "
             f"{max(r[opts['dataset']] for r in scored):.6g})")  # fmt: skip
-    elif opts["eval_command"] is not None:
-        raise SoupError(f"--eval scores a sweep: give --{what}s, e.g. 0:1:0.1")
+    elif scores:
+        raise SoupError(f"--eval/--metric score a sweep: give --{what}s, e.g. 0:1:0.1")
     weights = weights_of(value)
     write = {k: opts[k] for k in ("key", "unsafe_pickle", "dtype", "max_shard_size", "overwrite")}
     result = write_mean(paths, output, weights, recipe=recipe, normalize=False,
@@ -119,6 +124,12 @@ def wise_ft(
     ] = None,
     eval_command: Eval = None,
     eval_timeout: EvalTimeout = None,
+    metric: Metric = None,
+    data: Data = None,
+    device: Device = "auto",
+    batch_size: BatchSize = 8,
+    max_length: MaxLength = 512,
+    model: ModelDir = None,
     workers: Workers = 1,
     ray: Ray = False,
     ray_address: RayAddress = None,
@@ -147,6 +158,12 @@ def task_arithmetic(
     scales: Annotated[str | None, typer.Option(help="Sweep, e.g. 0:1:0.1 (needs --eval).")] = None,
     eval_command: Eval = None,
     eval_timeout: EvalTimeout = None,
+    metric: Metric = None,
+    data: Data = None,
+    device: Device = "auto",
+    batch_size: BatchSize = 8,
+    max_length: MaxLength = 512,
+    model: ModelDir = None,
     workers: Workers = 1,
     ray: Ray = False,
     ray_address: RayAddress = None,

@@ -1,0 +1,161 @@
+"""`soup learned`: the paper's learned soup from the command line.
+
+The mixing coefficients α = softmax(a) are learned by gradient descent (AdamW) on the loss
+behind a built-in metric — token NLL for `lm-loss`, cross-entropy for `accuracy` and
+`image-accuracy` — over the held-out `--data` (`recipes/learned.py`). The model is built
+once from the first ingredient's config (or `--model`); the soup and its coefficients
+JSON are written atomically, and the summary gives the held-out score of the uniform soup
+(α's starting point) and of the learned one.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any
+
+import typer
+
+from ..errors import SoupError
+from .common import STATE, Inputs, Key, Output, Overwrite, Quiet, UnsafePickle, say
+from .evaluate import BatchSize, Device, MaxLength, MetricOptions, ModelDir
+from .recipes import Report, prepare, sidecar, write_report
+
+if TYPE_CHECKING:
+    from torch import nn
+
+LEARNABLE = ("lm-loss", "accuracy", "image-accuracy")
+
+
+def learned(
+    inputs: Inputs,
+    output: Output,
+    metric: Annotated[str, typer.Option("--metric", help="lm-loss, accuracy or image-accuracy.")],
+    data: Annotated[Path, typer.Option(help="Held-out data the coefficients are learned on.")],
+    by_layer: Annotated[
+        bool, typer.Option("--by-layer", help="One coefficient per ingredient per tensor.")
+    ] = False,
+    epochs: Annotated[int, typer.Option(help="Passes over the data (0: uniform soup).")] = 5,
+    lr: Annotated[float, typer.Option(help="AdamW learning rate (paper: 0.05).")] = 0.05,
+    device: Device = "auto",
+    batch_size: BatchSize = 8,
+    max_length: MaxLength = 512,
+    model: ModelDir = None,
+    coefficients: Annotated[
+        Path | None, typer.Option(help="Coefficients JSON (default: SOUP.coefficients.json).")
+    ] = None,
+    report: Report = None,
+    key: Key = None,
+    unsafe_pickle: UnsafePickle = False,
+    overwrite: Overwrite = False,
+    quiet: Quiet = False,
+) -> None:
+    """Learned soup (paper §3): learn the mixing coefficients on held-out data."""
+    from ..io import expand_inputs
+
+    STATE["quiet"] = STATE["quiet"] or quiet
+    started, paths = time.perf_counter(), expand_inputs(inputs)
+    if metric not in LEARNABLE:
+        raise SoupError(f"soup learned learns from the loss of {', '.join(LEARNABLE)}; "
+                        f"got --metric {metric!r}")  # fmt: skip
+    if not (epochs >= 0 and 0 < lr < float("inf")):
+        raise SoupError(f"--epochs must be >= 0 and --lr a positive number, got {epochs}, {lr}")
+    prepare(output, paths, overwrite, None)
+    coefs_path = sidecar(output, ".coefficients.json", coefficients)
+    ev = MetricOptions(metric, data, device, batch_size, max_length, model).evaluator(paths[0])
+    assert ev is not None
+    before = _uniform_score(ev, paths, key, unsafe_pickle)
+    io = {"key": key, "unsafe_pickle": unsafe_pickle, "overwrite": overwrite}
+    result, after = _learn(ev, paths, output, coefs_path, by_layer, epochs, lr, io)
+    say(f"wrote {output} (learned soup of {len(paths)}, {epochs} epoch(s)); held-out "
+        f"{metric} score {before:.6g} (uniform) -> {after:.6g} (learned); "
+        f"coefficients {coefs_path}")  # fmt: skip
+    write_report(sidecar(output, ".report.json", report), {
+        "recipe": "learned", "output": str(output), "ingredients": [str(p) for p in paths],
+        "metric": metric, "data": str(data), "by_layer": by_layer, "epochs": epochs, "lr": lr,
+        "coefficients": result.coefficients, "losses": result.losses,
+        "held_out": {"uniform": before, "learned": after},
+        "seconds": {"total": time.perf_counter() - started},
+    })  # fmt: skip
+
+
+def _uniform_score(ev: Any, paths: list[Path], key: str | None, unsafe_pickle: bool) -> float:
+    """The held-out score of the uniform soup (where the learned coefficients start)."""
+    from ..average import weighted_sum
+    from ..candidate import LazyCheckpoint, model_files_source
+    from ..ingredients import close_all
+    from ..stream import open_all
+
+    ckpts = open_all(paths, key=key, unsafe_pickle=unsafe_pickle)
+    try:
+        w = [1.0 / len(ckpts)] * len(ckpts)
+
+        def compute(k: str) -> Any:
+            if not ckpts[0].infos[k].is_float:
+                return ckpts[0].get(k)
+            return weighted_sum([c.get(k) for c in ckpts], w)
+
+        soup = LazyCheckpoint("<uniform soup>", ckpts[0].infos, compute,
+                              model_files_from=model_files_source(ckpts))  # fmt: skip
+        return float(ev.evaluate(soup, name="uniform soup").score)
+    finally:
+        close_all(ckpts)
+
+
+def _learn(
+    ev: Any,
+    paths: list[Path],
+    output: Path,
+    coefs_path: Path,
+    by_layer: bool,
+    epochs: int,
+    lr: float,
+    io: dict[str, Any],
+) -> tuple[Any, float]:
+    """Learn α with `learned_soup`, write the soup and coefficients; the learned score."""
+    import torch
+
+    from ..average import _Memory
+    from ..candidate import write_candidate
+    from ..recipes.learned import learned_soup
+
+    model = ev.module()
+    batches = ev.metric.batches(ev._prepare(), ev.settings, next(model.parameters()).device)
+    sds = [_model_names(model, p, io) for p in paths]
+    with torch.enable_grad():
+        result = learned_soup(sds, model, ev.metric.loss, batches, by_layer=by_layer,
+                              epochs=epochs, lr=lr)  # fmt: skip
+    soup = _Memory(0, result.state_dict)
+    soup.path = Path("<learned soup>")
+    after = float(ev.evaluate(soup, name="learned soup").score)
+    folder = next((p for p in paths if p.is_dir()), None)
+    folder = folder if output.suffix != ".safetensors" else None
+    meta = {"recipe": "learned", "ingredients": ",".join(str(p) for p in paths)}
+    write_candidate(soup, output, metadata=meta, overwrite=io["overwrite"],
+                    model_files_from=folder)  # fmt: skip
+    coefs = {"ingredients": [str(p) for p in paths], "by_layer": by_layer,
+             "coefficients": result.coefficients, "losses": result.losses}  # fmt: skip
+    write_report(coefs_path, coefs)
+    return result, after
+
+
+def _model_names(model: nn.Module, path: Path, io: dict[str, Any]) -> dict[str, Any]:
+    """An ingredient's tensors under the model's names, tied weights filled in: what
+    `learned_soup` (which maps names one to one) expects."""
+    from ..io import open_checkpoint
+    from ..metrics.model import checkpoint_names
+
+    target = model.state_dict()
+    with open_checkpoint(path, key=io["key"], unsafe_pickle=io["unsafe_pickle"]) as ckpt:
+        names = checkpoint_names(model, list(ckpt.infos), target)
+        sd = {names[k]: ckpt.get(k).clone() for k in ckpt.infos}
+    by_storage = {(t.data_ptr(), tuple(t.shape)): k for k, t in target.items() if k in sd}
+    for k, t in target.items():
+        twin = by_storage.get((t.data_ptr(), tuple(t.shape)))
+        if k not in sd and twin is not None:
+            sd[k] = sd[twin]
+    return sd
+
+
+def register(app: typer.Typer) -> None:
+    app.command()(learned)
