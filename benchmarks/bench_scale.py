@@ -267,6 +267,11 @@ def main() -> None:
     p.add_argument("--skip", default="", help="comma list of method name parts to skip")
     p.add_argument("--keep-inputs", action="store_true")
     p.add_argument("--out", default=str(HERE / "results" / "scale"))
+    p.add_argument(
+        "--rows",
+        default=None,
+        help="results JSON of an earlier run: its rows of other sizes are kept",
+    )
     p.add_argument("--snapshot", default="HEAD", help="git ref whose src/ runs ('' = work tree)")
     args = p.parse_args()
     args.skip = [s for s in args.skip.split(",") if s]
@@ -280,6 +285,9 @@ def main() -> None:
     base = baseline(env)
     started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     rows: list[dict] = []
+    if args.rows:  # sizes measured by an earlier run of the same snapshot
+        earlier = json.loads(Path(args.rows).read_text())
+        rows = [r for r in earlier["rows"] if r["size"] not in args.sizes.split(",")]
     for size in args.sizes.split(","):
         rows += bench_size(size, args, env)
     header = (f"# Model-size axis (issue 13)\n\nCommit {commit}, {started}, load "

@@ -444,23 +444,22 @@ def test_output_that_appears_meanwhile_is_never_replaced(
 
 
 # ---------------------------------------------------------------------------------------
-# Opening inputs: one loop (ingredients.open_sources) for paths, state dicts and modules.
+# Opening inputs: one loop (ingredients.open_ingredients) for paths, state dicts and modules.
 
 
-def test_open_all_is_the_ingredient_loop_and_closes_on_error(
+def test_open_ingredients_opens_paths_and_state_dicts_and_closes_on_error(
     tmp_path: Path, make_ingredients: Callable[..., list[Path]], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from modelsoups import ingredients
-    from modelsoups.stream import open_all
 
     (a,) = make_ingredients(1)
-    ckpts = open_all([a, {"w": torch.ones(3)}])  # state dicts too, as open_ingredients does
+    ckpts = ingredients.open_ingredients([a, {"w": torch.ones(3)}])
     assert ckpts[1].format == "memory" and torch.equal(ckpts[1].get("w"), torch.ones(3))
     ingredients.close_all(ckpts)
     closed: list[Path] = []
     monkeypatch.setattr(ingredients, "close_all", lambda cs: closed.extend(c.path for c in cs))
     with pytest.raises(Exception, match="missing"):
-        open_all([a, tmp_path / "missing.safetensors"])
+        ingredients.open_ingredients([a, tmp_path / "missing.safetensors"])
     assert closed == [a]  # the one already open was closed
 
 

@@ -12,8 +12,8 @@ from conftest import TinyNet, tiny_state_dict
 from torch import nn
 
 from modelsoups import ModuleEvaluator, learned_soup, uniform_state_dict
-from modelsoups.average import _Memory
 from modelsoups.errors import SoupError
+from modelsoups.io import MemoryCheckpoint
 from modelsoups.recipes.bn import recalibrate_bn
 from modelsoups.recipes.ensemble import ensemble_logits, predict
 from modelsoups.recipes.learned import learned_memory
@@ -51,7 +51,7 @@ def test_learned_soup_in_bf16_is_the_soup_of_the_bf16_ingredients() -> None:
 
 def test_learned_soup_refuses_a_job_too_large_and_says_what_fits() -> None:
     sds = [tiny_state_dict(i) for i in range(3)]
-    infos = {k: i for k, i in _Memory(0, sds[0]).infos.items() if k != "decoder.weight"}
+    infos = {k: i for k, i in MemoryCheckpoint(sds[0]).infos.items() if k != "decoder.weight"}
     model = TinyNet()  # decoder.weight is tied to embed.weight: held once
     own = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
     budget = learned_memory(infos, 2, torch.bfloat16, model_bytes=own)
@@ -81,7 +81,7 @@ def test_module_evaluator_predict_ensemble_and_bn_take_a_device() -> None:
         return float(m(x.to(CPU)).sum())
 
     ev = ModuleEvaluator(TinyNet, metric, bn_loader=[x], device=CPU)
-    score = ev.evaluate(_Memory(0, sd), name="a")
+    score = ev.evaluate(MemoryCheckpoint(sd), name="a")
     assert seen == [CPU] and torch.isfinite(torch.tensor(score.score))
     logits = predict([sd, tiny_state_dict(2)], TinyNet, [x], device="cpu")
     assert all(t.device == CPU for t in logits)

@@ -28,7 +28,7 @@ from modelsoups.evaluate import (
     parse_score_line,
     to_score,
 )
-from modelsoups.io import open_checkpoint
+from modelsoups.io import MemoryCheckpoint, open_checkpoint
 from modelsoups.scores import load_scores
 
 # An eval command in plain Python (fast to start): the score is minus the distance of
@@ -80,10 +80,8 @@ def _command(tmp_path: Path, body: str, timeout: float | None = None) -> Command
 
 
 def test_command_evaluator_writes_in_memory_candidates_and_cleans_up(tmp_path: Path) -> None:
-    from modelsoups.average import _Memory
-
     ev = _command(tmp_path, "import sys, os; print(os.path.getsize(sys.argv[1]) > 0 and 0.5)")
-    assert ev.evaluate(_Memory(0, tiny_state_dict(0)), name="mem").score == 0.5
+    assert ev.evaluate(MemoryCheckpoint(tiny_state_dict(0)), name="mem").score == 0.5
     assert not list(tmp_path.glob("*soup-candidate-*"))
 
 
@@ -141,11 +139,9 @@ def test_module_evaluator_reuses_one_module() -> None:
         return TinyNet()
 
     ev = ModuleEvaluator(factory, lambda m: float(m.fc.bias.sum()))
-    from modelsoups.average import _Memory
-
     for i in range(3):
         sd = tiny_state_dict(i)
-        assert ev.evaluate(_Memory(i, sd), name=f"r{i}").score == pytest.approx(
+        assert ev.evaluate(MemoryCheckpoint(sd), name=f"r{i}").score == pytest.approx(
             float(sd["fc.bias"].sum()))  # fmt: skip
     assert len(built) == 1
 
@@ -164,11 +160,9 @@ def test_score_candidate_takes_state_dicts_modules_and_paths(tmp_path: Path) -> 
 
 
 def test_module_evaluator_wraps_metric_errors() -> None:
-    from modelsoups.average import _Memory
-
     ev = ModuleEvaluator(TinyNet, lambda m: 1 / 0)
     with pytest.raises(EvaluationError, match=r"candidate 'r0'.*ZeroDivisionError"):
-        ev.evaluate(_Memory(0, tiny_state_dict(0)), name="r0")
+        ev.evaluate(MemoryCheckpoint(tiny_state_dict(0)), name="r0")
 
 
 def test_load_scores_reads_csv_and_json(tmp_path: Path) -> None:

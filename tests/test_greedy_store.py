@@ -137,9 +137,10 @@ def test_cli_streams_with_memory_0_and_writes_candidates_in_workdir(tmp_path: Pa
         "memory"
     )
     assert outs["default"].read_bytes() == outs["streamed"].read_bytes()
-    candidates = [ln for ln in seen.read_text().splitlines() if ".soup-candidate-" in ln]
+    files = seen.read_text().splitlines()  # ingredients (private copies) and candidates
+    candidates = [f for f in files if Path(f).name.startswith("candidate")]
     assert len(candidates) == 4  # 2 steps per run
-    assert sum(str(work) in c for c in candidates) == 2
+    assert sum(c.startswith(str(work)) for c in candidates) == 2
     assert not list(work.iterdir())  # removed after selection
 
 

@@ -11,7 +11,13 @@ from conftest import FORMATS, reference_mean, tiny_state_dict
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from modelsoups import CheckpointError, OutputError, average_checkpoints, open_checkpoint
+from modelsoups import (
+    CheckpointError,
+    OutputError,
+    SoupError,
+    average_checkpoints,
+    open_checkpoint,
+)
 from modelsoups.io import expand_inputs
 
 
@@ -190,3 +196,26 @@ def test_inputs_expand_from_globs_and_list_files(make_ingredients, tmp_path) -> 
     assert expand_inputs([str(listing)]) == [paths[0], paths[2]]
     with pytest.raises(CheckpointError, match="matches no file"):
         expand_inputs([str(tmp_path / "nothing*.pt")])
+
+
+def test_memory_checkpoint_reads_state_dicts_and_modules_and_names_bad_values() -> None:
+    from modelsoups.io import MemoryCheckpoint
+
+    sd = tiny_state_dict(0)
+    for source in (sd, _Holder(sd)):
+        ckpt = MemoryCheckpoint(source, "<mine>")
+        assert ckpt.keys() == list(sd) and ckpt.format == "memory"
+        assert all(ckpt.get(k) is sd[k] for k in sd)  # no copies
+    with pytest.raises(SoupError, match=r"<mine>: 'w' is a str, not a tensor"):
+        MemoryCheckpoint({"w": "oops"}, "<mine>")  # type: ignore[dict-item]
+
+
+class _Holder(torch.nn.Module):
+    """A module whose state_dict() hands back the given tensors as they are."""
+
+    def __init__(self, sd: dict[str, torch.Tensor]) -> None:
+        super().__init__()
+        self.sd = sd
+
+    def state_dict(self, *args: object, **kwargs: object) -> dict[str, torch.Tensor]:  # type: ignore[override]
+        return self.sd

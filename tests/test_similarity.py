@@ -8,13 +8,13 @@ import torch
 from conftest import save_as, tiny_state_dict
 
 from modelsoups import inspect_checkpoints, uniform
-from modelsoups.average import _Memory
 from modelsoups.cli import main
+from modelsoups.io import MemoryCheckpoint
 from modelsoups.similarity import init_warning, sample_vector, similarity_report
 
 
 def _mem(*sds):
-    return [_Memory(i, sd) for i, sd in enumerate(sds)]
+    return [MemoryCheckpoint(sd, f"<state dict {i}>") for i, sd in enumerate(sds)]
 
 
 def test_same_base_finetunes_are_similar_and_not_flagged() -> None:
@@ -47,14 +47,14 @@ def test_tensor_order_does_not_matter() -> None:
 def test_delta_cosine_from_a_base() -> None:
     base = tiny_state_dict(0, noise=0.0)
     ft = tiny_state_dict(1)
-    r = similarity_report(_mem(ft, ft), base=_Memory(9, base))
+    r = similarity_report(_mem(ft, ft), base=MemoryCheckpoint(base, "<state dict 9>"))
     assert r.delta_cosine is not None
     assert r.delta_cosine[0][1] == 1.0
 
 
 def test_sample_reads_a_fixed_block_per_tensor() -> None:
     sd = tiny_state_dict(0)
-    v = sample_vector(_Memory(0, sd), per_tensor=4)
+    v = sample_vector(MemoryCheckpoint(sd), per_tensor=4)
     floats = [t for t in sd.values() if t.is_floating_point()]
     assert v.size == sum(min(4, t.numel()) for t in floats)
 
@@ -85,7 +85,6 @@ def test_undefined_cosine_is_nan_and_not_flagged() -> None:
     for odd in (zero, nan):
         r = similarity_report(_mem(tiny_state_dict(1), odd))
         assert math.isnan(r.cosine[0][1]) and r.warning is None
-    same = similarity_report(
-        _mem(tiny_state_dict(1), tiny_state_dict(1)), base=_Memory(9, tiny_state_dict(1))
-    )
+    base = MemoryCheckpoint(tiny_state_dict(1), "<state dict 9>")
+    same = similarity_report(_mem(tiny_state_dict(1), tiny_state_dict(1)), base=base)
     assert same.delta_cosine is not None and math.isnan(same.delta_cosine[0][1])

@@ -11,7 +11,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-__version__ = "0.1.0"
+from .version import __version__ as __version__
 
 # public name -> module that defines it
 _EXPORTS: dict[str, str] = {
@@ -25,6 +25,7 @@ _EXPORTS: dict[str, str] = {
     "SoupResult": "types",
     "StateDict": "types",
     "Checkpoint": "io",
+    "MemoryCheckpoint": "io",
     "open_checkpoint": "io",
     "expand_inputs": "io",
     "average_checkpoints": "stream",
@@ -93,6 +94,7 @@ if TYPE_CHECKING:
     from .inspect import inspect_checkpoints as inspect_checkpoints
     from .integrations.mlflow import fetch_ingredients as fetch_ingredients
     from .io import Checkpoint as Checkpoint
+    from .io import MemoryCheckpoint as MemoryCheckpoint
     from .io import expand_inputs as expand_inputs
     from .io import open_checkpoint as open_checkpoint
     from .metrics import MetricEvaluator as MetricEvaluator

@@ -14,7 +14,6 @@ from __future__ import annotations
 import math
 import threading
 from collections.abc import Sequence
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -22,8 +21,8 @@ import numpy as np
 from .check import check_compatible, check_non_float, resolve_weights
 from .dtypes import BF16, F32, F64, DType, as_dtype, to_numpy, to_torch
 from .errors import NonFiniteError, SoupError
-from .io.base import Checkpoint, TensorInfo
-from .io.pickle_file import tensor_dtype
+from .io.base import Checkpoint
+from .io.memory import MemoryCheckpoint
 
 if TYPE_CHECKING:
     import torch
@@ -313,28 +312,6 @@ def check_finite(
     )
 
 
-class _Memory(Checkpoint):
-    """An in-memory state dict as a checkpoint (`array` views its tensors, no copies)."""
-
-    def __init__(self, index: int, sd: StateDict) -> None:
-        import torch
-
-        super().__init__(Path(f"<state dict {index}>"), "memory")
-        self._sd = sd
-        for k, t in sd.items():
-            if not isinstance(t, torch.Tensor):
-                raise SoupError(f"{self.path}: {k!r} is a {type(t).__name__}, not a tensor")
-            self.infos[k] = TensorInfo(k, tuple(t.shape), tensor_dtype(t, k, self.path),
-                                       self.path)  # fmt: skip
-
-    def get(self, name: str) -> torch.Tensor:
-        return self._sd[name]
-
-
-def _as_state_dict(x: StateDict | nn.Module) -> StateDict:
-    return x if isinstance(x, dict) else dict(x.state_dict())
-
-
 def weighted_state_dict(
     state_dicts: Sequence[StateDict | nn.Module],
     weights: Sequence[float] | None = None,
@@ -360,7 +337,7 @@ def weighted_state_dict(
     Example:
         >>> soup = weighted_state_dict([m1, m2, m3], [0.5, 0.3, 0.2])  # doctest: +SKIP
     """
-    ckpts = [_Memory(i, _as_state_dict(s)) for i, s in enumerate(state_dicts)]
+    ckpts = [MemoryCheckpoint(s, f"<state dict {i}>") for i, s in enumerate(state_dicts)]
     w = resolve_weights(weights, len(ckpts), normalize=normalize, allow_negative=allow_negative)
     check_compatible(ckpts)
     check_non_float(ckpts, non_float=non_float)

@@ -27,6 +27,7 @@ from .io.writer import (
     OutputPlan,
     ShardedWriter,
     atomic_path,
+    check_sharding,
     remove_stale_partials,
     temporary_name,
 )
@@ -118,7 +119,6 @@ def write_candidate(
     `max_shard_size` (bytes) shards the folder as `save_pretrained` does.
     """
     from .io.folder import copy_model_files
-    from .stream import check_sharding
 
     folder = out.suffix != ".safetensors"
     check_sharding(out, max_shard_size)

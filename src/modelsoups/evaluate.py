@@ -25,13 +25,14 @@ whatever you keep.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import math
 import os
 import signal
 import subprocess
 import tempfile
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
@@ -41,6 +42,7 @@ import torch
 from .candidate import load_candidate, materialize, write_candidate
 from .errors import EvaluationError, SoupError
 from .ingredients import open_ingredients
+from .io import MemoryCheckpoint, open_checkpoint
 from .io.base import Checkpoint
 
 if TYPE_CHECKING:
@@ -58,6 +60,7 @@ __all__ = [
     "as_evaluator",
     "parse_score_line",
     "score_candidate",
+    "score_ingredients",
     "to_score",
 ]
 
@@ -213,9 +216,41 @@ def score_candidate(
     """
     if isinstance(candidate, Checkpoint):
         return as_evaluator(evaluator).evaluate(candidate, name=name)
-    _, (ckpt,) = open_ingredients([candidate], [name])
+    (ckpt,) = open_ingredients([candidate])
     try:
         return as_evaluator(evaluator).evaluate(ckpt, name=name)
+    finally:
+        ckpt.close()
+
+
+def score_ingredients(
+    evaluator: Evaluator,
+    items: Sequence[tuple[str, object]],
+    *,
+    executor: Any = None,
+    key: str | None = None,
+    unsafe_pickle: bool = False,
+) -> list[Score | EvaluationError]:
+    """Score independent ingredients `(name, path or state dict)` through an executor
+    (`ingredients.ingredient_sources` makes the pairs)."""
+    from .executor import get_executor
+
+    fn = functools.partial(_score_source, evaluator, {"key": key, "unsafe_pickle": unsafe_pickle})
+    return get_executor(executor).map(fn, list(items))
+
+
+def _score_source(
+    evaluator: Evaluator, options: dict[str, Any], item: tuple[str, object]
+) -> Score | EvaluationError:
+    """Open one ingredient (a path or a state dict) and score it; errors are returned, so
+    that the scores of the other ingredients are still logged."""
+    name, source = item
+    is_dict = isinstance(source, dict)
+    ckpt = MemoryCheckpoint(source) if is_dict else open_checkpoint(source, **options)  # type: ignore[arg-type]
+    try:
+        return evaluator.evaluate(ckpt, name=name)
+    except EvaluationError as e:
+        return e
     finally:
         ckpt.close()
 

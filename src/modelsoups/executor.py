@@ -134,7 +134,7 @@ def kill_child_groups() -> None:
 
 
 def _exit_with_parent(parent: int) -> None:
-    """In a worker: on SIGTERM or SIGINT, and as soon as the process that started the pool is
+    """In a worker: on SIGTERM, and as soon as the process that started the pool is
     gone (a parent killed with SIGKILL cannot stop its workers), kill the commands this
     worker runs and exit, instead of running the current job to its end."""
 
@@ -143,7 +143,9 @@ def _exit_with_parent(parent: int) -> None:
         os._exit(128 + signum if signum else 1)
 
     signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)
+    # Ctrl-C reaches the whole process group: the parent alone takes it and stops the
+    # workers (SIGTERM, above), instead of each worker dying under the pool's feet
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
     def watch() -> None:
         while os.getppid() == parent:

@@ -1,26 +1,27 @@
 """Ingredients: what a recipe is given (paths, state dicts, modules), named and opened.
 
-`open_ingredients` turns them into lazily read `Checkpoint`s with one distinct name each
-(`open_sources` without the names: `stream.open_all` is the same loop over paths);
-`ingredient_sources` makes `(name, path or state dict)` pairs small enough to send to a
-worker process, where `score_ingredients` opens and scores each one independently.
+`open_ingredients` turns them into lazily read `Checkpoint`s (a path through
+`io.open_checkpoint`, a state dict or module through `io.MemoryCheckpoint`);
+`ingredient_names` gives them one distinct name each; `ingredient_sources` makes
+`(name, path or state dict)` pairs small enough to send to a worker process, where
+`evaluate.score_ingredients` opens and scores each one independently.
 """
 
 from __future__ import annotations
 
-import functools
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeAlias
+from typing import TYPE_CHECKING, TypeAlias
 
-from .errors import EvaluationError, SoupError
+from .errors import SoupError
+from .io import MemoryCheckpoint, open_checkpoint
 from .io.base import Checkpoint
+from .io.files import ensure_descriptors
 
 if TYPE_CHECKING:
     from torch import nn
 
-    from .evaluate import Evaluator, Score
     from .types import StateDict
 
 __all__ = [
@@ -29,15 +30,24 @@ __all__ = [
     "ingredient_names",
     "ingredient_sources",
     "open_ingredients",
-    "open_sources",
-    "score_ingredients",
 ]
 
 Ingredient: TypeAlias = "StateDict | nn.Module | str | os.PathLike[str]"
 
 
-def ingredient_names(ingredients: Sequence[Ingredient]) -> list[str]:
-    """File stems (folder names for folders; full paths if those clash), or `ingredient_i`."""
+def ingredient_names(
+    ingredients: Sequence[Ingredient], names: Sequence[str] | None = None
+) -> list[str]:
+    """`names` if given, else file stems (folder names for folders; full paths if those
+    clash) or `ingredient_i`; `SoupError` unless there is one distinct name per ingredient."""
+    _require_some(ingredients)
+    out = list(names) if names is not None else _default_names(ingredients)
+    if len(out) != len(ingredients) or len(set(out)) != len(out):
+        raise SoupError(f"give one distinct name per ingredient, got {out}")
+    return out
+
+
+def _default_names(ingredients: Sequence[Ingredient]) -> list[str]:
     names = []
     for i, x in enumerate(ingredients):
         if isinstance(x, str | os.PathLike):
@@ -52,30 +62,11 @@ def ingredient_names(ingredients: Sequence[Ingredient]) -> list[str]:
 
 
 def open_ingredients(
-    ingredients: Sequence[Ingredient],
-    names: Sequence[str] | None = None,
-    *,
-    key: str | None = None,
-    unsafe_pickle: bool = False,
-) -> tuple[list[str], list[Checkpoint]]:
-    """Names and lazily opened checkpoints of paths, state dicts or modules."""
-    if not ingredients:
-        raise SoupError("no ingredients: give at least one checkpoint")
-    out_names = list(names) if names is not None else ingredient_names(ingredients)
-    if len(out_names) != len(ingredients) or len(set(out_names)) != len(out_names):
-        raise SoupError(f"give one distinct name per ingredient, got {out_names}")
-    return out_names, open_sources(ingredients, key=key, unsafe_pickle=unsafe_pickle)
-
-
-def open_sources(
     ingredients: Sequence[Ingredient], *, key: str | None = None, unsafe_pickle: bool = False
 ) -> list[Checkpoint]:
     """Open paths lazily (headers only) and wrap state dicts or modules, in order; on any
     error close those already open and re-raise."""
-    from .average import _Memory
-    from .io import open_checkpoint
-    from .io.files import ensure_descriptors
-
+    _require_some(ingredients)
     ensure_descriptors(sum(isinstance(x, str | os.PathLike) for x in ingredients))
     ckpts: list[Checkpoint] = []
     try:
@@ -83,11 +74,16 @@ def open_sources(
             if isinstance(x, str | os.PathLike):
                 ckpts.append(open_checkpoint(x, key=key, unsafe_pickle=unsafe_pickle))
             else:
-                ckpts.append(_Memory(i, x if isinstance(x, dict) else dict(x.state_dict())))
+                ckpts.append(MemoryCheckpoint(x, f"<state dict {i}>"))
     except BaseException:
         close_all(ckpts)
         raise
     return ckpts
+
+
+def _require_some(ingredients: Sequence[Ingredient]) -> None:
+    if not ingredients:
+        raise SoupError("no ingredients: give at least one checkpoint")
 
 
 def ingredient_sources(
@@ -103,37 +99,3 @@ def ingredient_sources(
 def close_all(ckpts: Sequence[Checkpoint]) -> None:
     for c in ckpts:
         c.close()
-
-
-def _score_source(
-    evaluator: Evaluator, options: dict[str, Any], item: tuple[str, object]
-) -> Score | EvaluationError:
-    """Open one ingredient (a path or a state dict) and score it; errors are returned, so
-    that the scores of the other ingredients are still logged."""
-    from .average import _Memory
-    from .io import open_checkpoint
-
-    name, source = item
-    is_dict = isinstance(source, dict)
-    ckpt = _Memory(0, source) if is_dict else open_checkpoint(source, **options)  # type: ignore[arg-type]
-    try:
-        return evaluator.evaluate(ckpt, name=name)
-    except EvaluationError as e:
-        return e
-    finally:
-        ckpt.close()
-
-
-def score_ingredients(
-    evaluator: Evaluator,
-    items: Sequence[tuple[str, object]],
-    *,
-    executor: Any = None,
-    key: str | None = None,
-    unsafe_pickle: bool = False,
-) -> list[Score | EvaluationError]:
-    """Score independent ingredients `(name, path or state dict)` through an executor."""
-    from .executor import get_executor
-
-    fn = functools.partial(_score_source, evaluator, {"key": key, "unsafe_pickle": unsafe_pickle})
-    return get_executor(executor).map(fn, list(items))

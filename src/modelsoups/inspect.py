@@ -9,8 +9,8 @@ from pathlib import Path
 
 from .check import check_compatible
 from .errors import SoupError
+from .ingredients import open_ingredients
 from .similarity import similarity_report
-from .stream import open_all
 from .types import PathLike
 
 __all__ = ["CheckpointSummary", "InspectReport", "human_bytes", "inspect_checkpoints"]
@@ -60,8 +60,8 @@ def inspect_checkpoints(
     A compatible set also gets `extra["similarity"]`: pairwise cosine similarity of the
     ingredients (and of their deltas from `base`), estimated on a sample of each tensor.
     """
-    ckpts = open_all([*inputs, *([base] if base is not None else [])], key=key,
-                     unsafe_pickle=unsafe_pickle)  # fmt: skip
+    ckpts = open_ingredients([*inputs, *([base] if base is not None else [])], key=key,
+                             unsafe_pickle=unsafe_pickle)  # fmt: skip
     base_ckpt = ckpts.pop() if base is not None else None
     try:
         summaries = [

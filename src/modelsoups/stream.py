@@ -8,9 +8,7 @@ temporary output into place. Memory holds one accumulated tensor at a time, what
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 import threading
 import time
 from collections import deque
@@ -23,84 +21,35 @@ import numpy as np
 
 from .average import accumulate_dtype, output_dtype, soup_tensor
 from .check import check_compatible, check_non_float, resolve_weights
-from .errors import OutputError, SoupError
-from .ingredients import close_all, open_sources
+from .errors import SoupError
+from .ingredients import close_all, open_ingredients
 from .io import HFFolder
 from .io.base import Checkpoint
 from .io.folder import copy_model_files
-from .io.writer import Entry, OutputPlan, ShardedWriter, atomic_path
+from .io.writer import (
+    Entry,
+    OutputPlan,
+    ShardedWriter,
+    atomic_path,
+    check_output,
+    check_sharding,
+)
 from .similarity import init_warning
 from .types import PathLike, Progress, SoupResult
+from .version import __version__
 
 if TYPE_CHECKING:
     import torch
 
     from .dtypes import DType
 
-__all__ = [
-    "average_checkpoints",
-    "check_output",
-    "check_sharding",
-    "open_all",
-    "provenance",
-    "write_streamed",
-]
-
-
-def check_output(
-    out: Path, inputs: Sequence[Path], *, folder: bool, sidecars: Sequence[Path] = ()
-) -> None:
-    """Refuse outputs that could overwrite or live inside an input.
-
-    `sidecars` are the run's other written paths (report, history, coefficients, candidate
-    folder, a plot): none may be an input, contain one or lie inside one, and none may be
-    the output, lie inside it, or be another sidecar.
-    """
-    if out.suffix in (".pt", ".pth", ".bin", ".ckpt"):
-        raise OutputError(
-            f"{out}: modelsoups writes safetensors; name the output *.safetensors or a folder"
-        )
-    written = [out, *sidecars]
-    for i, w in enumerate(written):
-        for p in inputs:
-            if _overlap(w, p):
-                what = "output" if i == 0 else "path the soup writes"
-                raise OutputError(f"{w}: {what} is (or contains, or is inside) input {p}")
-        for other in written[:i]:
-            if _overlap(w, other):
-                raise OutputError(f"{w}: is (or contains, or is inside) {other}, which this run "
-                                  "also writes; give each output its own name")  # fmt: skip
-
-
-def _overlap(a: Path, b: Path) -> bool:
-    """`a` and `b` name the same file (links included), or one lies inside the other."""
-    ra, rb = Path(os.path.realpath(a)), Path(os.path.realpath(b))  # no error on a loop
-    with contextlib.suppress(OSError):
-        if a.exists() and b.exists() and os.path.samefile(a, b):
-            return True
-    return ra == rb or ra in rb.parents or rb in ra.parents
-
-
-def check_sharding(out: Path, max_shard_size: int | None) -> None:
-    """Refuse `max_shard_size` with a `.safetensors` output (shards need a folder); callers
-    that evaluate before writing check it up front, not after the evaluations."""
-    if max_shard_size is not None and out.suffix == ".safetensors":
-        raise OutputError(f"{out}: --max-shard-size writes a folder; drop the .safetensors suffix")
-
-
-def open_all(
-    inputs: Sequence[PathLike], *, key: str | None = None, unsafe_pickle: bool = False
-) -> list[Checkpoint]:
-    """Open every input lazily; on any error close those already open and re-raise."""
-    return open_sources(inputs, key=key, unsafe_pickle=unsafe_pickle)
+__all__ = ["average_checkpoints", "provenance", "write_streamed"]
 
 
 def provenance(
     recipe: str, ckpts: Sequence[Checkpoint], weights: Sequence[float], **extra: object
 ) -> dict[str, str]:
     """Metadata stored in the output header: recipe, inputs, weights, version."""
-    from . import __version__
-
     meta = {
         "format": "pt",
         "modelsoups_version": __version__,
@@ -240,12 +189,11 @@ def average_checkpoints(
     """
     started = time.perf_counter()
     paths, out = [Path(p) for p in inputs], Path(out)
-    folder = out.suffix != ".safetensors"
     check_sharding(out, max_shard_size)
     if not paths:
         raise SoupError("no ingredients: give at least one checkpoint")
-    check_output(out, paths, folder=folder)
-    ckpts = open_all(paths, key=key, unsafe_pickle=unsafe_pickle)
+    check_output(out, paths)
+    ckpts = open_ingredients(paths, key=key, unsafe_pickle=unsafe_pickle)
     try:
         w = resolve_weights(weights, len(ckpts), normalize=normalize, allow_negative=allow_negative)
         check_compatible(ckpts)

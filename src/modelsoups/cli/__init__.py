@@ -21,15 +21,8 @@ from . import learned as learned_cli
 from . import report as report_cli
 from . import run as run_cli
 from .common import STATE
+from .root import app
 from .supervise import interrupt_once, supervised
-
-app = typer.Typer(
-    name="soup",
-    help="Model soups: average fine-tuned checkpoints into one better model.",
-    no_args_is_help=True,
-    add_completion=False,
-    pretty_exceptions_enable=False,
-)
 
 for module in (
     core,
@@ -44,15 +37,6 @@ for module in (
     demo,
 ):
     module.register(app)
-
-
-@app.callback()
-def _options(
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars or summaries."),
-    debug: bool = typer.Option(False, "--debug", help="Show tracebacks on errors."),
-) -> None:
-    STATE["quiet"] = STATE["quiet"] or quiet
-    STATE["debug"] = STATE["debug"] or debug
 
 
 MAX_LINE = 500  # characters: a 10⁷-element value or a long path must not flood stderr

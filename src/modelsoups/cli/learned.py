@@ -83,10 +83,9 @@ def _uniform_score(ev: Any, paths: list[Path], key: str | None, unsafe_pickle: b
     """The held-out score of the uniform soup (where the learned coefficients start)."""
     from ..average import weighted_sum
     from ..candidate import LazyCheckpoint, model_files_source
-    from ..ingredients import close_all
-    from ..stream import open_all
+    from ..ingredients import close_all, open_ingredients
 
-    ckpts = open_all(paths, key=key, unsafe_pickle=unsafe_pickle)
+    ckpts = open_ingredients(paths, key=key, unsafe_pickle=unsafe_pickle)
     try:
         w = [1.0 / len(ckpts)] * len(ckpts)
 
@@ -115,8 +114,8 @@ def _learn(
     """Learn α with `learned_soup`, write the soup and coefficients; the learned score."""
     import torch
 
-    from ..average import _Memory
     from ..candidate import write_candidate
+    from ..io import MemoryCheckpoint
     from ..recipes.learned import learned_soup
 
     model = ev.module()
@@ -125,8 +124,7 @@ def _learn(
     with torch.enable_grad():
         result = learned_soup(sds, model, ev.metric.loss, batches, by_layer=by_layer,
                               epochs=epochs, lr=lr)  # fmt: skip
-    soup = _Memory(0, result.state_dict)
-    soup.path = Path("<learned soup>")
+    soup = MemoryCheckpoint(result.state_dict, "<learned soup>")
     after = float(ev.evaluate(soup, name="learned soup").score)
     folder = next((p for p in paths if p.is_dir()), None)
     folder = folder if output.suffix != ".safetensors" else None

@@ -60,20 +60,16 @@ def prepare(
     path the run writes (report, history, candidate folder) is an input or another output.
     `opts`: the command's options (`report`, `history`, `scores`)."""
     from ..candidate import CANDIDATES
-    from ..io.writer import temporary_name
-    from ..stream import check_output, check_sharding
+    from ..io.writer import check_destination, check_output, check_sharding, temporary_name
 
     opts = opts or {}
     sidecars = [sidecar(out, ".report.json", opts.get("report")),
                 sidecar(out, ".history.jsonl", opts.get("history")),
                 temporary_name(out, CANDIDATES)]  # fmt: skip
     given = [Path(opts["scores"])] if opts.get("scores") is not None else []
-    check_output(out, [*inputs, *given], folder=out.suffix != ".safetensors", sidecars=sidecars)
+    check_output(out, [*inputs, *given], sidecars=sidecars)
     check_sharding(out, parse_size(max_shard_size))
-    if not out.parent.is_dir():
-        raise OutputError(f"{out}: output folder {out.parent} does not exist")
-    if out.exists() and not overwrite:
-        raise OutputError(f"{out}: already exists; choose another name or pass --overwrite")
+    check_destination(out, overwrite=overwrite)
     try:  # the candidate folder, history and report go there too: fail now, not at the end
         os.rmdir(tempfile.mkdtemp(prefix=f".{out.name[:64]}.soup-check-", dir=out.parent))
     except OSError as e:
@@ -92,7 +88,7 @@ def evaluator(command: str | None, timeout: float | None, workdir: Path) -> Any:
 
 def write_report(path: Path, report: dict[str, Any]) -> None:
     """Write `report` (plus the version) as JSON to `path`, atomically."""
-    from .. import __version__
+    from ..version import __version__
 
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     tmp.write_text(json.dumps({**report, "modelsoups_version": __version__}, indent=2) + "\n")

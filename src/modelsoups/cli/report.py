@@ -22,16 +22,15 @@ def report(
     from rich.console import Console
     from rich.table import Table
 
-    from ..io.writer import atomic_path
+    from ..io.writer import atomic_path, check_output
     from ..report import load_report, plot_report, report_html, table_rows
-    from ..stream import check_output
 
     if output is not None:
         if output.suffix.lower() not in (".png", ".html", ".htm"):
             raise OutputError(f"{output}: write the report as .png or .html")
         if output.exists() and not overwrite:
             raise OutputError(f"{output}: already exists; choose another name or --overwrite")
-        check_output(output, [path], folder=False)
+        check_output(output, [path])
     view = load_report(path)
     table = Table("", view.metric, "test", "weight", title=view.title)
     rows = table_rows(view)

@@ -35,7 +35,7 @@ def command_params(method: str) -> list[click.Parameter]:
     """The click parameters of `soup <method>`."""
     import typer.main
 
-    from . import app
+    from .root import app
 
     group: Any = typer.main.get_command(app)
     return list(group.commands[method].params)
@@ -106,7 +106,7 @@ def _store_recipe(
     argv: list[str],
 ) -> Path:
     """Add the recipe to the command's report (or write one for commands that have none)."""
-    from .. import __version__
+    from ..version import __version__
 
     path = _report_path(recipe)
     if path.is_file() and "report" in {p.name for p in command_params(recipe.method)}:
@@ -132,12 +132,12 @@ def _store_recipe(
 def _check_report(recipe: Recipe, inputs: list[str], recipe_path: Path) -> None:
     """The report the recipe is stored in is checked like every written path: never an
     ingredient, the base, the recipe file itself, or the output."""
-    from ..stream import check_output
+    from ..io.writer import check_output
 
     out = Path(recipe.output)
     base = getattr(recipe, "base", None)
     given = [*map(Path, inputs), recipe_path, *([Path(str(base))] if base else [])]
-    check_output(out, given, folder=out.suffix != ".safetensors", sidecars=[_report_path(recipe)])
+    check_output(out, given, sidecars=[_report_path(recipe)])
 
 
 def run_recipe(path: Path, *, dry_run: bool = False) -> list[str]:
@@ -145,7 +145,7 @@ def run_recipe(path: Path, *, dry_run: bool = False) -> list[str]:
     import typer.main
 
     from ..recipe_file import load_recipe
-    from . import app
+    from .root import app
 
     recipe, source = load_recipe(path)
     given = recipe.summary()  # as written, before ingredients from MLflow are filled in

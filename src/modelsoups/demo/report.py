@@ -20,7 +20,7 @@ from rich.console import Console
 from rich.table import Table
 from safetensors.torch import load_file, save_file
 
-from .. import __version__
+from ..version import __version__
 from .atomic import save_json
 from .data import DATA_SEED
 from .model import FROZEN_LAYERS, model_path

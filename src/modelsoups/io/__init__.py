@@ -1,7 +1,8 @@
 """Checkpoint readers and the streaming writer.
 
 `open_checkpoint` picks the reader from what the path is: a `.safetensors` file, a Hugging
-Face model folder (sharded or not), or a PyTorch pickle.
+Face model folder (sharded or not), or a PyTorch pickle; `MemoryCheckpoint` reads an
+in-memory state dict through the same interface.
 """
 
 from __future__ import annotations
@@ -15,12 +16,14 @@ from .base import Checkpoint as Checkpoint
 from .base import TensorInfo as TensorInfo
 from .files import check_regular
 from .folder import HFFolder as HFFolder
+from .memory import MemoryCheckpoint as MemoryCheckpoint
 from .pickle_file import PickleFile as PickleFile
 from .safetensors_file import SafetensorsFile as SafetensorsFile
 
 __all__ = [
     "Checkpoint",
     "HFFolder",
+    "MemoryCheckpoint",
     "PickleFile",
     "SafetensorsFile",
     "TensorInfo",

@@ -18,7 +18,7 @@ import json
 import os
 import shutil
 import socket
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -34,6 +34,9 @@ __all__ = [
     "OutputPlan",
     "ShardedWriter",
     "atomic_path",
+    "check_destination",
+    "check_output",
+    "check_sharding",
     "remove_stale_partials",
     "temporary_name",
 ]
@@ -218,13 +221,58 @@ def _alive(pid: int) -> bool:
     return True
 
 
-@contextlib.contextmanager
-def atomic_path(dest: Path, *, folder: bool, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temporary path next to `dest`; rename it to `dest` only if the block succeeds."""
+def check_output(out: Path, inputs: Sequence[Path], *, sidecars: Sequence[Path] = ()) -> None:
+    """Refuse outputs that could overwrite or live inside an input.
+
+    `sidecars` are the run's other written paths (report, history, coefficients, candidate
+    folder, a plot): none may be an input, contain one or lie inside one, and none may be
+    the output, lie inside it, or be another sidecar.
+    """
+    if out.suffix in (".pt", ".pth", ".bin", ".ckpt"):
+        raise OutputError(
+            f"{out}: modelsoups writes safetensors; name the output *.safetensors or a folder"
+        )
+    written = [out, *sidecars]
+    for i, w in enumerate(written):
+        for p in inputs:
+            if _overlap(w, p):
+                what = "output" if i == 0 else "path the soup writes"
+                raise OutputError(f"{w}: {what} is (or contains, or is inside) input {p}")
+        for other in written[:i]:
+            if _overlap(w, other):
+                raise OutputError(f"{w}: is (or contains, or is inside) {other}, which this run "
+                                  "also writes; give each output its own name")  # fmt: skip
+
+
+def _overlap(a: Path, b: Path) -> bool:
+    """`a` and `b` name the same file (links included), or one lies inside the other."""
+    ra, rb = Path(os.path.realpath(a)), Path(os.path.realpath(b))  # no error on a loop
+    with contextlib.suppress(OSError):
+        if a.exists() and b.exists() and os.path.samefile(a, b):
+            return True
+    return ra == rb or ra in rb.parents or rb in ra.parents
+
+
+def check_sharding(out: Path, max_shard_size: int | None) -> None:
+    """Refuse `max_shard_size` with a `.safetensors` output (shards need a folder); callers
+    that evaluate before writing check it up front, not after the evaluations."""
+    if max_shard_size is not None and out.suffix == ".safetensors":
+        raise OutputError(f"{out}: --max-shard-size writes a folder; drop the .safetensors suffix")
+
+
+def check_destination(dest: Path, *, overwrite: bool = False) -> None:
+    """Refuse a `dest` whose folder does not exist, or that exists without `overwrite`
+    (what `atomic_path` checks first; callers that evaluate before writing check it early)."""
     if not dest.parent.is_dir():
         raise OutputError(f"{dest}: output folder {dest.parent} does not exist")
     if dest.exists() and not overwrite:
         raise OutputError(f"{dest}: already exists; choose another name or pass --overwrite")
+
+
+@contextlib.contextmanager
+def atomic_path(dest: Path, *, folder: bool, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary path next to `dest`; rename it to `dest` only if the block succeeds."""
+    check_destination(dest, overwrite=overwrite)
     remove_stale_partials(dest)
     tmp = temporary_name(dest)
     try:

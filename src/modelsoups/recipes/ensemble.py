@@ -81,7 +81,7 @@ def predict(
     module = model_factory().eval()
     if dev is not None:
         module.to(dev)
-    _, ckpts = open_ingredients(ingredients)
+    ckpts = open_ingredients(ingredients)
     try:
         out = []
         for c in ckpts:

@@ -37,14 +37,14 @@ import torch
 from ..candidate import materialize, model_files_source
 from ..check import check_compatible, check_non_float
 from ..errors import EvaluationError, SoupError
-from ..evaluate import Evaluator, Score, acceptance, as_evaluator
+from ..evaluate import Evaluator, Score, acceptance, as_evaluator, score_ingredients
 from ..history import History, check_dataset, record
 from ..ingredients import (
     Ingredient,
     close_all,
+    ingredient_names,
     ingredient_sources,
     open_ingredients,
-    score_ingredients,
 )
 from ..io.base import Checkpoint
 from ..similarity import init_warning
@@ -121,7 +121,8 @@ def greedy_soup(
     ev, better = as_evaluator(evaluator), acceptance(accept, tolerance)
     if isinstance(memory, bool) or not isinstance(memory, int) or memory < 0:
         raise SoupError(f"memory must be a number of bytes >= 0, got {memory!r}")
-    all_names, ckpts = open_ingredients(ingredients, names, key=key, unsafe_pickle=unsafe_pickle)
+    all_names = ingredient_names(ingredients, names)
+    ckpts = open_ingredients(ingredients, key=key, unsafe_pickle=unsafe_pickle)
     try:
         check_compatible(ckpts)
         check_non_float(ckpts)

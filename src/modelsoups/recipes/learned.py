@@ -34,7 +34,8 @@ from torch.func import functional_call
 from ..candidate import write_candidate
 from ..check import check_compatible, check_non_float
 from ..errors import IncompatibleError, SoupError
-from ..ingredients import Ingredient, close_all, open_ingredients
+from ..ingredients import Ingredient, close_all, ingredient_names, open_ingredients
+from ..io import MemoryCheckpoint
 from ..io.base import Checkpoint, TensorInfo
 from ..types import StateDict
 
@@ -91,7 +92,8 @@ def learned_soup(
         ...                  val_batches, device="cuda", dtype="bf16")  # doctest: +SKIP
     """
     dev, held = torch.device(device or "cpu"), _held_dtype(dtype)
-    names, ckpts = open_ingredients(ingredients)
+    names = ingredient_names(ingredients)
+    ckpts = open_ingredients(ingredients)
     try:
         check_compatible(ckpts)
         check_non_float(ckpts)
@@ -119,10 +121,8 @@ def learned_soup(
         _write_json(Path(coefficients_out), {"ingredients": names, "by_layer": by_layer,
                     "coefficients": coefs, "temperature": t, "losses": losses})  # fmt: skip
     if output is not None:
-        from ..average import _Memory
-
         meta = {"recipe": "learned", "ingredients": json.dumps(names)}
-        write_candidate(_Memory(0, sd), Path(output), overwrite=overwrite, metadata=meta)
+        write_candidate(MemoryCheckpoint(sd), Path(output), overwrite=overwrite, metadata=meta)
     return LearnedSoupResult(sd, coefs, t, losses)
 
 

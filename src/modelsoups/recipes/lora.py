@@ -35,9 +35,9 @@ from ..check import resolve_weights
 from ..dtypes import DType, to_numpy
 from ..errors import OutputError, SoupError
 from ..io.adapter import ADAPTER_CONFIG, ADAPTER_WEIGHTS
-from ..io.writer import Entry, OutputPlan, ShardedWriter, atomic_path
+from ..io.writer import Entry, OutputPlan, ShardedWriter, atomic_path, check_output
 from ..lora_plan import AVERAGES, LoraPlan, module_factors
-from ..stream import check_output, provenance
+from ..stream import provenance
 from ..types import PathLike, Progress, SoupResult
 
 if TYPE_CHECKING:
@@ -89,7 +89,7 @@ def lora_soup(
     started = time.perf_counter()
     paths, out = [Path(p) for p in inputs], Path(out)
     _check_options(rank, average)
-    check_output(out, paths + ([Path(merge_into)] if merge_into else []), folder=True)
+    check_output(out, paths + ([Path(merge_into)] if merge_into else []))
     if merge_into is None and out.suffix == ".safetensors":
         raise OutputError(f"{out}: an adapter soup is a folder; drop the .safetensors suffix")
     adapters = open_adapters(paths, unsafe_pickle=unsafe_pickle)

@@ -58,7 +58,7 @@ def model_stock(
     Example:
         >>> sd, ratios = model_stock(pretrained_sd, [ft1_sd, ft2_sd])  # doctest: +SKIP
     """
-    _, ckpts = open_ingredients([base, *finetuned])
+    ckpts = open_ingredients([base, *finetuned])
     out_dtype = output_dtype(dtype)
     try:
         _check(ckpts)
@@ -89,13 +89,14 @@ def write_model_stock(
 ) -> tuple[SoupResult, Ratios]:
     """Stream Model Stock of checkpoint files into `out` (as `average_checkpoints` writes a
     mean: one tensor at a time, atomically); returns the result and the per-tensor ratios."""
-    from ..stream import check_output, check_sharding, open_all, provenance, write_streamed
+    from ..io.writer import check_output, check_sharding
+    from ..stream import provenance, write_streamed
 
     started, out, paths = time.perf_counter(), Path(out), [Path(base), *map(Path, finetuned)]
     check_sharding(out, max_shard_size)
-    check_output(out, paths, folder=out.suffix != ".safetensors")
+    check_output(out, paths)
     out_dtype = output_dtype(dtype)
-    ckpts = open_all(paths, key=key, unsafe_pickle=unsafe_pickle)
+    ckpts = open_ingredients(paths, key=key, unsafe_pickle=unsafe_pickle)
     try:
         _check(ckpts)
         ratios: Ratios = {}

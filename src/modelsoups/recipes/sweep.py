@@ -26,7 +26,7 @@ from ..dtypes import F64, DType, to_torch
 from ..errors import EvaluationError, SoupError
 from ..evaluate import Evaluator, Score, as_evaluator
 from ..history import History, check_dataset, record
-from ..ingredients import Ingredient, close_all, ingredient_sources, open_sources
+from ..ingredients import Ingredient, close_all, ingredient_sources, open_ingredients
 from ..io.base import Checkpoint
 
 if TYPE_CHECKING:
@@ -86,7 +86,7 @@ def sweep(
     if not values:
         raise SoupError(f"give at least one {name}")
     out_dtype, ev = output_dtype(dtype), as_evaluator(evaluator)
-    ckpts = open_sources(ingredients, key=key, unsafe_pickle=unsafe_pickle)
+    ckpts = open_ingredients(ingredients, key=key, unsafe_pickle=unsafe_pickle)
     try:  # checked once, here, before any evaluation
         check_compatible(ckpts)
         check_non_float(ckpts)
@@ -151,7 +151,7 @@ def mix_state_dict(
     """Σ wᵢ·ingredientsᵢ as a state dict (the one full copy a sweep returns)."""
     from ..candidate import materialize
 
-    ckpts = open_sources(ingredients, key=key, unsafe_pickle=unsafe_pickle)
+    ckpts = open_ingredients(ingredients, key=key, unsafe_pickle=unsafe_pickle)
     try:
         mixed = materialize(mix_checkpoint(ckpts, weights, dtype, "<mix>"))
         return {k: v.clone() if not ckpts[0].infos[k].is_float else v for k, v in mixed.items()}
@@ -165,7 +165,7 @@ def _score_mix(
     """Open the ingredients and score one mix (runs in a worker); an evaluation error is
     returned, so that the other values' scores are still logged."""
     label, weights = item
-    ckpts = open_sources(sources, key=options["key"], unsafe_pickle=options["unsafe_pickle"])  # type: ignore[arg-type]
+    ckpts = open_ingredients(sources, key=options["key"], unsafe_pickle=options["unsafe_pickle"])  # type: ignore[arg-type]
     try:
         candidate = mix_checkpoint(ckpts, weights, options["dtype"], f"<{label}>")
         return evaluator.evaluate(candidate, name=label)
