@@ -267,3 +267,13 @@ def test_every_field_reaches_its_option(method: str) -> None:
         elif isinstance(want, list):
             want = ",".join(f"{v:g}" for v in want)
         assert value == want or str(value) == str(want), (method, name, value, want)
+
+
+def test_adapter_fields_become_the_commands_lora_options() -> None:
+    recipe = Recipe(method="weighted", output="soup", ingredients=["a1", "a2"],
+                    weights=[0.5, 0.5], merge_into="base", rank=8, lora_average="exact",
+                    allow_different_base=True)  # fmt: skip
+    argv = recipe_argv(recipe, ["a1", "a2"])
+    for flag, value in (("--merge-into", "base"), ("--rank", "8"), ("--lora-average", "exact")):
+        assert argv[argv.index(flag) + 1] == value
+    assert "--allow-different-base" in argv

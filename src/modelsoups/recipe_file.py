@@ -44,11 +44,13 @@ _WRITE = {"max_shard_size"}
 _SCORED = {"evaluator", "splits", "dataset", "history", "resume"}
 _PARALLEL = {"workers", "ray", "ray_address"}
 _METRIC = {"metric", "data", "device", "batch_size", "max_length", "model"}
+_LORA = {"merge_into", "rank", "lora_average", "allow_different_base"}
 # The fields each method accepts, besides method/ingredients/glob/mlflow/output.
 METHOD_FIELDS: dict[str, set[str]] = {
-    "uniform": _COMMON | _WRITE | {"accumulate", "non_float", "allow_nonfinite"},
+    "uniform": _COMMON | _WRITE | _LORA | {"accumulate", "non_float", "allow_nonfinite"},
     "weighted": _COMMON
     | _WRITE
+    | _LORA
     | {"accumulate", "non_float", "allow_nonfinite", "weights", "normalize", "allow_negative"},
     "greedy": _COMMON
     | _WRITE
@@ -125,6 +127,10 @@ class Recipe(_Strict):
     batch_size: int | None = Field(None, ge=1, description="default 8")
     max_length: int | None = Field(None, ge=1, description="default 512")
     model: str | None = Field(None, description="folder with config and tokenizer")
+    merge_into: str | None = Field(None, description="LoRA adapters: base model to merge into")
+    rank: int | None = Field(None, ge=1, description="LoRA adapters: compress to this rank")
+    lora_average: Literal["exact", "factors"] = "exact"
+    allow_different_base: bool = False
     test_metric: str | None = Field(None, description="built-in metric of the final soup")
     test_data: str | None = None
     splits: Splits | None = None
