@@ -143,3 +143,18 @@ def test_max_shard_size_with_a_file_output_fails_before_any_evaluation(
     assert main([command[0], *argv, *command[1:]]) == 1
     assert "--max-shard-size writes a folder" in capsys.readouterr().err
     assert not calls.exists() and not out.exists()
+
+
+def test_help_shows_flags_as_flags_and_arguments_in_click_style(capsys) -> None:
+    from modelsoups.cli.root import command
+
+    for name in ["", *command().commands]:
+        assert main([name, "--help"] if name else ["--help"]) == 0
+        out = capsys.readouterr().out
+        usage = next(line for line in out.splitlines() if "Usage:" in line)
+        assert "<bool>" not in out, name
+        assert "{" not in usage, (name, usage)
+    main(["greedy", "--help"])
+    out = capsys.readouterr().out
+    assert "INPUTS..." in out
+    assert "<float>" in out  # options that take a value still say which

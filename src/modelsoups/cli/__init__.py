@@ -12,8 +12,6 @@ import signal
 import sys
 from typing import NoReturn
 
-import typer
-
 from ..errors import SoupError
 from . import core, demo, greedy, integrations, stock, sweeps
 from . import evaluate as evaluate_cli
@@ -21,7 +19,7 @@ from . import learned as learned_cli
 from . import report as report_cli
 from . import run as run_cli
 from .common import STATE
-from .root import app
+from .root import app, command
 from .supervise import interrupt_once, supervised
 
 for module in (
@@ -62,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         # standalone mode: click prints usage errors itself (exit 2) and typer turns Ctrl-C
         # into a silent exit 130; our own errors pass through to the handler below.
-        typer.main.get_command(app).main(args=args, prog_name="soup", standalone_mode=True)
+        command().main(args=args, prog_name="soup", standalone_mode=True)
     except SystemExit as e:
         code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
         if code == 130:

@@ -3,11 +3,15 @@ themselves on it when the `cli` package is imported (`cli/__init__.py`)."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import typer
+import typer.main
+from typer.core import TyperArgument, TyperOption
 
 from .common import STATE
 
-__all__ = ["app"]
+__all__ = ["app", "command"]
 
 app = typer.Typer(
     name="soup",
@@ -25,3 +29,35 @@ def _options(
 ) -> None:
     STATE["quiet"] = STATE["quiet"] or quiet
     STATE["debug"] = STATE["debug"] or debug
+
+
+def command() -> Any:
+    """The click group of `app`, drawn in click's usual help style.
+
+    This typer draws every option's type, flags included (`--resume <bool>`), and required
+    arguments as `{inputs}...`; flags are shown bare and arguments as `INPUTS...` instead.
+    """
+    group: Any = typer.main.get_command(app)
+    for sub in [group, *group.commands.values()]:
+        setattr(sub, "get_help_option", _bare_help(sub.get_help_option))  # noqa: B010
+        for param in sub.params:
+            if isinstance(param, TyperOption) and param.is_flag:
+                param.metavar = ""  # typer shows a set metavar instead of the type
+            elif isinstance(param, TyperArgument):
+                usage = str(param.name).upper() + ("..." if param.nargs != 1 else "")
+                usage = usage if param.required else f"[{usage}]"
+                setattr(param, "get_usage_pieces", lambda ctx, usage=usage: [usage])  # noqa: B010
+                setattr(param, "display_type_rich", lambda ctx: None)  # noqa: B010
+    return group
+
+
+def _bare_help(get_help_option: Any) -> Any:
+    """`--help` is a flag too, made afresh for each context."""
+
+    def bare(ctx: Any) -> Any:
+        option = get_help_option(ctx)
+        if option is not None:
+            option.metavar = ""
+        return option
+
+    return bare

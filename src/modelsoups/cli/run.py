@@ -33,11 +33,9 @@ _POSITIONAL = {"inputs", "finetuned", "zeroshot"}
 
 def command_params(method: str) -> list[click.Parameter]:
     """The click parameters of `soup <method>`."""
-    import typer.main
+    from .root import command
 
-    from .root import app
-
-    group: Any = typer.main.get_command(app)
+    group: Any = command()
     return list(group.commands[method].params)
 
 
@@ -142,10 +140,8 @@ def _check_report(recipe: Recipe, inputs: list[str], recipe_path: Path) -> None:
 
 def run_recipe(path: Path, *, dry_run: bool = False) -> list[str]:
     """Validate the recipe at `path`, run it, store it in the report; returns the argv."""
-    import typer.main
-
     from ..recipe_file import load_recipe
-    from .root import app
+    from .root import command
 
     recipe, source = load_recipe(path)
     given = recipe.summary()  # as written, before ingredients from MLflow are filled in
@@ -157,7 +153,7 @@ def run_recipe(path: Path, *, dry_run: bool = False) -> list[str]:
         if dry_run:
             return argv
         _check_report(recipe, inputs, path.resolve())
-        group: Any = typer.main.get_command(app)
+        group: Any = command()
         group.main(args=argv, prog_name="soup", standalone_mode=False)
         report = _store_recipe(recipe, given, inputs, source, argv)
     say(f"recipe {path} → {recipe.output}; report {report}")
