@@ -814,3 +814,15 @@ def test_every_safetensors_dtype_soups(dtype_name: str, tmp_path: Path) -> None:
     if dtype.is_floating_point:
         want = (load_file(paths[0])["w"].double() + load_file(paths[1])["w"].double()) / 2
         torch.testing.assert_close(got.double(), want.to(dtype).double())
+
+
+def test_readme_states_the_size_of_each_battery() -> None:
+    import re
+
+    import test_bad_input_cli
+    import test_bad_input_io
+
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    guarantees = readme[readme.index("## Guarantees") : readme.index("## Layout")]
+    stated = [int(n) for n in re.findall(r"(\d+) (?:such|more) cases", guarantees)]
+    assert stated == [len(CASES), len(test_bad_input_io.CASES), len(test_bad_input_cli.CASES)]
