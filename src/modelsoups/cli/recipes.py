@@ -9,7 +9,6 @@ is written to the output name until selection has finished.
 
 from __future__ import annotations
 
-import json
 import os
 import tempfile
 from collections.abc import Sequence
@@ -88,11 +87,10 @@ def evaluator(command: str | None, timeout: float | None, workdir: Path) -> Any:
 
 def write_report(path: Path, report: dict[str, Any]) -> None:
     """Write `report` (plus the version) as JSON to `path`, atomically."""
+    from ..io.writer import write_json
     from ..version import __version__
 
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps({**report, "modelsoups_version": __version__}, indent=2) + "\n")
-    os.replace(tmp, path)
+    write_json(path, {**report, "modelsoups_version": __version__})
 
 
 def write_mean(

@@ -121,9 +121,9 @@ def _store_recipe(
         "recipe": recipe.summary(),
         "command": shlex.join(["soup", *argv]),
     }
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(report, indent=2) + "\n")
-    os.replace(tmp, path)
+    from ..io.writer import write_json
+
+    write_json(path, report)
     return path
 
 

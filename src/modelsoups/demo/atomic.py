@@ -5,7 +5,6 @@ take for a finished one, and a full disk is one clear error naming the file."""
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -13,7 +12,7 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from ..io.writer import atomic_path
+from ..io.writer import atomic_path, write_json
 
 __all__ = ["save_json", "save_tensors", "write_atomic"]
 
@@ -32,4 +31,4 @@ def save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
 
 def save_json(obj: Any, path: Path, indent: int | None = None) -> None:
     """A JSON file, atomically."""
-    write_atomic(path, lambda tmp: tmp.write_text(json.dumps(obj, indent=indent) + "\n"))
+    write_json(path, obj, indent=indent)

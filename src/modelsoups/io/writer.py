@@ -21,7 +21,7 @@ import socket
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -39,6 +39,7 @@ __all__ = [
     "check_sharding",
     "remove_stale_partials",
     "temporary_name",
+    "write_json",
 ]
 
 PARTIAL = ".soup-partial-"
@@ -323,3 +324,11 @@ def _fsync_dir(d: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def write_json(path: Path, obj: Any, *, indent: int | None = 2) -> None:
+    """`obj` as JSON at `path` through `atomic_path`, replacing an older file (reports,
+    coefficients, histories' summaries): a crash never leaves half a file."""
+    text = json.dumps(obj, indent=indent) + "\n"
+    with atomic_path(path, folder=False, overwrite=True) as tmp:
+        tmp.write_text(text)

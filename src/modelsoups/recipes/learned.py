@@ -37,6 +37,7 @@ from ..errors import IncompatibleError, SoupError
 from ..ingredients import Ingredient, close_all, ingredient_names, open_ingredients
 from ..io import MemoryCheckpoint
 from ..io.base import Checkpoint, TensorInfo
+from ..io.writer import write_json
 from ..types import StateDict
 
 __all__ = ["LearnedSoupResult", "learned_memory", "learned_soup"]
@@ -118,7 +119,7 @@ def learned_soup(
         sd = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
     coefs, t = mixer.coefficients()
     if coefficients_out is not None:
-        _write_json(Path(coefficients_out), {"ingredients": names, "by_layer": by_layer,
+        write_json(Path(coefficients_out), {"ingredients": names, "by_layer": by_layer,
                     "coefficients": coefs, "temperature": t, "losses": losses})  # fmt: skip
     if output is not None:
         meta = {"recipe": "learned", "ingredients": json.dumps(names)}
@@ -369,9 +370,3 @@ def _canonical_names(model: nn.Module, keys: Sequence[str]) -> dict[str, str]:
         )
     first: dict[int, str] = {}
     return {k: first.setdefault(id(named[k]), k) for k in named}
-
-
-def _write_json(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2))
-    os.replace(tmp, path)
