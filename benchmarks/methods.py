@@ -127,7 +127,7 @@ def greedy(out: str, paths: list[str]) -> None:
         return
     stamps: list[float] = []
 
-    def score(state_dict: dict[str, object]) -> float:
+    def score(_state_dict: dict[str, object]) -> float:
         stamps.append(time.perf_counter())
         return float(len(stamps))
 

@@ -138,7 +138,7 @@ def _exit_with_parent(parent: int) -> None:
     gone (a parent killed with SIGKILL cannot stop its workers), kill the commands this
     worker runs and exit, instead of running the current job to its end."""
 
-    def stop(signum: int = 0, frame: object = None) -> None:
+    def stop(signum: int = 0, _frame: object = None) -> None:
         kill_child_groups()
         os._exit(128 + signum if signum else 1)
 

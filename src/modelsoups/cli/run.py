@@ -98,7 +98,6 @@ def _report_path(recipe: Recipe) -> Path:
 
 def _store_recipe(
     recipe: Recipe,
-    given: dict[str, Any],
     inputs: list[str],
     source: dict[str, Any],
     argv: list[str],
@@ -144,7 +143,6 @@ def run_recipe(path: Path, *, dry_run: bool = False) -> list[str]:
     from .root import command
 
     recipe, source = load_recipe(path)
-    given = recipe.summary()  # as written, before ingredients from MLflow are filled in
     with _inside(path.resolve().parent):
         inputs = recipe.inputs(Path.cwd())
         if recipe.mlflow is not None:
@@ -155,7 +153,7 @@ def run_recipe(path: Path, *, dry_run: bool = False) -> list[str]:
         _check_report(recipe, inputs, path.resolve())
         group: Any = command()
         group.main(args=argv, prog_name="soup", standalone_mode=False)
-        report = _store_recipe(recipe, given, inputs, source, argv)
+        report = _store_recipe(recipe, inputs, source, argv)
     say(f"recipe {path} → {recipe.output}; report {report}")
     return argv
 

@@ -78,7 +78,7 @@ def _become_child(parent: int, journal: int) -> None:
     signal.signal(signal.SIGINT, interrupt_once)
 
 
-def interrupt_once(signum: int, frame: object) -> NoReturn:
+def interrupt_once(_signum: int, _frame: object) -> NoReturn:
     """Raise KeyboardInterrupt (the CLI cleans up and exits 130) for the first SIGINT or
     SIGTERM only: a second one, as when Ctrl-C reaches this process and the supervisor
     forwards it too, must not interrupt the cleanup."""

@@ -224,7 +224,7 @@ def _full_state(base: dict[str, torch.Tensor], top: dict[str, torch.Tensor]) -> 
 
 
 def export_soups(
-    prep: Prepared, runs: list[dict[str, Any]], report: dict[str, Any], out: Path, console: Console
+    runs: list[dict[str, Any]], report: dict[str, Any], out: Path, console: Console
 ) -> None:
     """Write each soup as a full BertModel folder (+ head.safetensors) for `from_pretrained`.
 

@@ -332,7 +332,7 @@ def run_demo(cfg: DemoConfig, console: Console | None = None) -> dict[str, Any]:
     report = build_report(prep, runs, config, time.perf_counter() - t0)
     start = time.perf_counter()
     if cfg.export:
-        export_soups(prep, runs, report, cfg.out, console)
+        export_soups(runs, report, cfg.out, console)
     write_figure(report, cfg.out / "figure.png")
     report["timings"]["export_and_figure"] = time.perf_counter() - start
     report["timings"]["total"] = time.perf_counter() - t0

@@ -99,7 +99,7 @@ class ImageAccuracy:
     name: str = "image-accuracy"
     auto_class: str = "AutoModelForImageClassification"
 
-    def prepare(self, data: Path, folder: Path, config: Any, settings: Settings) -> Any:
+    def prepare(self, data: Path, folder: Path, config: Any, settings: Settings) -> Any:  # noqa: ARG002 (Metric protocol)
         import transformers
 
         names, items = image_folder(data)

@@ -96,7 +96,7 @@ class LMChoice:
     name: str = "lm-choice"
     auto_class: str = "AutoModelForCausalLM"
 
-    def prepare(self, data: Path, folder: Path, config: Any, settings: Settings) -> Any:
+    def prepare(self, data: Path, folder: Path, config: Any, settings: Settings) -> Any:  # noqa: ARG002 (Metric protocol)
         tok = tokenizer(folder)
         items: list[tuple[int, list[int]]] = []  # (answer, characters of each choice)
         requests: list[tuple[int, list[int], int]] = []  # (item, ids, first choice token)
