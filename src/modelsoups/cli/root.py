@@ -46,8 +46,9 @@ def command() -> Any:
             elif isinstance(param, TyperArgument):
                 usage = str(param.name).upper() + ("..." if param.nargs != 1 else "")
                 usage = usage if param.required else f"[{usage}]"
-                setattr(param, "get_usage_pieces", lambda _ctx, usage=usage: [usage])  # noqa: B010
-                setattr(param, "display_type_rich", lambda _ctx: None)  # noqa: B010
+                # click calls these with ctx (by keyword): the name must stay
+                setattr(param, "get_usage_pieces", lambda ctx, usage=usage: [usage])  # noqa: ARG005, B010
+                setattr(param, "display_type_rich", lambda ctx: None)  # noqa: ARG005, B010
     return group
 
 
