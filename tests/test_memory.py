@@ -214,17 +214,19 @@ def greedy_peak(inputs: list[Path], out: Path, memory: str) -> int:
 
 @pytest.mark.slow  # four children that import torch: ~10-20 s on 2 busy cores
 def test_greedy_peak_memory_does_not_grow_with_model_size(tmp_path: Path) -> None:
-    """Streamed (--memory 0): peak memory at 4S is within 4 MiB of S's (the largest tensor
-    does not grow: 4 MiB is allocator slack). The in-memory running sum (12 bytes/param)
-    does grow, by ~3 × the extra parameters' float32 size: the measurement sees it."""
-    s, four_s = greedy_models(tmp_path / "s", 6), greedy_models(tmp_path / "4s", 30)
-    extra = 24 * MiB  # float32 bytes 4S has beyond S
-    streamed = [greedy_peak(m, tmp_path / f"streamed{i}", "0") for i, m in enumerate((s, four_s))]
-    in_ram = [greedy_peak(m, tmp_path / f"ram{i}", "1GiB") for i, m in enumerate((s, four_s))]
-    print(f"\ngreedy peak RssAnon above baseline, S vs 4S: streamed {streamed[0] / MiB:.1f} vs "
+    """Streamed (--memory 0): peak memory at 15S stays within 16 MiB of S's although 15S
+    has 114 MiB more float32 parameters (the largest tensor does not grow; repeated runs at
+    one size differ by up to 8 MiB of allocator and thread-arena noise, so the gap between
+    the sizes is made large and the bound is a seventh of it). The in-memory running sum
+    (12 bytes/param) does grow, by ~3 × the extra bytes: the measurement sees it."""
+    s, big = greedy_models(tmp_path / "s", 6), greedy_models(tmp_path / "15s", 120)
+    extra = 114 * MiB  # float32 bytes 15S has beyond S
+    streamed = [greedy_peak(m, tmp_path / f"streamed{i}", "0") for i, m in enumerate((s, big))]
+    in_ram = [greedy_peak(m, tmp_path / f"ram{i}", "1GiB") for i, m in enumerate((s, big))]
+    print(f"\ngreedy peak RssAnon above baseline, S vs 15S: streamed {streamed[0] / MiB:.1f} vs "
           f"{streamed[1] / MiB:.1f} MiB; in memory {in_ram[0] / MiB:.1f} vs "
           f"{in_ram[1] / MiB:.1f} MiB (largest tensor {GREEDY_LARGEST / MiB:.0f} MiB)")  # fmt: skip
-    assert streamed[1] - streamed[0] <= 4 * MiB
+    assert streamed[1] - streamed[0] <= extra / 7
     assert in_ram[1] - in_ram[0] >= 2 * extra
 
 
@@ -243,11 +245,12 @@ def stock_peak(inputs: list[Path], out: Path) -> int:
 
 @pytest.mark.slow  # two children that import torch
 def test_stock_peak_memory_does_not_grow_with_model_size(tmp_path: Path) -> None:
-    """Model Stock streams in slices: at 4S (same largest tensor) the peak is within 4 MiB
-    of S's (measured: 21.6 MiB both, mostly the per-thread float64 slices and the CLI's
-    imports after the baseline)."""
-    s, four_s = greedy_models(tmp_path / "s", 6), greedy_models(tmp_path / "4s", 30)
-    peaks = [stock_peak(m, tmp_path / f"stock{i}.safetensors") for i, m in enumerate((s, four_s))]
-    print(f"\nstock peak RssAnon above baseline, S vs 4S: {peaks[0] / MiB:.1f} vs "
+    """Model Stock streams in slices: at 15S (same largest tensor, 114 MiB more float32
+    parameters) the peak stays within 16 MiB of S's (measured: ~22 MiB at both, mostly the
+    per-thread float64 slices and the CLI's imports after the baseline; runs at one size
+    differ by several MiB, hence the large gap between the sizes)."""
+    s, big = greedy_models(tmp_path / "s", 6), greedy_models(tmp_path / "15s", 120)
+    peaks = [stock_peak(m, tmp_path / f"stock{i}.safetensors") for i, m in enumerate((s, big))]
+    print(f"\nstock peak RssAnon above baseline, S vs 15S: {peaks[0] / MiB:.1f} vs "
           f"{peaks[1] / MiB:.1f} MiB (largest tensor {GREEDY_LARGEST / MiB:.0f} MiB)")  # fmt: skip
-    assert peaks[1] - peaks[0] <= 4 * MiB
+    assert peaks[1] - peaks[0] <= 16 * MiB
