@@ -80,3 +80,19 @@ def test_pickle_inputs_still_soup(make_ingredients, tmp_path: Path) -> None:
             torch.testing.assert_close(got.double(), v, rtol=1e-6, atol=1e-7)
         else:
             assert torch.equal(got, v)
+
+
+@pytest.mark.parametrize("argv", [[], ["--help"], ["uniform", "--help"], ["greedy", "--help"]])
+def test_cli_import_and_help_import_neither_numpy_nor_torch(argv: list[str]) -> None:
+    """`soup --help` starts fast: the CLI imports the readers (numpy) and torch only in the
+    commands that read checkpoints."""
+    code = (
+        "import sys\nfrom modelsoups.cli import main\n"
+        "if sys.argv[1:]:\n    main(sys.argv[1:])\n"
+        "print(sorted(m for m in ('numpy', 'torch', 'safetensors') if m in sys.modules))"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code, *argv], capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip().splitlines()[-1] == "[]", proc.stdout[-500:]
