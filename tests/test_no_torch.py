@@ -96,3 +96,13 @@ def test_cli_import_and_help_import_neither_numpy_nor_torch(argv: list[str]) -> 
     )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip().splitlines()[-1] == "[]", proc.stdout[-500:]
+
+
+def test_stock_of_safetensors_does_not_import_torch(make_ingredients, tmp_path: Path) -> None:
+    """Model Stock streams through numpy like uniform: no torch import (~1-2 s)."""
+    base, *fts = map(str, make_ingredients(3))
+    out = tmp_path / "stock.safetensors"
+    code, output = soup("stock", *fts, "--base", base, "-o", str(out))
+    assert code == 0, output
+    assert "torch imported: False" in output
+    assert out.exists()
