@@ -6,7 +6,8 @@
 Each variant is `LABEL=REF[,VAR=VALUE...]`: REF is a git ref whose `src/` is extracted once
 (`.` = the live work tree), the VARs are set in its environment (`SOUP_UNSUPERVISED=1`),
 except `recipe=NAME`, which overrides `--recipe` for that variant. The recipe is `uniform`
-(of the last N of m00..mN that exist), `stock` (fine-tunes m01..mN, base m00) or `help` (`soup --help`). Every round
+(of the last N of m00..mN that exist), `stock` (fine-tunes m01..mN, base m00) or `help`
+(`soup --help`). Every round
 runs each variant once, in an order rotated from round to round, so that a change of load
 during the run hits every variant alike; each run is a fresh process measured by
 `measure.run` (wall, peak RssAnon of the process tree, user/sys CPU), with the 1-minute load
@@ -80,45 +81,60 @@ def main() -> None:
     recipes = {lab: extra.pop("recipe", args.recipe) for lab, _, extra in variants}
     envs = {lab: {**os.environ, **extra, "PYTHONPATH": str(source(ref))}
             for lab, ref, extra in variants}  # fmt: skip
-    out = HERE / ".cache" / "out" / "ab.safetensors"
+    out = HERE / ".cache" / "out" / f"ab-{os.getpid()}.safetensors"
     out.parent.mkdir(parents=True, exist_ok=True)
-    runs: list[dict[str, object]] = []
+    runs: list[dict] = []
     labels = [v[0] for v in variants]
     for rep in range(args.reps):
         k = rep % len(labels)
         for label in labels[k:] + labels[:k]:
-            load = os.getloadavg()[0]
-            m = run(command(recipes[label], dirs, args.n, out), env=envs[label], timeout_s=3600)
-            shutil.rmtree(out, ignore_errors=True) if out.is_dir() else out.unlink(missing_ok=True)
-            row = {"label": label, "rep": rep, "wall_s": m.wall_s, "peak_mib": m.peak_anon_bytes / MiB,
-                   "user_s": m.cpu_user_s, "sys_s": m.cpu_sys_s, "load": load, "rc": m.returncode}  # fmt: skip
-            runs.append(row)
-            print(f"{label:12s} rep {rep}: {m.wall_s:6.2f} s {row['peak_mib']:6.0f} MiB "
-                  f"user {m.cpu_user_s:5.2f} sys {m.cpu_sys_s:5.2f} load {load:4.2f} rc {m.returncode}"
-                  + (f" {m.stderr_tail[-300:]}" if m.returncode else ""), flush=True)  # fmt: skip
-    print(table(runs, labels, args, variants))
+            runs.append(measure_one(label, rep, command(recipes[label], dirs, args.n, out),
+                                    envs[label], out))  # fmt: skip
+    print(table(runs, labels, args))
     if args.out:
         meta = {"when": time.strftime("%Y-%m-%dT%H:%MZ", time.gmtime()), "recipe": args.recipe,
                 "inputs": str(args.inputs), "n": args.n, "variants": args.variant}  # fmt: skip
-        args.out.write_text(json.dumps({"meta": meta, "runs": runs}, indent=1))
-        args.out.with_suffix(".md").write_text(table(runs, labels, args, variants))
+        args.out.with_suffix(".json").write_text(json.dumps({"meta": meta, "runs": runs}, indent=1))
+        args.out.with_suffix(".md").write_text(table(runs, labels, args))
 
 
-def table(runs: list[dict], labels: list[str], args: argparse.Namespace, variants: list) -> str:
+def measure_one(label: str, rep: int, cmd: list[str], env: dict[str, str], out: Path) -> dict:
+    """One run in a fresh process; the output is deleted (with its page cache) afterwards."""
+    load = os.getloadavg()[0]
+    m = run(cmd, env=env, timeout_s=3600)
+    shutil.rmtree(out, ignore_errors=True) if out.is_dir() else out.unlink(missing_ok=True)
+    row = {
+        "label": label,
+        "rep": rep,
+        "wall_s": m.wall_s,
+        "peak_mib": m.peak_anon_bytes / MiB,
+        "user_s": m.cpu_user_s,
+        "sys_s": m.cpu_sys_s,
+        "load": load,
+        "rc": m.returncode,
+    }
+    error = f" {m.stderr_tail[-300:]}" if m.returncode else ""
+    print(f"{label:14s} rep {rep}: {m.wall_s:6.2f} s {row['peak_mib']:6.0f} MiB user "
+          f"{m.cpu_user_s:5.2f} sys {m.cpu_sys_s:5.2f} load {load:4.2f} rc {m.returncode}{error}",
+          flush=True)  # fmt: skip
+    return row
+
+
+def table(runs: list[dict], labels: list[str], args: argparse.Namespace) -> str:
     def med(label: str, key: str) -> float:
         return statistics.median(r[key] for r in runs if r["label"] == label and r["rc"] == 0)
 
     first = labels[0]
     lines = [f"`soup {args.recipe}`, {args.inputs} N={args.n}, {args.reps} interleaved rounds, "
              f"medians; variants: {', '.join(args.variant)}", "",
-             "| variant | wall s | ÷ " + first + " | peak RssAnon MiB | user s | sys s | load (min–max) |",
+             f"| variant | wall s | ÷ {first} | peak RssAnon MiB | user s | sys s | load |",
              "|---|---|---|---|---|---|---|"]  # fmt: skip
     for label in labels:
-        loads = [r["load"] for r in runs if r["label"] == label]
-        lines.append(f"| {label} | {med(label, 'wall_s'):.2f} | "
-                     f"{med(label, 'wall_s') / med(first, 'wall_s'):.3f} | "
+        load = [r["load"] for r in runs if r["label"] == label]
+        wall = med(label, "wall_s")
+        lines.append(f"| {label} | {wall:.2f} | {wall / med(first, 'wall_s'):.3f} | "
                      f"{med(label, 'peak_mib'):.0f} | {med(label, 'user_s'):.2f} | "
-                     f"{med(label, 'sys_s'):.2f} | {min(loads):.2f}–{max(loads):.2f} |")  # fmt: skip
+                     f"{med(label, 'sys_s'):.2f} | {min(load):.2f}–{max(load):.2f} |")  # fmt: skip
     return "\n".join(lines) + "\n"
 
 
