@@ -57,7 +57,7 @@ def lora_soup(
     average: str = "exact",
     merge_into: PathLike | None = None,
     allow_different_base: bool = False,
-    dtype: str | torch.dtype | None = None,
+    dtype: str | DType | torch.dtype | None = None,
     accumulate: str = "float32",
     allow_nonfinite: bool = False,
     max_shard_size: int | None = None,
