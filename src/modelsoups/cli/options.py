@@ -359,8 +359,14 @@ def _is_bundle(hint: Any) -> bool:
     return isinstance(hint, type) and dataclasses.is_dataclass(hint)
 
 
+@functools.cache
+def _hints(bundle: type) -> dict[str, Any]:
+    """The bundle's field types, aliases resolved (once: `soup --help` builds every command)."""
+    return get_type_hints(bundle, include_extras=True)
+
+
 def _fields_as_params(bundle: type) -> list[inspect.Parameter]:
-    hints = get_type_hints(bundle, include_extras=True)
+    hints = _hints(bundle)
     params = []
     for f in dataclasses.fields(bundle):
         if _is_bundle(hints[f.name]):
@@ -374,7 +380,7 @@ def _fields_as_params(bundle: type) -> list[inspect.Parameter]:
 
 def _build(bundle: type, values: dict[str, Any]) -> Any:
     """The bundle from the options' values (taken out of `values`)."""
-    hints = get_type_hints(bundle, include_extras=True)
+    hints = _hints(bundle)
     kwargs = {}
     for f in dataclasses.fields(bundle):
         is_nested = _is_bundle(hints[f.name])
