@@ -50,6 +50,8 @@ from ..types import PathLike, Progress, SoupResult
 if TYPE_CHECKING:
     import torch
 
+    from ..dtypes import DType
+
 __all__ = ["lora_soup"]
 
 
