@@ -22,6 +22,7 @@ import socket
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -40,6 +41,7 @@ from midrun import (
 )
 from safetensors.torch import load_file, save_file
 
+from modelsoups import LocalExecutor
 from modelsoups.cli import main
 from modelsoups.io.writer import remove_stale_partials
 
@@ -422,6 +424,33 @@ def test_signal_stops_parallel_evaluations(
     assert len(calls(pids)) == 2, "a queued evaluation started after the signal"
     assert not out.exists() and not list(tmp_path.glob(".*soup-candidate-*"))
     assert digests(inputs) == before
+
+
+class Stopped(Exception):
+    pass
+
+
+def _stop_handler(_signum: int, _frame: object) -> None:
+    raise Stopped
+
+
+@pytest.mark.slow  # two worker processes
+def test_a_signal_during_a_parallel_map_goes_to_the_handler_in_force_before_it() -> None:
+    """SIGTERM while `LocalExecutor.map` waits on its workers is noted, the workers are
+    stopped, and the handler installed before `map` then runs (here it raises), from one
+    known place rather than from inside concurrent.futures' locks; the handler stays."""
+    previous = signal.signal(signal.SIGTERM, _stop_handler)
+    timer = threading.Timer(2.0, os.kill, (os.getpid(), signal.SIGTERM))
+    try:
+        start = time.monotonic()
+        timer.start()
+        with pytest.raises(Stopped):
+            LocalExecutor(2).map(time.sleep, [60, 60])
+        assert time.monotonic() - start < 40  # the jobs would take 60 s
+        assert signal.getsignal(signal.SIGTERM) is _stop_handler
+    finally:
+        timer.cancel()
+        signal.signal(signal.SIGTERM, previous)
 
 
 # ---------------------------------------------------------------------------------------
