@@ -23,6 +23,7 @@ from modelsoups.similarity import init_warning, sample_vector, similarity_report
 def ingredients(n: int, tensors: int) -> list[MemoryCheckpoint]:
     g = torch.Generator().manual_seed(0)
     base = {f"layer{i}.weight": torch.randn(64, 64, generator=g) for i in range(tensors)}
+
     def finetune() -> dict[str, torch.Tensor]:
         return {k: v + 0.01 * torch.randn(v.shape, generator=g) for k, v in base.items()}
 
