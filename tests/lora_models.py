@@ -79,7 +79,8 @@ def scale(config: dict[str, object]) -> float:
 def reference(
     base: Path, adapters: Sequence[Path], weights: Sequence[float]
 ) -> dict[str, torch.Tensor]:
-    """float64 W₀ + Σ wᵢ·sᵢ·Bᵢ·Aᵢ, and Σ wᵢ·Mᵢ for modules_to_save tensors (Σ wᵢ = 1)."""
+    """float64 W₀ + Σ wᵢ·sᵢ·Bᵢ·Aᵢ, and M₀ + Σ wᵢ·(Mᵢ − M₀) for modules_to_save tensors
+    (the task-vector sum; Σ wᵢ·Mᵢ when the weights sum to 1)."""
     model = {k: v.double() for k, v in load_file(base / "model.safetensors").items()}
     out = dict(model)
     saved: dict[str, torch.Tensor] = {}
@@ -93,6 +94,7 @@ def reference(
                 target = name.replace(".lora_A.weight", ".weight")
                 out[target] = out[target] + w * scale(config) * (b @ t.double())
             elif ".lora_B." not in key:
-                saved[name] = saved.get(name, 0) + w * t.double()  # type: ignore[assignment,operator]
+                delta = w * (t.double() - model[name])
+                saved[name] = saved.get(name, model[name]) + delta
     out.update(saved)
     return out

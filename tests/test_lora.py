@@ -210,3 +210,23 @@ def test_greedy_soup_of_adapters_scores_candidates_in_a_peft_model_without_touch
     want = reference(base, chosen, [1 / len(chosen)] * len(chosen))
     assert_matches(peft_merged(base, tmp_path / "greedy"), want)
     assert held_out(result.state_dict()) == pytest.approx(result.score, abs=1e-6)
+
+
+def test_unnormalised_weights_make_a_task_vector_sum_also_for_modules_to_save(
+    adapters: tuple[Path, list[Path]], tmp_path: Path
+) -> None:
+    """Weights summing to 1.5: W₀ + Σ wᵢΔWᵢ, and M₀ + Σ wᵢ(Mᵢ − M₀) for lm_head, whose
+    base value comes from --merge-into (CLI) or base= (Python, adapter output)."""
+    from transformers import AutoModelForCausalLM
+
+    import modelsoups as ms
+
+    base, runs = adapters
+    weights = [0.5, 0.75, 0.25]
+    merged = tmp_path / "merged"
+    args = ["weighted", *map(str, runs), "--weights", "0.5,0.75,0.25", "--no-normalize"]
+    assert main([*args, "--merge-into", str(base), "-o", str(merged), "-q"]) == 0
+    want = reference(base, runs, weights)
+    assert_matches(dict(AutoModelForCausalLM.from_pretrained(merged).state_dict()), want)
+    ms.lora_soup(runs, tmp_path / "adapter", weights=weights, normalize=False, base=base)
+    assert_matches(peft_merged(base, tmp_path / "adapter"), want)

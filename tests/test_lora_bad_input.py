@@ -86,6 +86,9 @@ CASES: list[tuple[str, list[str] | Callable[[Path], list[str]], list[str]]] = [
     ("output inside an input", ["uniform", "a", "b", "-o", "a/out"], ["a/out"]),
     ("adapter output named .safetensors",
      ["uniform", "a", "b", "-o", "out.safetensors"], ["out.safetensors", "folder"]),
+    ("unnormalised weights with modules_to_save and no base",
+     ["weighted", "a", "b", "-o", "out", "--weights", "1,1", "--no-normalize"],
+     ["lm_head", "modules_to_save", "--merge-into"]),
     ("rank on full checkpoints", lambda r: [
         *_full_checkpoint(r)[:1], "full.safetensors", "full.safetensors", "-o", "o.safetensors",
         "--rank", "2"], ["--rank", "adapters"]),

@@ -5,18 +5,23 @@ tensor (e.g. `(Σθ + θₖ)/(k+1)` for a greedy step). Evaluators read it one t
 (`load_candidate` into a module), all at once (`materialize`), or stream it to disk
 (`write_candidate`), so scoring or writing a candidate costs one pass over the weights.
 An eval command reads them from files in `candidate_folder`, a temporary next to the output.
+
+A candidate that carries an `adapter_config` (`as_adapter`) is a PEFT LoRA adapter: its
+tensors have PEFT's keys, it is written as an adapter folder (`adapter_config.json` +
+`adapter_model.safetensors`), and a built-in metric loads it into a `PeftModel` over the
+base instead of copying it into a model (`adapter_eval.py`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import shutil
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
 from .dtypes import to_numpy
 from .errors import IncompatibleError
@@ -33,16 +38,20 @@ from .io.writer import (
 )
 
 if TYPE_CHECKING:
+    import torch
     from torch import nn
 
     from .types import StateDict
 
 __all__ = [
     "LazyCheckpoint",
+    "adapter_config",
+    "as_adapter",
     "candidate_folder",
     "load_candidate",
     "materialize",
     "model_files_source",
+    "open_candidate",
     "write_candidate",
 ]
 
@@ -63,9 +72,11 @@ class LazyCheckpoint(Checkpoint):
         model_files_from: Path | None = None,
         on_close: Callable[[], None] | None = None,
         compute_array: Callable[[str], np.ndarray] | None = None,
+        adapter_config: dict[str, Any] | None = None,
     ) -> None:
         super().__init__(Path(label), "memory", dict(infos))
         self._compute, self.model_files_from = compute, model_files_from
+        self.adapter_config = adapter_config  # a PEFT LoRA adapter's config (see module doc)
         self._compute_array = compute_array
         self._on_close = on_close
         self.extra: dict[str, Any] = {}  # what a recipe learns while computing (e.g. ratios)
@@ -95,6 +106,41 @@ def _closed(label: Path) -> Callable[[str], torch.Tensor]:
     return compute
 
 
+def adapter_config(candidate: Checkpoint) -> dict[str, Any] | None:
+    """The PEFT config of a candidate that is a LoRA adapter (`as_adapter`), else None."""
+    config = getattr(candidate, "adapter_config", None)
+    return config if isinstance(config, dict) else None
+
+
+def as_adapter(candidate: Checkpoint, config: dict[str, Any]) -> LazyCheckpoint:
+    """`candidate` (tensors with PEFT adapter keys) as a LoRA adapter with `config`: read
+    through, never copied; written as an adapter folder, scored in a `PeftModel`."""
+    return LazyCheckpoint(str(candidate.path), candidate.infos, candidate.get,
+                          compute_array=candidate.array, adapter_config=config)  # fmt: skip
+
+
+@contextlib.contextmanager
+def open_candidate(
+    path: Path, *, key: str | None = None, unsafe_pickle: bool = False
+) -> Iterator[Checkpoint]:
+    """A checkpoint to score: a file or HF folder, or a PEFT adapter folder (`as_adapter`)."""
+    from .io import open_checkpoint
+    from .io.adapter import adapter_folder, open_adapter
+
+    if adapter_folder(path) is not None:
+        adapter = open_adapter(path, unsafe_pickle=unsafe_pickle)
+        try:
+            yield as_adapter(adapter.weights, adapter.config)
+        finally:
+            adapter.close()
+        return
+    ckpt = open_checkpoint(path, key=key, unsafe_pickle=unsafe_pickle)
+    try:
+        yield ckpt
+    finally:
+        ckpt.close()
+
+
 def model_files_source(ckpts: Sequence[Checkpoint]) -> Path | None:
     """The first input that is an HF folder: its config/tokenizer files go with the soup."""
     return next((c.path for c in ckpts if isinstance(c, HFFolder)), None)
@@ -114,25 +160,35 @@ def write_candidate(
     model_files_from: Path | None = None,
     max_shard_size: int | None = None,
 ) -> None:
-    """Stream `candidate` into `out` (a `.safetensors` file, else an HF folder), atomically.
+    """Stream `candidate` into `out` (a `.safetensors` file, else an HF folder; a PEFT
+    adapter folder if the candidate is an adapter), atomically.
 
     `max_shard_size` (bytes) shards the folder as `save_pretrained` does.
     """
+    from .io.adapter import ADAPTER_CONFIG, ADAPTER_WEIGHTS
     from .io.folder import copy_model_files
 
-    folder = out.suffix != ".safetensors"
+    config = adapter_config(candidate)
+    folder = config is not None or out.suffix != ".safetensors"
     check_sharding(out, max_shard_size)
     entries = [Entry(n, i.dtype, i.shape) for n, i in candidate.infos.items()]
-    plan = OutputPlan(out, entries, {"format": "pt", **(metadata or {})}, folder, max_shard_size)
+    meta = {"format": "pt", **(metadata or {})}
     with atomic_path(out, folder=folder, overwrite=overwrite) as tmp:
-        writer = ShardedWriter(tmp, plan)
+        if config is not None:  # PEFT reads one adapter_model.safetensors
+            target = tmp / ADAPTER_WEIGHTS[0]
+            writer = ShardedWriter(target, OutputPlan(target, entries, meta, folder=False))
+        else:
+            writer = ShardedWriter(tmp, OutputPlan(out, entries, meta, folder, max_shard_size))
         try:
             for name in candidate.infos:
                 writer.write(name, candidate.array(name))
             writer.close()
         finally:
             writer.abort()
-        if folder and model_files_from is not None:
+        if config is not None:
+            text = json.dumps(config, indent=2, sort_keys=True) + "\n"
+            (tmp / ADAPTER_CONFIG).write_text(text)
+        elif folder and model_files_from is not None:
             copy_model_files(model_files_from, tmp)
 
 
@@ -157,6 +213,8 @@ def candidate_folder(out: Path) -> Iterator[Path]:
 
 def load_candidate(module: nn.Module, candidate: Checkpoint) -> nn.Module:
     """Copy `candidate` into `module`'s existing tensors in place (one tensor at a time)."""
+    import torch  # here, not at the top: `soup stock` and greedy's checks never need it
+
     target = module.state_dict()
     missing = [k for k in target if k not in candidate.infos]
     unexpected = [k for k in candidate.infos if k not in target]

@@ -17,31 +17,40 @@ module goes into the output's metadata), `average="factors"` averages A and B se
 `merge_into=BASE` writes the full model W₀ + Σ wᵢsᵢBᵢAᵢ instead of an adapter
 (`recipes/lora_merge.py`).
 
+Weights that do not sum to one (`normalize=False`: task arithmetic, WiSE-FT's α·adapter)
+make the soup a task-vector sum W₀ + Σ wᵢ·ΔWᵢ, which is what the LoRA modules give as they
+are. A tensor in `modules_to_save` is stored whole (M, not M − M₀), so its share of that
+sum is M₀ + Σ wᵢ(Mᵢ − M₀) = (1 − Σwᵢ)·M₀ + Σ wᵢ·Mᵢ: it needs the base model's M₀, read
+from `base` (or `merge_into`). Without either, such a soup is refused: averaging the Mᵢ
+with weights that do not sum to one would scale the trained head, not add a task vector.
+
 Averaging adapters trained from one base is the model soup of Wortsman et al. 2022
 (https://arxiv.org/abs/2203.05482) restricted to the low-rank updates.
 """
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from ..adapters import check_adapters, open_adapters, soup_config
-from ..average import accumulate_dtype, output_dtype, soup_tensor
+from ..average import accumulate_dtype, output_dtype
+from ..candidate import write_candidate
 from ..check import resolve_weights
-from ..dtypes import DType, to_numpy
 from ..errors import OutputError, SoupError
-from ..io.adapter import ADAPTER_CONFIG, ADAPTER_WEIGHTS
-from ..io.writer import Entry, OutputPlan, ShardedWriter, atomic_path, check_output
-from ..lora_plan import AVERAGES, LoraPlan, module_factors
+from ..io import open_checkpoint
+from ..io.adapter import LoraAdapter
+from ..io.writer import check_output
+from ..lora_plan import AVERAGES, LoraPlan, module_factors, soup_checkpoint
 from ..stream import provenance
 from ..types import PathLike, Progress, SoupResult
 
 if TYPE_CHECKING:
     import torch
+
+    from ..dtypes import DType
 
 __all__ = ["lora_soup"]
 
@@ -56,8 +65,9 @@ def lora_soup(
     rank: int | None = None,
     average: str = "exact",
     merge_into: PathLike | None = None,
+    base: PathLike | None = None,
     allow_different_base: bool = False,
-    dtype: str | torch.dtype | None = None,
+    dtype: str | DType | torch.dtype | None = None,
     accumulate: str = "float32",
     allow_nonfinite: bool = False,
     max_shard_size: int | None = None,
@@ -70,28 +80,25 @@ def lora_soup(
 
     Args:
         inputs: PEFT adapter folders (or their `adapter_model.*` files) of one base model.
-        out: the output folder (a PEFT adapter; with `merge_into`, a model folder, or a
-            `*.safetensors` file).
+        out: a PEFT adapter folder (with `merge_into`: a model folder or `*.safetensors`).
         weights: one per adapter (`None`: uniform), normalised to sum 1 unless told not to.
         rank: compress each module to this rank (truncated SVD); errors in the metadata.
         average: `"exact"` (default) or `"factors"` (naive: average A and B separately).
         merge_into: a base model (folder or file): write W₀ + Σ wᵢsᵢBᵢAᵢ, streamed.
+        base: the base model, read only for `modules_to_save` tensors when the weights do
+            not sum to one (see the module doc; default: `merge_into`).
         allow_different_base: soup adapters whose `base_model_name_or_path` differ.
         dtype: output float dtype (default: the adapters' or the base's).
 
     Returns:
-        A `SoupResult`; `extra["errors"]` holds each module's relative error when `rank`
-        or `average="factors"` was used.
+        A `SoupResult`; `extra["errors"]`: each module's relative error (rank, factors).
 
     Example:
         >>> lora_soup(["runs/a", "runs/b"], "soup-adapter")  # doctest: +SKIP
     """
-    started = time.perf_counter()
-    paths, out = [Path(p) for p in inputs], Path(out)
-    _check_options(rank, average)
-    check_output(out, paths + ([Path(merge_into)] if merge_into else []))
-    if merge_into is None and out.suffix == ".safetensors":
-        raise OutputError(f"{out}: an adapter soup is a folder; drop the .safetensors suffix")
+    started, paths, out = time.perf_counter(), [Path(p) for p in inputs], Path(out)
+    _check_options(rank, average, out, merge_into)
+    check_output(out, paths + [Path(p) for p in (merge_into, base) if p is not None])
     adapters = open_adapters(paths, unsafe_pickle=unsafe_pickle)
     try:
         w = resolve_weights(weights, len(adapters), normalize=normalize,
@@ -99,28 +106,47 @@ def lora_soup(
         check_adapters(adapters, allow_different_base=allow_different_base)
         plan = LoraPlan(adapters, w, average, rank, accumulate_dtype(accumulate),
                         output_dtype(dtype), allow_nonfinite)  # fmt: skip
-        if rank is not None or average == "factors":
-            plan.computed = {m: module_factors(plan, m) for m in adapters[0].modules}
-        meta = provenance(recipe, [a.weights for a in adapters], w, lora_average=average,
-                          lora_rank=rank, lora_errors=plan.errors)  # fmt: skip
-        if merge_into is not None:
-            from .lora_merge import write_merged
-
-            result = write_merged(plan, Path(merge_into), out, meta, overwrite=overwrite,
-                                  max_shard_size=max_shard_size, progress=progress)  # fmt: skip
-        else:
-            result = _write_adapter(plan, out, meta, overwrite=overwrite)
+        result = _write(plan, out, base or merge_into, merge_into, recipe, overwrite=overwrite,
+                        max_shard_size=max_shard_size, progress=progress)  # fmt: skip
     finally:
         for a in adapters:
             a.close()
     result.recipe, result.ingredients, result.weights = recipe, paths, w
     result.seconds = time.perf_counter() - started
-    result.extra["errors"] = dict(plan.errors)
-    _describe(result, plan)
-    return result
+    return _describe(result, plan)
 
 
-def _check_options(rank: int | None, average: str) -> None:
+def _write(
+    plan: LoraPlan,
+    out: Path,
+    base: PathLike | None,
+    merge_into: PathLike | None,
+    recipe: str,
+    **options: object,
+) -> SoupResult:
+    """Open the base if the soup needs it, compute what goes in the header, write."""
+    adapters = plan.adapters
+    if adapters[0].extras and abs(sum(plan.weights) - 1.0) > 1e-9 and base is not None:
+        plan.base = open_checkpoint(base)
+    try:
+        for key in adapters[0].extras.values():
+            plan.saved_tensor_source(key)  # a task-vector sum without its base fails now
+        if plan.rank is not None or plan.average == "factors":
+            plan.computed = {m: module_factors(plan, m) for m in adapters[0].modules}
+        meta = provenance(recipe, [a.weights for a in adapters], plan.weights,
+                          lora_average=plan.average, lora_rank=plan.rank,
+                          lora_errors=plan.errors)  # fmt: skip
+        if merge_into is not None:
+            from .lora_merge import write_merged
+
+            return write_merged(plan, Path(merge_into), out, meta, **options)  # type: ignore[arg-type]
+        return _write_adapter(plan, out, meta, overwrite=bool(options["overwrite"]))
+    finally:
+        if plan.base is not None:
+            plan.base.close()
+
+
+def _check_options(rank: int | None, average: str, out: Path, merge_into: object) -> None:
     if average not in AVERAGES:
         raise SoupError(f"lora average must be one of {', '.join(AVERAGES)}, got {average!r}")
     if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
@@ -129,12 +155,15 @@ def _check_options(rank: int | None, average: str) -> None:
         raise SoupError(
             "--rank compresses the exact soup; it does not go with --lora-average factors"
         )
+    if merge_into is None and out.suffix == ".safetensors":
+        raise OutputError(f"{out}: an adapter soup is a folder; drop the .safetensors suffix")
 
 
-def _describe(result: SoupResult, plan: LoraPlan) -> None:
-    """Warnings and notes on what the options cost."""
+def _describe(result: SoupResult, plan: LoraPlan) -> SoupResult:
+    """`result` with the modules' errors, and warnings or notes on what the options cost."""
+    result.extra["errors"] = dict(plan.errors)
     if not plan.errors:
-        return
+        return result
     worst = max(plan.errors, key=lambda m: plan.errors[m])
     if plan.average == "factors":
         result.warnings.append(
@@ -147,48 +176,15 @@ def _describe(result: SoupResult, plan: LoraPlan) -> None:
             f"rank {plan.rank}: relative Frobenius error up to {plan.errors[worst]:.3g} "
             f"(module {worst!r}; every module's error is in the output metadata)"
         )
-
-
-def _cast(x: torch.Tensor, dtype: DType) -> Any:
-    return to_numpy(x.to(dtype.to_torch()).contiguous())
+    return result
 
 
 def _write_adapter(
-    plan: LoraPlan,
-    out: Path,
-    meta: dict[str, str],
-    *,
-    overwrite: bool,
+    plan: LoraPlan, out: Path, meta: dict[str, str], *, overwrite: bool
 ) -> SoupResult:
     """Write the soup as a PEFT adapter folder: config + one safetensors file."""
-    first, dtype = plan.adapters[0], plan.dtype
-    ranks = {m: plan.out_rank(m) for m in first.modules}
-    entries: list[Entry] = []
-    for name, m in first.modules.items():
-        a_dtype = dtype or first.weights.infos[m.a_key].dtype
-        entries.append(Entry(m.a_key, a_dtype, (ranks[name], *m.a_shape[1:])))
-        b_dtype = dtype or first.weights.infos[m.b_key].dtype
-        entries.append(Entry(m.b_key, b_dtype, (m.b_shape[0], ranks[name], *m.b_shape[2:])))
-    for key in first.extras.values():
-        info = first.weights.infos[key]
-        entries.append(Entry(key, dtype if dtype and info.is_float else info.dtype, info.shape))
-    srcs, dtypes = [a.weights for a in plan.adapters], {e.name: e.dtype for e in entries}
-    with atomic_path(out, folder=True, overwrite=overwrite) as tmp:
-        file = tmp / ADAPTER_WEIGHTS[0]
-        writer = ShardedWriter(file, OutputPlan(file, entries, meta, folder=False))
-        try:
-            for name, m in first.modules.items():
-                A, B = module_factors(plan, name)
-                writer.write(m.a_key, _cast(A, dtypes[m.a_key]))
-                writer.write(m.b_key, _cast(B, dtypes[m.b_key]))
-            for key in first.extras.values():
-                mean = soup_tensor(key, srcs, plan.weights, accumulate=plan.accumulate,
-                                   dtype=dtype, allow_nonfinite=plan.allow_nonfinite)  # fmt: skip
-                writer.write(key, mean)
-            writer.close()
-        finally:
-            writer.abort()
-        config = soup_config(first.config, ranks)
-        (tmp / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    total = sum(e.nbytes for e in entries)
-    return SoupResult(out, "", [], [], len(entries), total)
+    first: LoraAdapter = plan.adapters[0]
+    soup = soup_checkpoint(plan)
+    soup.adapter_config = soup_config(first.config, {m: plan.out_rank(m) for m in first.modules})
+    write_candidate(soup, out, metadata=meta, overwrite=overwrite)
+    return SoupResult(out, "", [], [], len(soup.infos), soup.nbytes)

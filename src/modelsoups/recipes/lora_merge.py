@@ -92,7 +92,7 @@ def write_merged(
     progress: Progress | None,
 ) -> SoupResult:
     """Stream the merged model into `out` (a folder, or a `*.safetensors` file)."""
-    accumulate, dtype, allow_nonfinite = plan.accumulate, plan.dtype, plan.allow_nonfinite
+    accumulate, dtype = plan.accumulate, plan.dtype
     base = open_checkpoint(base_path)
     try:
         targets = _targets(plan, base)
@@ -101,7 +101,6 @@ def write_merged(
             for n, i in base.infos.items()
         ]
         folder = out.suffix != ".safetensors"
-        srcs = [a.weights for a in plan.adapters]
         extras = plan.adapters[0].extras
         done, total = 0, base.nbytes
         with atomic_path(out, folder=folder, overwrite=overwrite) as tmp:
@@ -111,9 +110,7 @@ def write_merged(
                     if e.name in targets:
                         data = _merged(plan, base, e.name, targets[e.name], accumulate, e.dtype)
                     elif e.name in extras:  # modules_to_save: the adapters' mean
-                        data = soup_tensor(PREFIX + e.name, srcs, plan.weights,
-                                           accumulate=accumulate, dtype=e.dtype,
-                                           allow_nonfinite=allow_nonfinite)  # fmt: skip
+                        data = plan.saved_tensor(PREFIX + e.name, e.dtype)
                     elif e.dtype == base.infos[e.name].dtype:  # untouched by the adapters
                         data = base.array(e.name)
                     else:
