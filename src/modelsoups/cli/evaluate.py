@@ -138,7 +138,8 @@ def eval_(
     unsafe_pickle: UnsafePickle = False,
 ) -> None:
     """Score checkpoints with a built-in metric, in process (higher is better)."""
-    from ..io import expand_inputs, open_checkpoint
+    from ..candidate import open_candidate
+    from ..io import expand_inputs
 
     paths = expand_inputs(inputs)
     opts = MetricOptions(metric, data, device, batch_size, max_length, model)
@@ -146,13 +147,12 @@ def eval_(
     assert ev is not None
     rows = []
     for path, given in zip(paths, _given(inputs, paths), strict=True):
-        ckpt = open_checkpoint(path, key=key, unsafe_pickle=unsafe_pickle)
-        try:
-            with example_bar(f"{metric} {given}") as bar:
-                ev.progress = bar
-                s = ev.evaluate(ckpt, name=given)
-        finally:
-            ckpt.close()
+        with (
+            open_candidate(path, key=key, unsafe_pickle=unsafe_pickle) as ckpt,  # or adapter
+            example_bar(f"{metric} {given}") as bar,
+        ):
+            ev.progress = bar
+            s = ev.evaluate(ckpt, name=given)
         rows.append({"checkpoint": given, "score": s.score, "metrics": s.metrics})
     if json_:
         print(json.dumps(rows))

@@ -104,12 +104,12 @@ def write_mean(
 
     Warnings in `shown` (printed already, e.g. by the selection) are dropped, not repeated.
     """
-    from ..stream import average_checkpoints
+    from ..recipes.uniform import soup_files  # models, or LoRA adapters (exact)
 
     opts["dtype"] = parse_dtype(opts.pop("dtype"))
     opts["max_shard_size"] = parse_size(opts.pop("max_shard_size"))
     with progress_bar(f"{opts['recipe']} soup") as bar:
-        result = average_checkpoints(paths, out, weights=weights, progress=bar, **opts)
+        result = soup_files(paths, out, weights=weights, progress=bar, **opts)
     result.warnings = [w for w in result.warnings if w not in shown]
     report_result(result)
     return result
