@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -109,6 +109,18 @@ def make_ingredients(tmp_path: Path) -> Callable[..., list[Path]]:
         return paths
 
     return make
+
+
+@pytest.fixture
+def quiet_cli() -> Iterator[None]:
+    """In-process `main` runs start with --quiet and without --debug (flags `main` keeps in a
+    module dict and resets after each run): only error lines reach stderr."""
+    from modelsoups.cli.common import STATE
+
+    saved = dict(STATE)
+    STATE.update(quiet=True, debug=False)
+    yield
+    STATE.update(saved)
 
 
 def reference_mean(

@@ -1,13 +1,13 @@
 """The bad-input battery: every way a soup can be asked to do something wrong.
 
 One case per row of `CASES`. Each case builds its inputs in a fresh folder and runs the
-`soup` CLI in-process; every case must end with:
+`soup` CLI in-process; every case must end (harness: battery.py) with:
 
-- a non-zero exit code,
+- exit code 1,
 - exactly one line on stderr, `soup: error: ...`, naming the culprit file (and tensor where
-  there is one),
+  there is one), and no Python warning,
 - no output and no temporary file: the folder holds exactly the files it held before,
-- every input byte-for-byte unchanged.
+- every input byte-for-byte unchanged (sha256).
 
 A few cases also run through a real `soup` subprocess, and the allowed-but-odd inputs (one
 ingredient, `--allow-nonfinite`, `--unsafe-pickle` on a trusted file) are checked to pass.
@@ -16,51 +16,20 @@ ingredient, `--allow-nonfinite`, `--unsafe-pickle` on a trusted file) are checke
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
-import os
 import shutil
 import struct
-import subprocess
-import sys
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 import torch
+from battery import Case, Ctx, Maker, Setup, read_only_folder, run_case, run_subprocess_case
 from conftest import save_as, tiny_state_dict
 from safetensors.torch import load_file, save_file
 
 from modelsoups.cli import main
-from modelsoups.cli.common import STATE
 from modelsoups.dtypes import DTYPES
-
-Maker = Callable[..., list[Path]]
-
-
-@dataclass
-class Ctx:
-    """What a case builder gets: a fresh folder, the ingredient maker, a cleanup stack."""
-
-    tmp: Path
-    make: Maker
-    stack: contextlib.ExitStack
-
-    @property
-    def out(self) -> Path:
-        return self.tmp / "soup.safetensors"
-
-
-@dataclass
-class Setup:
-    """What a case builder returns: the CLI arguments and what the error must mention."""
-
-    argv: list[str]
-    names: list[str] = field(default_factory=list)  # file paths, tensor names, ...
-    out: Path | None = None
-    keeps: list[str] = field(default_factory=list)  # new files that may stay (a history)
-
 
 # ---------------------------------------------------------------------------------------
 # Helpers that break safetensors files in precise ways.
@@ -626,89 +595,14 @@ CASES: list[tuple[str, Callable[[Ctx], Setup]]] = [
 
 
 # ---------------------------------------------------------------------------------------
-# The harness.
-
-
-def read_only_folder(path: Path, stack: contextlib.ExitStack) -> Path:
-    """A folder nobody can write into, root included: a read-only tmpfs mounted on it.
-
-    chmod does not stop root, so as root a tmpfs is mounted read-only (needs
-    CAP_SYS_ADMIN); without it the test is skipped. Non-root users get a chmod 555 folder.
-    """
-    path.mkdir()
-    if os.geteuid() != 0:
-        path.chmod(0o555)
-        stack.callback(path.chmod, 0o755)
-        return path
-    mount = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", str(path)], capture_output=True
-    )
-    if mount.returncode != 0:
-        pytest.skip("running as root and cannot mount a read-only tmpfs (no CAP_SYS_ADMIN)")
-    stack.callback(subprocess.run, ["umount", str(path)], check=False)
-    return path
-
-
-def snapshot(root: Path) -> dict[str, str]:
-    """Relative path -> sha256 of every file (and 'dir' for every folder) under root;
-    FIFOs, sockets and broken links are named by their mode, never opened."""
-    out = {}
-    for p in sorted(root.rglob("*")):
-        rel = str(p.relative_to(root))
-        if p.is_dir():
-            out[rel] = "dir"
-        elif p.is_file():
-            out[rel] = hashlib.sha256(p.read_bytes()).hexdigest()
-        else:
-            out[rel] = f"mode {os.lstat(p).st_mode:o}"
-    return out
-
-
-@pytest.fixture(autouse=True)
-def _fresh_cli_state() -> object:
-    """`main` keeps --quiet/--debug in a module dict; isolate each run."""
-    saved = dict(STATE)
-    STATE.update(quiet=False, debug=False)
-    yield
-    STATE.update(saved)
-
-
-def assert_failed_cleanly(
-    rc: int, stderr: str, setup: Setup, before: dict[str, str], root: Path
-) -> None:
-    lines = stderr.strip().splitlines()
-    assert rc != 0, "the soup should have failed"
-    assert len(lines) == 1, f"expected one error line, got:\n{stderr}"
-    line = lines[0]
-    assert line.startswith("soup: error: "), line
-    for name in setup.names:
-        assert name in line, f"error does not mention {name!r}: {line}"
-    after = snapshot(root)
-    for name in setup.keeps:
-        after.pop(name, None)
-    assert after == before, "files were created, removed or changed"
-    leftovers = [p for p in root.rglob("*") if ".soup-partial-" in p.name]
-    assert not leftovers
+# The battery, in-process and through a real process (harness: battery.py).
 
 
 @pytest.mark.parametrize("build", [b for _, b in CASES], ids=[i for i, _ in CASES])
 def test_bad_input(
-    build: Callable[[Ctx], Setup],
-    tmp_path: Path,
-    make_ingredients: Maker,
-    capsys: pytest.CaptureFixture[str],
+    build: Case, tmp_path: Path, make_ingredients: Maker, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    with contextlib.ExitStack() as stack:
-        setup = build(Ctx(tmp_path, make_ingredients, stack))
-        out = setup.out or tmp_path / "soup.safetensors"
-        existed = out.exists()
-        before = snapshot(tmp_path)
-        capsys.readouterr()
-        rc = main(setup.argv)
-        stderr = capsys.readouterr().err
-        assert_failed_cleanly(rc, stderr, setup, before, tmp_path)
-        assert out.exists() == existed
-        assert not (tmp_path / "PWNED").exists(), "a pickle ran code"
+    run_case(build, tmp_path, make_ingredients, capsys)
 
 
 def test_battery_is_large_enough() -> None:
@@ -716,31 +610,10 @@ def test_battery_is_large_enough() -> None:
     assert len({i for i, _ in CASES}) == len(CASES)
 
 
-# ---------------------------------------------------------------------------------------
-# The same through a real process: exit code and stderr as a user sees them.
-
-
-def soup_command() -> list[str]:
-    script = Path(sys.executable).parent / "soup"
-    if script.exists():
-        return [str(script)]
-    return [sys.executable, "-c", "from modelsoups.cli import run; run()"]
-
-
 @pytest.mark.slow  # a real process imports torch: 3-7 s on 2 busy cores
 @pytest.mark.parametrize("build", [truncated_data, malicious_pickle], ids=lambda b: b.__name__)
-def test_bad_input_subprocess(
-    build: Callable[[Ctx], Setup], tmp_path: Path, make_ingredients: Maker
-) -> None:
-    with contextlib.ExitStack() as stack:
-        setup = build(Ctx(tmp_path, make_ingredients, stack))
-        before = snapshot(tmp_path)
-        proc = subprocess.run(
-            [*soup_command(), *setup.argv], capture_output=True, text=True, timeout=60
-        )
-        assert proc.returncode == 1, proc.stderr
-        assert proc.stdout == ""
-        assert_failed_cleanly(proc.returncode, proc.stderr, setup, before, tmp_path)
+def test_bad_input_subprocess(build: Case, tmp_path: Path, make_ingredients: Maker) -> None:
+    run_subprocess_case(build, tmp_path, make_ingredients)
 
 
 # ---------------------------------------------------------------------------------------

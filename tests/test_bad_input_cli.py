@@ -10,7 +10,6 @@ valid (`--weights 1e308,1e308`, `--weights 1e-13,3e-13`, `--eval-timeout inf`) m
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 from collections.abc import Callable
@@ -18,19 +17,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from battery import Case, Ctx, Maker, Setup, read_only_folder, run_case
 from conftest import save_as, tiny_state_dict
 from safetensors.torch import load_file
-from test_bad_input import (
-    Ctx,
-    Maker,
-    Setup,
-    assert_failed_cleanly,
-    read_only_folder,
-    snapshot,
-)
 
 from modelsoups.cli import MAX_LINE, main
-from modelsoups.cli.common import STATE
+
+pytestmark = pytest.mark.usefixtures("quiet_cli")
 
 OK = "echo 1; : {ckpt}"  # an evaluator that scores everything 1
 
@@ -451,34 +444,11 @@ CASES: list[tuple[str, Callable[[Ctx], Setup]]] = [
 ]
 
 
-@pytest.fixture(autouse=True)
-def _fresh_cli_state() -> object:
-    saved = dict(STATE)
-    STATE.update(quiet=True, debug=False)
-    yield
-    STATE.update(saved)
-
-
 @pytest.mark.parametrize("build", [b for _, b in CASES], ids=[i for i, _ in CASES])
 def test_bad_cli_input(
-    build: Callable[[Ctx], Setup],
-    tmp_path: Path,
-    make_ingredients: Maker,
-    capsys: pytest.CaptureFixture[str],
+    build: Case, tmp_path: Path, make_ingredients: Maker, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    with contextlib.ExitStack() as stack:
-        setup = build(Ctx(tmp_path, make_ingredients, stack))
-        out = setup.out or tmp_path / "soup.safetensors"
-        existed = out.exists()
-        before = snapshot(tmp_path)
-        capsys.readouterr()
-        rc = main(setup.argv)
-        stderr = capsys.readouterr().err
-        assert rc == 1, stderr
-        assert_failed_cleanly(rc, stderr, setup, before, tmp_path)
-        assert len(stderr.strip()) <= MAX_LINE
-        assert out.exists() == existed
-        assert not list(tmp_path.rglob(".*soup-candidate-*")), "a candidate folder was left"
+    run_case(build, tmp_path, make_ingredients, capsys, quiet=True)
 
 
 def test_cli_battery_is_large_enough() -> None:

@@ -9,34 +9,22 @@ is a second line on a user's stderr).
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
 import socket
-import subprocess
 import warnings
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
+from battery import Case, Ctx, Maker, Setup, run_case, run_subprocess_case, sha256, snapshot
 from conftest import save_as, tiny_state_dict
 from safetensors.torch import load_file
-from test_bad_input import (
-    Ctx,
-    Maker,
-    Setup,
-    assert_failed_cleanly,
-    read_st,
-    snapshot,
-    soup_command,
-    uniform,
-    write_st,
-)
+from test_bad_input import read_st, uniform, write_st
 
 from modelsoups.cli import main
-from modelsoups.cli.common import STATE
 
 SHARD1, SHARD2 = "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"
 
@@ -387,34 +375,11 @@ CASES: list[tuple[str, Callable[[Ctx], Setup]]] = [
 ]
 
 
-@pytest.fixture(autouse=True)
-def _fresh_cli_state() -> object:
-    saved = dict(STATE)
-    STATE.update(quiet=False, debug=False)
-    yield
-    STATE.update(saved)
-
-
 @pytest.mark.parametrize("build", [b for _, b in CASES], ids=[i for i, _ in CASES])
 def test_bad_input_io(
-    build: Callable[[Ctx], Setup],
-    tmp_path: Path,
-    make_ingredients: Maker,
-    capsys: pytest.CaptureFixture[str],
+    build: Case, tmp_path: Path, make_ingredients: Maker, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    with contextlib.ExitStack() as stack:
-        setup = build(Ctx(tmp_path, make_ingredients, stack))
-        out = setup.out or tmp_path / "soup.safetensors"
-        before = snapshot(tmp_path)
-        capsys.readouterr()
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            rc = main(setup.argv)
-        stderr = capsys.readouterr().err
-        assert rc == 1
-        assert_failed_cleanly(rc, stderr, setup, before, tmp_path)
-        assert not out.exists()
-        assert [str(w.message) for w in caught] == []
+    run_case(build, tmp_path, make_ingredients, capsys)
 
 
 def test_battery_io_is_large_enough() -> None:
@@ -426,14 +391,7 @@ def test_battery_io_is_large_enough() -> None:
 def test_quantized_pickle_prints_no_torch_warning(tmp_path: Path, make_ingredients: Maker) -> None:
     """torch warns while unpickling quantized tensors ("deprecated", "TypedStorage"); a
     real process shows exactly the one error line."""
-    with contextlib.ExitStack() as stack:
-        setup = pickle_quantized(Ctx(tmp_path, make_ingredients, stack))
-        before = snapshot(tmp_path)
-        proc = subprocess.run(
-            [*soup_command(), *setup.argv], capture_output=True, text=True, timeout=120
-        )
-        assert proc.returncode == 1
-        assert_failed_cleanly(proc.returncode, proc.stderr, setup, before, tmp_path)
+    run_subprocess_case(pickle_quantized, tmp_path, make_ingredients)
 
 
 # ---------------------------------------------------------------------------------------
@@ -449,17 +407,11 @@ def cache_snapshot(cache: Path, sd: dict[str, torch.Tensor], name: str) -> Path:
     snap = repo / "snapshots" / "0123abc"
     snap.mkdir(parents=True)
     for f in sorted(staged.iterdir()):
-        blob = _sha(f)
+        blob = sha256(f)
         shutil.move(f, repo / "blobs" / blob)
         (snap / f.name).symlink_to(Path("../../blobs") / blob)
     staged.rmdir()
     return snap
-
-
-def _sha(p: Path) -> str:
-    import hashlib
-
-    return hashlib.sha256(p.read_bytes()).hexdigest()
 
 
 def test_hf_cache_layout_soups_and_copies_only_model_files(tmp_path: Path) -> None:

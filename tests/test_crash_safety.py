@@ -14,7 +14,6 @@ lands mid-write every time instead of racing the clock.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -23,68 +22,30 @@ import socket
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
+from battery import digests, one_error_line, partials
+from midrun import (
+    NUMEL,
+    TENSORS,
+    UNSUPERVISED,
+    alive,
+    big_inputs,
+    file_size_limited,
+    start_paused,
+)
 from safetensors.torch import load_file, save_file
 
+from modelsoups import LocalExecutor
 from modelsoups.cli import main
-from modelsoups.cli.common import STATE
 from modelsoups.io.writer import remove_stale_partials
 
-TENSORS = 8
-NUMEL = 1 << 20  # 8 tensors x 4 MiB: a 32 MiB output, written tensor by tensor
-
-# Runs `soup` in-process after hooking the writer: after PAUSE_AFTER tensors it prints
-# "paused" and sleeps, waiting for the test to kill it.
-CHILD = textwrap.dedent(
-    """
-    import json, sys, time
-    from modelsoups.io import writer
-
-    pause_after, argv = int(sys.argv[1]), json.loads(sys.argv[2])
-    original, written = writer.ShardedWriter.write, []
-
-    def write(self, name, tensor):
-        original(self, name, tensor)
-        written.append(name)
-        if len(written) == pause_after:
-            print("paused", flush=True)
-            time.sleep(120)
-
-    writer.ShardedWriter.write = write
-    from modelsoups.cli import main
-    sys.exit(main(argv))
-    """
-)
-
-
-def big_inputs(tmp: Path, n: int = 2) -> list[Path]:
-    """n fine-tunes of one base (so the soup is meaningful), 32 MiB each."""
-    base = torch.randn(TENSORS, NUMEL, generator=torch.Generator().manual_seed(0))
-    paths = []
-    for i in range(n):
-        g = torch.Generator().manual_seed(1 + i)
-        sd = {
-            f"layer{j}.weight": base[j] + 0.01 * torch.randn(NUMEL, generator=g)
-            for j in range(TENSORS)
-        }
-        path = tmp / f"run{i}.safetensors"
-        save_file(sd, path)
-        paths.append(path)
-    return paths
-
-
-def digests(paths: list[Path]) -> dict[Path, str]:
-    return {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in paths}
-
-
-def partials(folder: Path) -> list[Path]:
-    return sorted(folder.glob(".*.soup-partial-*"))
-
+pytestmark = pytest.mark.usefixtures("quiet_cli")
 
 # Pauses right after the first rename the soup makes (the swap into the final name).
 CHILD_AFTER_RENAME = textwrap.dedent(
@@ -103,32 +64,6 @@ CHILD_AFTER_RENAME = textwrap.dedent(
     sys.exit(main(json.loads(sys.argv[2])))
     """
 )
-
-
-def start_paused(
-    argv: list[str], pause_after: int = TENSORS // 2, child: str = CHILD
-) -> subprocess.Popen[str]:
-    """Start the soup in a child and return once it is paused mid-write."""
-    proc = subprocess.Popen(
-        [sys.executable, "-c", child, str(pause_after), json.dumps(argv)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    assert proc.stdout is not None
-    line = proc.stdout.readline()
-    if line.strip() != "paused":
-        proc.kill()
-        raise AssertionError(f"child did not pause: {line!r} {proc.communicate()[1]}")
-    return proc
-
-
-@pytest.fixture(autouse=True)
-def _fresh_cli_state() -> object:
-    saved = dict(STATE)
-    STATE.update(quiet=True, debug=False)
-    yield
-    STATE.update(saved)
 
 
 @pytest.mark.slow  # a child process importing torch: ~3-5 s on 2 busy cores
@@ -254,10 +189,8 @@ def test_disk_full(
     extra = ["--max-shard-size", "600KB"] if not name.endswith(".safetensors") else []
     capsys.readouterr()
     rc = main(["uniform", *map(str, inputs), "-o", str(out), *extra])
-    err = capsys.readouterr().err.strip().splitlines()
     assert rc == 1
-    assert len(err) == 1 and err[0].startswith("soup: error: "), err
-    assert str(out) in err[0] and "disk full" in err[0]
+    one_error_line(capsys.readouterr().err, str(out), "disk full")
     assert list(tiny_disk.iterdir()) == []  # neither the output nor the partial
     assert digests(inputs) == before
 
@@ -268,25 +201,11 @@ def test_file_size_limit(tmp_path: Path) -> None:
     inputs = big_inputs(tmp_path)
     before = digests(inputs)
     out = tmp_path / "soup.safetensors"
-    child = textwrap.dedent(
-        """
-        import resource, signal, sys
-        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # get EFBIG instead of a core dump
-        resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))
-        from modelsoups.cli import main
-        sys.exit(main(sys.argv[1:]))
-        """
-    )
-    proc = subprocess.run(
-        [sys.executable, "-c", child, "uniform", *map(str, inputs), "-o", str(out)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    err = proc.stderr.strip().splitlines()
+    argv = ["uniform", *map(str, inputs), "-o", str(out)]
+    proc = subprocess.run([sys.executable, "-c", file_size_limited(1 << 20), *argv],
+                          capture_output=True, text=True, timeout=60)  # fmt: skip
     assert proc.returncode == 1, proc.stderr
-    assert len(err) == 1 and err[0].startswith("soup: error: "), err
-    assert str(out) in err[0] and "nothing was kept" in err[0]
+    one_error_line(proc.stderr, str(out), "nothing was kept")
     assert not out.exists()
     assert partials(tmp_path) == []
     assert digests(inputs) == before
@@ -436,8 +355,7 @@ def test_output_that_appears_meanwhile_is_never_replaced(
     monkeypatch.setattr(writer.ShardedWriter, "write", write)
     capsys.readouterr()
     assert main(["uniform", str(a), str(b), "-o", str(out)]) == 1
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "appeared while the soup was being written" in err[0], err
+    one_error_line(capsys.readouterr().err, "appeared while the soup was being written")
     kept = out if out.is_file() else out / "model.safetensors"
     assert kept.read_bytes() == b"the other run's soup"
     assert partials(tmp_path) == []
@@ -467,14 +385,6 @@ def test_open_ingredients_opens_paths_and_state_dicts_and_closes_on_error(
 # Signals with parallel evaluations: stop now, not after every queued evaluation.
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
-
-
 @pytest.mark.slow  # worker processes importing torch
 @pytest.mark.parametrize("how", ["SIGTERM", "Ctrl-C"])
 def test_signal_stops_parallel_evaluations(
@@ -490,8 +400,7 @@ def test_signal_stops_parallel_evaluations(
     out = tmp_path / "soup.safetensors"
     command = f"echo $$ >> {pids}; sleep 60; echo 1; : {{ckpt}}"
     argv = ["greedy", *map(str, inputs), "-o", str(out), "--eval", command, "--workers", "2"]
-    child = "import sys; from modelsoups.cli import main; sys.exit(main(sys.argv[1:]))"
-    proc = subprocess.Popen([sys.executable, "-c", child, *argv], stderr=subprocess.PIPE,
+    proc = subprocess.Popen([sys.executable, "-c", UNSUPERVISED, *argv], stderr=subprocess.PIPE,
                             text=True, start_new_session=True)  # fmt: skip
     try:
         deadline = time.monotonic() + 120
@@ -509,12 +418,39 @@ def test_signal_stops_parallel_evaluations(
     assert proc.returncode == 130, stderr
     assert stderr.strip().splitlines() == ["soup: interrupted; temporary files were removed"]
     deadline = time.monotonic() + 10  # killed at once; gone once the kernel has reaped them
-    while [p for p in map(int, calls(pids)) if _alive(p)] and time.monotonic() < deadline:
+    while [p for p in map(int, calls(pids)) if alive(p)] and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert not [p for p in map(int, calls(pids)) if _alive(p)], "an evaluator is still running"
+    assert not [p for p in map(int, calls(pids)) if alive(p)], "an evaluator is still running"
     assert len(calls(pids)) == 2, "a queued evaluation started after the signal"
     assert not out.exists() and not list(tmp_path.glob(".*soup-candidate-*"))
     assert digests(inputs) == before
+
+
+class Stopped(Exception):
+    pass
+
+
+def _stop_handler(_signum: int, _frame: object) -> None:
+    raise Stopped
+
+
+@pytest.mark.slow  # two worker processes
+def test_a_signal_during_a_parallel_map_goes_to_the_handler_in_force_before_it() -> None:
+    """SIGTERM while `LocalExecutor.map` waits on its workers is noted, the workers are
+    stopped, and the handler installed before `map` then runs (here it raises), from one
+    known place rather than from inside concurrent.futures' locks; the handler stays."""
+    previous = signal.signal(signal.SIGTERM, _stop_handler)
+    timer = threading.Timer(2.0, os.kill, (os.getpid(), signal.SIGTERM))
+    try:
+        start = time.monotonic()
+        timer.start()
+        with pytest.raises(Stopped):
+            LocalExecutor(2).map(time.sleep, [60, 60])
+        assert time.monotonic() - start < 40  # the jobs would take 60 s
+        assert signal.getsignal(signal.SIGTERM) is _stop_handler
+    finally:
+        timer.cancel()
+        signal.signal(signal.SIGTERM, previous)
 
 
 # ---------------------------------------------------------------------------------------
@@ -540,23 +476,12 @@ def test_history_append_past_the_file_size_limit(
     assert hist.stat().st_size == limit - 20
     history_before = hist.read_bytes()
     before = digests(inputs)
-    child = textwrap.dedent(
-        f"""
-        import resource, signal, sys
-        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # EFBIG instead of a core dump
-        resource.setrlimit(resource.RLIMIT_FSIZE, ({limit}, {limit}))
-        from modelsoups.cli import main
-        sys.exit(main(sys.argv[1:]))
-        """
-    )
     argv = ["greedy", *map(str, inputs), "-o", str(out), "--eval", "echo 1; : {ckpt}",
             "--resume"]  # fmt: skip
-    proc = subprocess.run([sys.executable, "-c", child, *argv], capture_output=True,
-                          text=True, timeout=120)  # fmt: skip
-    err = proc.stderr.strip().splitlines()
+    proc = subprocess.run([sys.executable, "-c", file_size_limited(limit), *argv],
+                          capture_output=True, text=True, timeout=120)  # fmt: skip
     assert proc.returncode == 1, proc.stderr
-    assert len(err) == 1 and err[0].startswith("soup: error: "), err
-    assert str(hist) in err[0] and "while appending to the history" in err[0]
+    one_error_line(proc.stderr, str(hist), "while appending to the history")
     assert hist.read_bytes() == history_before
     assert sorted(os.listdir(tmp_path)) == sorted([hist.name, *(p.name for p in inputs)])
     assert digests(inputs) == before

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 from distance_eval import distance_ingredients
+from midrun import alive
 
 from modelsoups import LocalExecutor
 from modelsoups.errors import SoupError
@@ -42,7 +43,7 @@ def test_local_executor_leaving_its_with_block_by_an_error_stops_running_jobs() 
         threading.Thread(target=_map_quietly, args=(ex,), daemon=True).start()
         time.sleep(1.0)
         raise KeyboardInterrupt  # Ctrl-C while both workers are busy
-    assert not any(_alive(p) for p in pids)  # terminated, not left to finish their jobs
+    assert not any(alive(p) for p in pids)  # terminated, not left to finish their jobs
 
 
 ORPHAN = """
@@ -69,19 +70,11 @@ def test_local_executor_workers_exit_when_their_parent_is_killed(tmp_path: Path)
     os.kill(parent.pid, signal.SIGKILL)  # no chance to stop its workers itself
     parent.wait()
     deadline = time.monotonic() + 30
-    alive = set(pids)
-    while alive and time.monotonic() < deadline:
-        alive = {p for p in alive if _alive(p)}
+    living = set(pids)
+    while living and time.monotonic() < deadline:
+        living = {p for p in living if alive(p)}
         time.sleep(0.2)
-    assert not alive, f"workers {alive} outlived their parent"
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
+    assert not living, f"workers {living} outlived their parent"
 
 
 def _map_quietly(ex: LocalExecutor) -> None:

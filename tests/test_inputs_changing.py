@@ -34,30 +34,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from battery import digests, one_error_line, partials, soup_command
+from midrun import TENSORS, alive, big_inputs, paused_soup, start_paused
 from safetensors.torch import load_file, save_file
-from test_crash_safety import big_inputs, digests, partials
 
 from modelsoups.cli import main
-from modelsoups.cli.common import STATE
 
-TENSORS = 8  # as big_inputs makes them: 8 tensors of 4 MiB per input
-
-
-@pytest.fixture(autouse=True)
-def _fresh_cli_state() -> object:
-    saved = dict(STATE)
-    STATE.update(quiet=True, debug=False)
-    yield
-    STATE.update(saved)
-
-
-def one_error_line(stderr: str, *names: str) -> str:
-    lines = stderr.strip().splitlines()
-    assert len(lines) == 1, f"expected one line, got:\n{stderr}"
-    assert lines[0].startswith("soup: error: "), lines[0]
-    for name in names:
-        assert name in lines[0], f"{name!r} not in {lines[0]!r}"
-    return lines[0]
+pytestmark = pytest.mark.usefixtures("quiet_cli")
 
 
 def after_tensors(n: int, action: Callable[[], None], monkeypatch: pytest.MonkeyPatch) -> None:
@@ -251,8 +234,6 @@ def test_input_truncated_by_another_process_during_a_real_run(tmp_path: Path) ->
     """No hook at all: a real `soup` over 2 x 256 MiB, and another process cutting one
     input as soon as the soup's temporary appears. Whichever check catches it (the size
     check, or the supervisor after a SIGBUS), the user sees one line naming the file."""
-    from test_bad_input import soup_command
-
     paths = []
     for i in range(2):
         g = torch.Generator().manual_seed(i)
@@ -278,29 +259,6 @@ def test_input_truncated_by_another_process_during_a_real_run(tmp_path: Path) ->
 # ---------------------------------------------------------------------------------------
 # The supervisor and signals.
 
-# The crash tests' pausing hook, with the supervised console script instead of `main`.
-PAUSED_SUPERVISED = textwrap.dedent(
-    """
-    import json, sys, time
-    from modelsoups.io import writer
-
-    pause_after, argv = int(sys.argv[1]), json.loads(sys.argv[2])
-    original, written = writer.ShardedWriter.write, []
-
-    def write(self, name, tensor):
-        original(self, name, tensor)
-        written.append(name)
-        if len(written) == pause_after:
-            print("paused", flush=True)
-            time.sleep(120)
-
-    writer.ShardedWriter.write = write
-    from modelsoups.cli import run
-    sys.argv = ["soup", *argv]
-    run()
-    """
-)
-
 
 @pytest.mark.slow
 @pytest.mark.parametrize("how", ["SIGTERM to soup", "SIGINT to its process group"])
@@ -324,18 +282,7 @@ def test_signals_reach_the_supervised_soup_once(tmp_path: Path, how: str) -> Non
 
 def start_supervised(argv: list[str]) -> subprocess.Popen[str]:
     """`soup` (supervised) in a process group of its own, paused mid-write."""
-    proc = subprocess.Popen(
-        [sys.executable, "-c", PAUSED_SUPERVISED, str(TENSORS // 2), json.dumps(argv)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
-    assert proc.stdout is not None
-    if proc.stdout.readline().strip() != "paused":
-        proc.kill()
-        raise AssertionError(f"child did not pause: {proc.communicate()[1]}")
-    return proc
+    return start_paused(argv, child=paused_soup("run"), new_session=True)
 
 
 @pytest.mark.slow
@@ -350,22 +297,10 @@ def test_killing_the_supervisor_kills_the_work(tmp_path: Path) -> None:
     proc.kill()
     proc.wait(timeout=10)
     deadline = time.monotonic() + 10
-    while _alive(child) and time.monotonic() < deadline:
+    while alive(child) and time.monotonic() < deadline:
         time.sleep(0.01)
-    assert not _alive(child)
+    assert not alive(child)
     assert not out.exists()
-
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split(")")[-1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
-
-
-# ---------------------------------------------------------------------------------------
-# Many inputs, few descriptors.
 
 
 def many_inputs(folder: Path, n: int) -> list[Path]:
@@ -378,8 +313,6 @@ def many_inputs(folder: Path, n: int) -> list[Path]:
 
 
 def run_limited(argv: list[str], nofile: tuple[int, int]) -> subprocess.CompletedProcess[str]:
-    from test_bad_input import soup_command
-
     def limit() -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, nofile)
 

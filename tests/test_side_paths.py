@@ -12,25 +12,23 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import subprocess
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from battery import Maker, digests, one_error_line, sha256, snapshot
 from conftest import save_as, tiny_state_dict
-from test_bad_input import snapshot
+from midrun import UNSUPERVISED
 
-from modelsoups.cli import MAX_LINE, main
-from modelsoups.cli.common import STATE
+from modelsoups.cli import main
 from modelsoups.errors import SoupError
 from modelsoups.history import History
 
-Maker = Callable[..., list[Path]]
+pytestmark = pytest.mark.usefixtures("quiet_cli")
 
 HOSTILE = [
     "r$(touch PWNED)",
@@ -42,18 +40,6 @@ HOSTILE = [
     "r$'\\x41'&&touch PWNED||",
 ]
 QUOTING = {"bare": "{ckpt}", "double": '"{ckpt}"', "single": "'{ckpt}'"}
-
-
-@pytest.fixture(autouse=True)
-def _fresh_cli_state() -> object:
-    saved = dict(STATE)
-    STATE.update(quiet=True, debug=False)
-    yield
-    STATE.update(saved)
-
-
-def sha(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def hostile_inputs(folder: Path) -> list[Path]:
@@ -75,7 +61,7 @@ def test_no_file_name_runs_code_whatever_the_quoting(
     out = outdir / "soup;touch PWNED.safetensors"
     log = tmp_path / "seen.txt"
     command = f"sha256sum {QUOTING[quoting]} >> {log}; echo 1"
-    before = {p: sha(p) for p in inputs}
+    before = digests(inputs)
 
     assert main(["greedy", *map(str, inputs), "-o", str(out), "--eval", command]) == 0
 
@@ -84,7 +70,7 @@ def test_no_file_name_runs_code_whatever_the_quoting(
     n = len(inputs)
     assert len(seen) == n + (n - 1)  # every ingredient, then every greedy step
     assert sorted(seen[:n]) == sorted(before.values())  # the evaluator read the inputs' bytes
-    assert {p: sha(p) for p in inputs} == before
+    assert digests(inputs) == before
     assert out.is_file()
 
 
@@ -95,7 +81,7 @@ def test_soup_ckpt_environment_names_the_same_file(tmp_path: Path, make_ingredie
     out = tmp_path / "soup.safetensors"
     assert main(["greedy", str(a), str(b), "-o", str(out), "--eval", command]) == 0
     seen = [ln.split()[0] for ln in log.read_text().splitlines()]
-    assert len(seen) == 3 and sorted(seen[:2]) == sorted([sha(a), sha(b)])
+    assert len(seen) == 3 and sorted(seen[:2]) == sorted([sha256(a), sha256(b)])
 
 
 # An evaluator that damages what it is given, three ways, for files and folders alike.
@@ -142,9 +128,7 @@ def test_input_changed_while_the_evaluator_ran_stops_the_run(
     command = f"printf x >> {b}; echo 1; : {{ckpt}}"
     capsys.readouterr()
     assert main(["greedy", str(a), str(b), "-o", str(out), "--eval", command]) == 1
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and len(err[0]) <= MAX_LINE, err
-    assert str(b) in err[0] and "changed while the eval command ran" in err[0]
+    one_error_line(capsys.readouterr().err, str(b), "changed while the eval command ran")
     assert not out.exists() and not list(tmp_path.glob(".*soup-candidate-*"))
 
 
@@ -190,8 +174,7 @@ def test_two_greedy_runs_never_interleave_one_history(
     out = tmp_path / "soup.safetensors"
     hist = tmp_path / "soup.history.jsonl"
     argv = ["greedy", *map(str, inputs), "-o", str(out), "--eval", "sleep 1; echo 1; : {ckpt}"]
-    child = "import sys; from modelsoups.cli import main; sys.exit(main(sys.argv[1:]))"
-    first = subprocess.Popen([sys.executable, "-c", child, *argv], stderr=subprocess.PIPE)
+    first = subprocess.Popen([sys.executable, "-c", UNSUPERVISED, *argv], stderr=subprocess.PIPE)
     try:
         deadline = time.monotonic() + 60
         while not (hist.exists() and hist.read_text()) and time.monotonic() < deadline:
@@ -200,9 +183,8 @@ def test_two_greedy_runs_never_interleave_one_history(
         for extra in ([], ["--resume"]):
             capsys.readouterr()
             assert main([*argv, *extra]) == 1
-            err = capsys.readouterr().err.strip().splitlines()
-            assert len(err) == 1 and str(hist) in err[0], err
-        assert "another soup run" in err[0]
+            line = one_error_line(capsys.readouterr().err, str(hist))
+        assert "another soup run" in line
     finally:
         _, stderr = first.communicate(timeout=120)
     assert first.returncode == 0, stderr

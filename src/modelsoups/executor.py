@@ -23,8 +23,8 @@ import pickle
 import signal
 import threading
 import time
-from collections.abc import Callable, Sequence
-from concurrent.futures import ProcessPoolExecutor
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
 from typing import Protocol, TypeVar
 
 from .errors import SoupError
@@ -64,7 +64,16 @@ class LocalExecutor:
             return [fn(x) for x in items]
         pool = self._pool or _pool(min(self.workers, len(items)))
         try:
-            return list(pool.map(fn, items))
+            with _signals_deferred() as caught:
+                futures = [pool.submit(fn, x) for x in items]
+                pending = set(futures)
+                while pending and not caught:  # until all done, one failed, or a signal
+                    done, pending = wait(pending, 0.1, FIRST_EXCEPTION)
+                    if any(f.exception() is not None for f in done):
+                        break
+            if caught:  # the handler in force before `map` decides: KeyboardInterrupt, ...
+                signal.raise_signal(caught[0])
+            return [f.result() for f in futures]  # the first error in item order is raised
         except (pickle.PicklingError, AttributeError, TypeError) as e:
             _stop(pool)
             self._pool = None
@@ -110,9 +119,38 @@ def _pool(workers: int) -> ProcessPoolExecutor:
     )
 
 
+@contextlib.contextmanager
+def _signals_deferred() -> Iterator[list[int]]:
+    """While the pool's futures are awaited, SIGINT and SIGTERM only note themselves.
+
+    A KeyboardInterrupt raised at an arbitrary point inside concurrent.futures (between a
+    lock's acquire and its `try`) can leave a future's lock held, and the pool's manager
+    thread, and with it the exit of the process, then waits for it forever. Noted here, the
+    signal is raised again, with the handler in force before, from one known place."""
+    caught: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield caught
+        return
+
+    def note(signum: int, _frame: object) -> None:
+        caught.append(signum)
+
+    installed = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    if None in installed.values():  # a handler set from C: it cannot be put back
+        yield caught
+        return
+    previous = {s: signal.signal(s, note) for s in installed}
+    try:
+        yield caught
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
 def _stop(pool: ProcessPoolExecutor) -> None:
     """Cancel the queued jobs and terminate the workers: each kills the process groups of
-    the commands it runs (`child_groups`) and exits, so nothing is left running."""
+    the commands it runs (`child_groups`) and exits, so nothing is left running. A worker
+    that has not exited 5 s later is killed."""
     processes = list((getattr(pool, "_processes", None) or {}).values())
     for process in processes:
         with contextlib.suppress(OSError):
@@ -120,6 +158,10 @@ def _stop(pool: ProcessPoolExecutor) -> None:
     pool.shutdown(wait=False, cancel_futures=True)
     for process in processes:
         process.join(5)
+        if process.is_alive():
+            with contextlib.suppress(OSError):
+                process.kill()
+            process.join(5)
 
 
 # Process groups of the commands (eval commands) running in this process; a worker that is
