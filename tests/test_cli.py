@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -158,3 +159,15 @@ def test_help_shows_flags_as_flags_and_arguments_in_click_style(capsys) -> None:
     out = capsys.readouterr().out
     assert "INPUTS..." in out
     assert "<float>" in out  # options that take a value still say which
+
+
+def test_soup_command_options_are_declared_once_in_options_py() -> None:
+    """The soup commands take their options from cli/options.py (one declaration each) and
+    pass typed bundles on: no `typer.Option(...)` of their own, no `dict(locals())`."""
+    import modelsoups.cli as cli
+
+    folder = Path(cli.__file__).parent
+    for name in ("core", "greedy", "sweeps", "stock", "learned", "evaluate", "lora", "outputs"):
+        source = (folder / f"{name}.py").read_text()
+        for banned in ("typer.Option(", "typer.Argument(", "locals()"):
+            assert banned not in source, f"cli/{name}.py: {banned}"

@@ -80,3 +80,29 @@ def test_pickle_inputs_still_soup(make_ingredients, tmp_path: Path) -> None:
             torch.testing.assert_close(got.double(), v, rtol=1e-6, atol=1e-7)
         else:
             assert torch.equal(got, v)
+
+
+@pytest.mark.parametrize("argv", [[], ["--help"], ["uniform", "--help"], ["greedy", "--help"]])
+def test_cli_import_and_help_import_neither_numpy_nor_torch(argv: list[str]) -> None:
+    """`soup --help` starts fast: the CLI imports the readers (numpy) and torch only in the
+    commands that read checkpoints."""
+    code = (
+        "import sys\nfrom modelsoups.cli import main\n"
+        "if sys.argv[1:]:\n    main(sys.argv[1:])\n"
+        "print(sorted(m for m in ('numpy', 'torch', 'safetensors') if m in sys.modules))"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code, *argv], capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip().splitlines()[-1] == "[]", proc.stdout[-500:]
+
+
+def test_stock_of_safetensors_does_not_import_torch(make_ingredients, tmp_path: Path) -> None:
+    """Model Stock streams through numpy like uniform: no torch import (~1-2 s)."""
+    base, *fts = map(str, make_ingredients(3))
+    out = tmp_path / "stock.safetensors"
+    code, output = soup("stock", *fts, "--base", base, "-o", str(out))
+    assert code == 0, output
+    assert "torch imported: False" in output
+    assert out.exists()

@@ -55,6 +55,24 @@ def test_every_command_option_has_a_recipe_field() -> None:
         assert allowed - mapped <= {"splits", "report", "base"}, (method, allowed - mapped)
 
 
+def test_a_recipe_field_with_a_default_has_the_options_default() -> None:
+    """A field the recipe does not leave to the command (default not None) has the same
+    default as the option in every command that has it: a recipe that says nothing about
+    `accept` or `memory` makes the soup `soup greedy` makes without the flag."""
+    checked = set()
+    for method in METHOD_FIELDS:
+        for p in command_params(method):
+            name = str(p.name)
+            field = Recipe.model_fields.get(name)
+            if name in _POSITIONAL or name in _RENAMES or field is None:
+                continue
+            if field.is_required() or field.default is None:  # None: the command's default
+                continue
+            assert field.default == p.default, (method, name, field.default, p.default)
+            checked.add(name)
+    assert {"accept", "tolerance", "memory", "workers", "accumulate", "normalize"} <= checked
+
+
 def test_uniform_recipe_equals_the_command(
     tmp_path: Path, make_ingredients: Callable[..., list[Path]]
 ) -> None:

@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
 from .dtypes import to_numpy
 from .errors import IncompatibleError
@@ -39,6 +38,7 @@ from .io.writer import (
 )
 
 if TYPE_CHECKING:
+    import torch
     from torch import nn
 
     from .types import StateDict
@@ -213,6 +213,8 @@ def candidate_folder(out: Path) -> Iterator[Path]:
 
 def load_candidate(module: nn.Module, candidate: Checkpoint) -> nn.Module:
     """Copy `candidate` into `module`'s existing tensors in place (one tensor at a time)."""
+    import torch  # here, not at the top: `soup stock` and greedy's checks never need it
+
     target = module.state_dict()
     missing = [k for k in target if k not in candidate.infos]
     unexpected = [k for k in candidate.infos if k not in target]

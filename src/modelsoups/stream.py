@@ -163,7 +163,7 @@ def average_checkpoints(
     normalize: bool = True,
     allow_negative: bool = False,
     accumulate: str = "float32",
-    dtype: str | torch.dtype | None = None,
+    dtype: str | DType | torch.dtype | None = None,
     non_float: str = "error",
     allow_nonfinite: bool = False,
     max_shard_size: int | None = None,

@@ -2,15 +2,17 @@
 
 Every subcommand lives in a module of this package and registers itself on `app`. The
 library raises `SoupError`s; only `main` turns them into `soup: error: ...` and exit code 1
-(2 for usage errors; Ctrl-C or SIGTERM removes temporaries, says so and exits 130).
+(a usage error is one such line too, with exit code 2; Ctrl-C or SIGTERM removes
+temporaries, says so and exits 130).
 `--debug` anywhere on the line shows tracebacks.
 """
 
 from __future__ import annotations
 
+import importlib
 import signal
 import sys
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from ..errors import SoupError
 from . import core, demo, greedy, integrations, stock, sweeps
@@ -58,14 +60,9 @@ def main(argv: list[str] | None = None) -> int:
     previous = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
     signal.signal(signal.SIGTERM, interrupt_once)
     try:
-        # standalone mode: click prints usage errors itself (exit 2) and typer turns Ctrl-C
-        # into a silent exit 130; our own errors pass through to the handler below.
-        command().main(args=args, prog_name="soup", standalone_mode=True)
+        code = _invoke(args)
     except SystemExit as e:
         code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
-        if code == 130:
-            print("soup: interrupted; temporary files were removed", file=sys.stderr)
-        return code
     except SoupError as e:
         if STATE["debug"]:
             raise
@@ -87,7 +84,38 @@ def main(argv: list[str] | None = None) -> int:
         STATE.update(quiet=False, debug=False)
         signal.signal(signal.SIGINT, previous[0])
         signal.signal(signal.SIGTERM, previous[1])
-    return 0
+    if code == 130:
+        print("soup: interrupted; temporary files were removed", file=sys.stderr)
+    return code
+
+
+def _invoke(args: list[str]) -> int:
+    """Run the click group on args and return its exit code. Typer turns Ctrl-C into exit
+    130. A usage error (an option value of the wrong type, an unknown option or command, a
+    missing argument) is one line naming the option, exit code 2 as in click; `soup` alone
+    prints the help (exit 2, as click does). Our own errors pass through to `main`."""
+    errors = _click_errors()
+    try:
+        rv = command().main(args=args, prog_name="soup", standalone_mode=False)
+    except errors.ClickException as e:
+        message = e.format_message()
+        if type(e).__name__ == "NoArgsIsHelpError":
+            if message.strip():  # typer has printed the help already; click has not
+                print(message, file=sys.stderr)
+            return int(e.exit_code)
+        ctx = getattr(e, "ctx", None)
+        hint = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
+        print(one_line(f"soup: error: {message}{hint}"), file=sys.stderr)
+        return int(e.exit_code)
+    return rv if isinstance(rv, int) and not isinstance(rv, bool) else 0
+
+
+def _click_errors() -> Any:
+    """The exceptions of the click that typer runs on: its own copy in newer typers."""
+    try:
+        return importlib.import_module("typer._click.exceptions")
+    except ImportError:  # typer before its copy of click
+        return importlib.import_module("click.exceptions")
 
 
 def run() -> NoReturn:

@@ -5,40 +5,33 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Any
 
 import typer
 
-from .common import (
-    STATE,
-    Accumulate,
-    AllowNonfinite,
-    Dtype,
+from .common import STATE, err
+from .options import (
+    AllowDifferentBase,
+    AllowNegative,
+    CompareBase,
     Inputs,
-    Key,
-    MaxShardSize,
-    NonFloat,
+    MeanOptions,
+    Normalize,
     Output,
-    Overwrite,
     Quiet,
-    UnsafePickle,
-    err,
-    parse_dtype,
+    ReadOptions,
+    Weights,
+    expand_bundles,
     parse_floats,
-    parse_size,
-    progress_bar,
-    report_result,
 )
-from .lora import AllowDifferentBase, LoraAverage, MergeInto, Rank, lora_options
 
 
+@expand_bundles
 def inspect(
     inputs: Inputs,
-    key: Key = None,
-    unsafe_pickle: UnsafePickle = False,
-    base: Annotated[
-        str | None, typer.Option(help="Pretrained checkpoint: also compare deltas from it.")
-    ] = None,
+    *,
+    read: ReadOptions,
+    base: CompareBase = None,
     allow_different_base: AllowDifferentBase = False,
 ) -> None:
     """Format, tensors, dtypes and size of each checkpoint; can the set be souped?
@@ -60,7 +53,7 @@ def inspect(
     paths = expand_inputs(inputs)
     if is_adapter_set(paths):
         return print_adapters(paths, allow_different_base)
-    report = inspect_checkpoints(paths, key=key, unsafe_pickle=unsafe_pickle, base=base)
+    report = inspect_checkpoints(paths, key=read.key, unsafe_pickle=read.unsafe_pickle, base=base)
     table = Table("checkpoint", "format", "tensors", "parameters", "dtypes", "on disk")
     for s in report.checkpoints:
         dtypes = ", ".join(f"{d}×{n}" for d, n in s.dtypes.items())
@@ -110,113 +103,54 @@ def _no_blas_threads() -> None:
 
 def _average(
     inputs: list[str],
-    output: typer.models.OptionInfo | object,
+    output: Path,
     weights: list[float] | None,
     recipe: str,
-    **options: object,
+    mean: MeanOptions,
+    *,
+    normalize: bool = True,
+    allow_negative: bool = False,
 ) -> None:
+    """`soup uniform` and `soup weighted`: the streamed mean of files, or of adapters."""
     _no_blas_threads()
     from ..adapters import is_adapter_set
     from ..io import expand_inputs
-    from ..stream import average_checkpoints
     from .lora import refuse_lora_options, soup_adapters
+    from .outputs import write_mean
 
-    paths, lora = expand_inputs(inputs), options.pop("lora")
+    paths = expand_inputs(inputs)
     if is_adapter_set(paths):
-        options["dtype"] = parse_dtype(options.pop("dtype_name"))  # type: ignore[arg-type]
-        return soup_adapters(paths, output, weights, recipe, lora, options)  # type: ignore[arg-type]
-    refuse_lora_options(lora)  # type: ignore[arg-type]
-    options["dtype"] = parse_dtype(options.pop("dtype_name"))  # type: ignore[arg-type]
-    options["max_shard_size"] = parse_size(options["max_shard_size"])  # type: ignore[arg-type]
-    with progress_bar(f"{recipe} soup") as bar:
-        result = average_checkpoints(
-            paths,
-            output,  # type: ignore[arg-type]
-            weights=weights,
-            recipe=recipe,
-            progress=bar,
-            **options,  # type: ignore[arg-type]
-        )
-    report_result(result)
+        return soup_adapters(paths, output, weights, recipe, mean, normalize=normalize,
+                             allow_negative=allow_negative)  # fmt: skip
+    refuse_lora_options(mean.lora)
+    write_mean(paths, output, weights, recipe=recipe, read=mean.read, write=mean.write,
+               average=mean.average, normalize=normalize,
+               allow_negative=allow_negative)  # fmt: skip
 
 
-def uniform(
-    inputs: Inputs,
-    output: Output,
-    key: Key = None,
-    unsafe_pickle: UnsafePickle = False,
-    dtype: Dtype = None,
-    accumulate: Accumulate = "float32",
-    non_float: NonFloat = "error",
-    allow_nonfinite: AllowNonfinite = False,
-    max_shard_size: MaxShardSize = None,
-    overwrite: Overwrite = False,
-    quiet: Quiet = False,
-    merge_into: MergeInto = None,
-    rank: Rank = None,
-    lora_average: LoraAverage = "exact",
-    allow_different_base: AllowDifferentBase = False,
-) -> None:
+@expand_bundles
+def uniform(inputs: Inputs, output: Output, *, mean: MeanOptions, quiet: Quiet = False) -> None:
     """Uniform soup: the plain mean of all checkpoints (streamed, one tensor at a time)."""
     STATE["quiet"] = STATE["quiet"] or quiet
-    _average(
-        inputs,
-        output,
-        None,
-        "uniform",
-        key=key,
-        unsafe_pickle=unsafe_pickle,
-        dtype_name=dtype,
-        accumulate=accumulate,
-        non_float=non_float,
-        allow_nonfinite=allow_nonfinite,
-        max_shard_size=max_shard_size,
-        overwrite=overwrite,
-        lora=lora_options(merge_into, rank, lora_average, allow_different_base),
-    )
+    _average(inputs, output, None, "uniform", mean)
 
 
+@expand_bundles
 def weighted(
     inputs: Inputs,
     output: Output,
-    weights: Annotated[str, typer.Option(help="One weight per input: 0.5,0.3,0.2")],
-    normalize: Annotated[bool, typer.Option(help="Scale weights to sum to one.")] = True,
-    allow_negative: Annotated[
-        bool, typer.Option("--allow-negative", help="Allow negative weights.")
-    ] = False,
-    key: Key = None,
-    unsafe_pickle: UnsafePickle = False,
-    dtype: Dtype = None,
-    accumulate: Accumulate = "float32",
-    non_float: NonFloat = "error",
-    allow_nonfinite: AllowNonfinite = False,
-    max_shard_size: MaxShardSize = None,
-    overwrite: Overwrite = False,
+    weights: Weights,
+    normalize: Normalize = True,
+    allow_negative: AllowNegative = False,
+    *,
+    mean: MeanOptions,
     quiet: Quiet = False,
-    merge_into: MergeInto = None,
-    rank: Rank = None,
-    lora_average: LoraAverage = "exact",
-    allow_different_base: AllowDifferentBase = False,
 ) -> None:
     """Weighted soup: Σ wᵢ·θᵢ with your weights (normalised to sum 1 unless --no-normalize)."""
     STATE["quiet"] = STATE["quiet"] or quiet
-    _average(
-        inputs,
-        output,
-        parse_floats(weights, "weights"),
-        "weighted",
-        normalize=normalize,
-        allow_negative=allow_negative,
-        key=key,
-        unsafe_pickle=unsafe_pickle,
-        dtype_name=dtype,
-        accumulate=accumulate,
-        non_float=non_float,
-        allow_nonfinite=allow_nonfinite,
-        max_shard_size=max_shard_size,
-        overwrite=overwrite,
-        lora=lora_options(merge_into, rank, lora_average, allow_different_base),
-    )
+    floats = parse_floats(weights, "weights")
+    _average(inputs, output, floats, "weighted", mean, normalize=normalize,
+             allow_negative=allow_negative)  # fmt: skip
 
 
 def register(app: typer.Typer) -> None:

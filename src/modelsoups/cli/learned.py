@@ -12,41 +12,55 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Any
 
 import typer
 
 from ..errors import SoupError
-from .common import STATE, Inputs, Key, Output, Overwrite, Quiet, UnsafePickle, say
-from .evaluate import BatchSize, Device, MaxLength, MetricOptions, ModelDir
-from .recipes import Report, prepare, sidecar, write_report
+from .common import STATE, say
+from .evaluate import metric_evaluator
+from .options import (
+    ByLayer,
+    Coefficients,
+    Epochs,
+    Inputs,
+    LearnData,
+    LearnMetric,
+    Lr,
+    MetricRun,
+    Output,
+    Overwrite,
+    Quiet,
+    ReadOptions,
+    Report,
+    WriteOptions,
+    expand_bundles,
+)
+from .outputs import check_outputs, sidecar, write_report
 
 if TYPE_CHECKING:
     from torch import nn
 
+    from ..metrics import MetricEvaluator
+    from ..recipes.learned import LearnedSoupResult
+
 LEARNABLE = ("lm-loss", "accuracy", "image-accuracy")
 
 
+@expand_bundles
 def learned(
     inputs: Inputs,
     output: Output,
-    metric: Annotated[str, typer.Option("--metric", help="lm-loss, accuracy or image-accuracy.")],
-    data: Annotated[Path, typer.Option(help="Held-out data the coefficients are learned on.")],
-    by_layer: Annotated[
-        bool, typer.Option("--by-layer", help="One coefficient per ingredient per tensor.")
-    ] = False,
-    epochs: Annotated[int, typer.Option(help="Passes over the data (0: uniform soup).")] = 5,
-    lr: Annotated[float, typer.Option(help="AdamW learning rate (paper: 0.05).")] = 0.05,
-    device: Device = "auto",
-    batch_size: BatchSize = 8,
-    max_length: MaxLength = 512,
-    model: ModelDir = None,
-    coefficients: Annotated[
-        Path | None, typer.Option(help="Coefficients JSON (default: SOUP.coefficients.json).")
-    ] = None,
+    metric: LearnMetric,
+    data: LearnData,
+    by_layer: ByLayer = False,
+    epochs: Epochs = 5,
+    lr: Lr = 0.05,
+    *,
+    run: MetricRun,
+    coefficients: Coefficients = None,
     report: Report = None,
-    key: Key = None,
-    unsafe_pickle: UnsafePickle = False,
+    read: ReadOptions,
     overwrite: Overwrite = False,
     quiet: Quiet = False,
 ) -> None:
@@ -60,13 +74,13 @@ def learned(
                         f"got --metric {metric!r}")  # fmt: skip
     if not (epochs >= 0 and 0 < lr < float("inf")):
         raise SoupError(f"--epochs must be >= 0 and --lr a positive number, got {epochs}, {lr}")
-    prepare(output, paths, overwrite, None)
+    check_outputs(output, paths, WriteOptions(overwrite=overwrite))
     coefs_path = sidecar(output, ".coefficients.json", coefficients)
-    ev = MetricOptions(metric, data, device, batch_size, max_length, model).evaluator(paths[0])
+    ev = metric_evaluator(metric, data, run, paths[0])
     assert ev is not None
-    before = _uniform_score(ev, paths, key, unsafe_pickle)
-    io = {"key": key, "unsafe_pickle": unsafe_pickle, "overwrite": overwrite}
-    result, after = _learn(ev, paths, output, coefs_path, by_layer, epochs, lr, io)
+    before = _uniform_score(ev, paths, read)
+    result, after = _learn(ev, paths, output, coefs_path, by_layer=by_layer, epochs=epochs,
+                           lr=lr, read=read, overwrite=overwrite)  # fmt: skip
     say(f"wrote {output} (learned soup of {len(paths)}, {epochs} epoch(s)); held-out "
         f"{metric} score {before:.6g} (uniform) -> {after:.6g} (learned); "
         f"coefficients {coefs_path}")  # fmt: skip
@@ -79,13 +93,13 @@ def learned(
     })  # fmt: skip
 
 
-def _uniform_score(ev: Any, paths: list[Path], key: str | None, unsafe_pickle: bool) -> float:
+def _uniform_score(ev: MetricEvaluator, paths: list[Path], read: ReadOptions) -> float:
     """The held-out score of the uniform soup (where the learned coefficients start)."""
     from ..average import weighted_sum
     from ..candidate import LazyCheckpoint, model_files_source
     from ..ingredients import close_all, open_ingredients
 
-    ckpts = open_ingredients(paths, key=key, unsafe_pickle=unsafe_pickle)
+    ckpts = open_ingredients(paths, key=read.key, unsafe_pickle=read.unsafe_pickle)
     try:
         w = [1.0 / len(ckpts)] * len(ckpts)
 
@@ -102,15 +116,17 @@ def _uniform_score(ev: Any, paths: list[Path], key: str | None, unsafe_pickle: b
 
 
 def _learn(
-    ev: Any,
+    ev: MetricEvaluator,
     paths: list[Path],
     output: Path,
     coefs_path: Path,
+    *,
     by_layer: bool,
     epochs: int,
     lr: float,
-    io: dict[str, Any],
-) -> tuple[Any, float]:
+    read: ReadOptions,
+    overwrite: bool,
+) -> tuple[LearnedSoupResult, float]:
     """Learn α with `learned_soup`, write the soup and coefficients; the learned score."""
     import torch
 
@@ -119,17 +135,18 @@ def _learn(
     from ..recipes.learned import learned_soup
 
     model = ev.module()
-    batches = ev.metric.batches(ev._prepare(), ev.settings, next(model.parameters()).device)
-    sds = [_model_names(model, p, io) for p in paths]
+    metric: Any = ev.metric  # one of LEARNABLE: these have batches() and loss()
+    batches = metric.batches(ev._prepare(), ev.settings, next(model.parameters()).device)
+    sds = [_model_names(model, p, read) for p in paths]
     with torch.enable_grad():
-        result = learned_soup(sds, model, ev.metric.loss, batches, by_layer=by_layer,
+        result = learned_soup(sds, model, metric.loss, batches, by_layer=by_layer,
                               epochs=epochs, lr=lr)  # fmt: skip
     soup = MemoryCheckpoint(result.state_dict, "<learned soup>")
     after = float(ev.evaluate(soup, name="learned soup").score)
     folder = next((p for p in paths if p.is_dir()), None)
     folder = folder if output.suffix != ".safetensors" else None
     meta = {"recipe": "learned", "ingredients": ",".join(str(p) for p in paths)}
-    write_candidate(soup, output, metadata=meta, overwrite=io["overwrite"],
+    write_candidate(soup, output, metadata=meta, overwrite=overwrite,
                     model_files_from=folder)  # fmt: skip
     coefs = {"ingredients": [str(p) for p in paths], "by_layer": by_layer,
              "coefficients": result.coefficients, "losses": result.losses}  # fmt: skip
@@ -137,14 +154,14 @@ def _learn(
     return result, after
 
 
-def _model_names(model: nn.Module, path: Path, io: dict[str, Any]) -> dict[str, Any]:
+def _model_names(model: nn.Module, path: Path, read: ReadOptions) -> dict[str, Any]:
     """An ingredient's tensors under the model's names, tied weights filled in: what
     `learned_soup` (which maps names one to one) expects."""
     from ..io import open_checkpoint
     from ..metrics.model import checkpoint_names
 
     target = model.state_dict()
-    with open_checkpoint(path, key=io["key"], unsafe_pickle=io["unsafe_pickle"]) as ckpt:
+    with open_checkpoint(path, key=read.key, unsafe_pickle=read.unsafe_pickle) as ckpt:
         names = checkpoint_names(model, list(ckpt.infos), target)
         sd = {names[k]: ckpt.get(k).clone() for k in ckpt.infos}
     by_storage = {(t.data_ptr(), tuple(t.shape)): k for k, t in target.items() if k in sd}

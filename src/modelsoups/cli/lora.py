@@ -1,52 +1,21 @@
 """LoRA adapters in `soup inspect`, `soup uniform` and `soup weighted`.
 
 When every input is a PEFT adapter folder, these commands soup the adapters exactly
-(`recipes/lora.py`) instead of averaging files; the options below apply only then.
+(`recipes/lora.py`) instead of averaging files; `options.LoraOptions` apply only then.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any
-
-import typer
 
 from ..errors import SoupError
-from .common import parse_size, progress_bar, report_result, say
-
-MergeInto = Annotated[
-    Path | None,
-    typer.Option(help="LoRA adapters: write the full model BASE + soup (a base folder/file)."),
-]
-Rank = Annotated[
-    int | None,
-    typer.Option(help="LoRA adapters: compress each module to this rank (truncated SVD)."),
-]
-LoraAverage = Annotated[
-    str,
-    typer.Option(help="LoRA adapters: 'exact' (rank Σrᵢ) or 'factors' (naive mean of A, B)."),
-]
-AllowDifferentBase = Annotated[
-    bool,
-    typer.Option("--allow-different-base", help="LoRA adapters: allow differing base names."),
-]
+from .common import progress_bar, report_result, say
+from .options import LoraOptions, MeanOptions
 
 
-def lora_options(
-    merge_into: Path | None, rank: int | None, lora_average: str, allow_different_base: bool
-) -> dict[str, Any]:
-    """The adapter options as `lora_soup` keywords (empty when none was given)."""
-    given = {
-        "merge_into": merge_into,
-        "rank": rank,
-        "average": None if lora_average == "exact" else lora_average,
-        "allow_different_base": allow_different_base or None,
-    }
-    return {k: v for k, v in given.items() if v is not None}
-
-
-def refuse_lora_options(options: dict[str, Any]) -> None:
+def refuse_lora_options(lora: LoraOptions) -> None:
     """Adapter options on inputs that are not adapters: one line, not a silent no-op."""
+    options = lora.given()
     if options:
         flag = "--" + next(iter(options)).replace("_", "-").replace("average", "lora-average")
         raise SoupError(f"{flag} applies to PEFT LoRA adapters; these inputs are not adapters")
@@ -57,22 +26,28 @@ def soup_adapters(
     output: Path,
     weights: list[float] | None,
     recipe: str,
-    lora: dict[str, Any],
-    options: dict[str, Any],
+    mean: MeanOptions,
+    *,
+    normalize: bool = True,
+    allow_negative: bool = False,
 ) -> None:
-    """`soup uniform/weighted` on adapters: the exact soup (or what the options ask)."""
+    """`soup uniform/weighted` on adapters: the exact soup (or what the options ask).
+    `--key` and `--non-float` have no meaning for adapters and are not passed on."""
     from ..recipes.lora import lora_soup
 
-    for name in ("key", "non_float"):  # file-soup options with no meaning for adapters
-        options.pop(name, None)
-    options["max_shard_size"] = parse_size(options["max_shard_size"])
+    read, write, average = mean.read, mean.write, mean.average
+    given = mean.lora.given()
+    dtype, max_shard_size = write.output_dtype(), write.shard_bytes()
     with progress_bar(f"{recipe} adapter soup") as bar:
         result = lora_soup(
-            paths, output, weights=weights, recipe=recipe, progress=bar, **lora, **options
-        )
+            paths, output, weights=weights, normalize=normalize, allow_negative=allow_negative,
+            dtype=dtype, accumulate=average.accumulate, allow_nonfinite=average.allow_nonfinite,
+            max_shard_size=max_shard_size, unsafe_pickle=read.unsafe_pickle,
+            overwrite=write.overwrite, recipe=recipe, progress=bar, **given,
+        )  # fmt: skip
     report_result(result)
     errors = result.extra.get("errors") or {}
-    if errors and lora.get("rank") is not None:
+    if errors and given.get("rank") is not None:
         for module, e in errors.items():
             say(f"  {module}: relative error {e:.3g}")
 

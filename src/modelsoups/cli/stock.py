@@ -5,83 +5,65 @@ from __future__ import annotations
 import contextlib
 import time
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING
 
 import typer
 
-from .common import (
-    STATE,
-    Dtype,
+from .common import STATE, progress_bar, say
+from .evaluate import command_evaluator, scoring_evaluators
+from .options import (
+    Base,
+    EvalOptions,
     Inputs,
-    Key,
-    MaxShardSize,
     Output,
-    Overwrite,
     Quiet,
-    UnsafePickle,
-    parse_dtype,
-    parse_size,
-    progress_bar,
-    say,
+    ReadOptions,
+    RecordOptions,
+    WriteOptions,
+    expand_bundles,
 )
-from .evaluate import BatchSize, Data, Device, MaxLength, Metric, ModelDir, scoring
-from .recipes import (
-    Dataset,
-    Eval,
-    EvalTimeout,
-    History,
-    Report,
-    evaluator,
-    prepare,
-    sidecar,
-    write_report,
-)
+from .outputs import check_outputs, sidecar, write_report
+
+if TYPE_CHECKING:
+    from ..evaluate import CommandEvaluator, Score
+    from ..metrics import MetricEvaluator
 
 
+@expand_bundles
 def stock(
     finetuned: Inputs,
     output: Output,
-    base: Annotated[str, typer.Option(help="The pretrained checkpoint θ₀.")],
-    eval_command: Eval = None,
-    eval_timeout: EvalTimeout = None,
-    metric: Metric = None,
-    data: Data = None,
-    device: Device = "auto",
-    batch_size: BatchSize = 8,
-    max_length: MaxLength = 512,
-    model: ModelDir = None,
-    dataset: Dataset = "held_out",
-    history: History = None,
-    report: Report = None,
-    key: Key = None,
-    unsafe_pickle: UnsafePickle = False,
-    dtype: Dtype = None,
-    max_shard_size: MaxShardSize = None,
-    overwrite: Overwrite = False,
+    base: Base,
+    *,
+    scoring: EvalOptions,
+    records: RecordOptions,
+    read: ReadOptions,
+    write: WriteOptions,
     quiet: Quiet = False,
 ) -> None:
     """Model Stock: per layer, pull the fine-tunes' mean towards θ₀ by their angle."""
-    from ..history import History as Log
-    from ..history import check_dataset, record
+    from ..history import History, check_dataset, record
     from ..io import expand_inputs
 
-    opts = dict(locals())
     STATE["quiet"] = STATE["quiet"] or quiet
+    dataset = records.dataset
     check_dataset(dataset)
     started, paths = time.perf_counter(), [Path(base), *expand_inputs(finetuned)]
-    prepare(output, paths, overwrite, max_shard_size, opts)
-    metric_ev, _ = scoring(opts, paths[0])
-    ratios = _write_stock(paths, output, opts)
+    check_outputs(output, paths, write, records)
+    metric, _ = scoring_evaluators(scoring, paths[0])
+    ratios = _write_stock(paths, output, read, write)
     say(f"wrote {output} (model stock of {len(paths) - 1} over {paths[0]}, mean t = "
         f"{sum(t for _, t in ratios.values()) / max(len(ratios), 1):.3f})")  # fmt: skip
     held_out = None
-    if eval_command is not None or metric_ev is not None:
-        score = _score(metric_ev or evaluator(eval_command, eval_timeout, output.parent), output)
+    evaluator = metric or command_evaluator(scoring.eval_command, scoring.eval_timeout,
+                                            output.parent)  # fmt: skip
+    if evaluator is not None:
+        score = _score(evaluator, output)
         held_out = score.score
-        with Log(sidecar(output, ".history.jsonl", history), resume=True,
-                 dataset=dataset) as log:  # fmt: skip
+        with History(sidecar(output, ".history.jsonl", records.history), resume=True,
+                     dataset=dataset) as log:  # fmt: skip
             log.append(record("final", "model_stock", dataset, score.score, score.metrics))
-    write_report(sidecar(output, ".report.json", report), {
+    write_report(sidecar(output, ".report.json", records.report), {
         "recipe": "model-stock", "output": str(output), "base": str(paths[0]),
         "ingredients": [str(p) for p in paths[1:]], "held_out": held_out, "dataset": dataset,
         "ratios": {k: {"cos": c, "t": t} for k, (c, t) in ratios.items()},
@@ -89,27 +71,29 @@ def stock(
     })  # fmt: skip
 
 
-def _score(ev: Any, output: Path) -> Any:
+def _score(ev: MetricEvaluator | CommandEvaluator, output: Path) -> Score:
     """The held-out score of the written soup (a command reads the file, a metric loads it)."""
-    if not hasattr(ev, "run"):
-        from ..io import open_checkpoint
+    from ..evaluate import CommandEvaluator
 
-        with contextlib.closing(open_checkpoint(output)) as soup:
-            return ev.evaluate(soup, name="model stock")
-    return ev.run(output, "model stock")
+    if isinstance(ev, CommandEvaluator):
+        return ev.run(output, "model stock")
+    from ..io import open_checkpoint
+
+    with contextlib.closing(open_checkpoint(output)) as soup:
+        return ev.evaluate(soup, name="model stock")
 
 
 def _write_stock(
-    paths: list[Path], output: Path, opts: dict[str, Any]
+    paths: list[Path], output: Path, read: ReadOptions, write: WriteOptions
 ) -> dict[str, tuple[float, float]]:
     """Stream Model Stock of `paths` (base first) into `output`; the per-tensor (cos θ, t)."""
     from ..recipes.stock import write_model_stock
 
     with progress_bar("model stock") as bar:
         _, ratios = write_model_stock(
-            paths[0], paths[1:], output, dtype=parse_dtype(opts["dtype"]),
-            max_shard_size=parse_size(opts["max_shard_size"]), key=opts["key"],
-            unsafe_pickle=opts["unsafe_pickle"], overwrite=opts["overwrite"], progress=bar,
+            paths[0], paths[1:], output, dtype=write.output_dtype(),
+            max_shard_size=write.shard_bytes(), key=read.key, unsafe_pickle=read.unsafe_pickle,
+            overwrite=write.overwrite, progress=bar,
         )  # fmt: skip
     return ratios
 

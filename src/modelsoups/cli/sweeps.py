@@ -10,183 +10,147 @@ output.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Any
 
 import typer
 
 from ..errors import SoupError
-from .common import (
-    STATE,
-    Dtype,
+from .common import STATE, say
+from .evaluate import command_evaluator, scoring_evaluators
+from .options import (
+    Alpha,
+    Alphas,
+    AverageOptions,
+    Base,
+    Finetuned,
     Inputs,
-    Key,
-    MaxShardSize,
     Output,
-    Overwrite,
     Quiet,
-    UnsafePickle,
-    parse_dtype,
-    say,
+    Scale,
+    Scales,
+    SweepOptions,
+    Zeroshot,
+    expand_bundles,
 )
-from .evaluate import BatchSize, Data, Device, MaxLength, Metric, ModelDir, scoring
-from .recipes import (
-    Dataset,
-    Eval,
-    EvalTimeout,
-    History,
-    Ray,
-    RayAddress,
-    Report,
-    Resume,
-    Workers,
-    evaluator,
-    prepare,
-    sidecar,
-    write_mean,
-    write_report,
-)
+from .outputs import check_outputs, sidecar, write_mean, write_report
+
+if TYPE_CHECKING:
+    from ..metrics import MetricEvaluator
 
 
-def _sweep(
-    recipe: str,
-    what: str,
-    paths: list[Path],
-    output: Path,
-    values: list[float],
-    weights_of: Any,
-    opts: dict[str, Any],
-) -> tuple[float, list[dict[str, Any]]]:
-    """Score each mixing value on held-out data (resumably); return the best and the log."""
-    from ..candidate import candidate_folder
-    from ..executor_ray import make_executor
-    from ..recipes.sweep import sweep
+@dataclass(frozen=True)
+class Mix:
+    """A linear mix of checkpoints: `weights_of(value)` are the weights of `paths` for one
+    value of the mixing coefficient (`coefficient`: alpha or scale)."""
 
-    executor = make_executor(opts["workers"], ray=opts["ray"], ray_address=opts["ray_address"])
-    with candidate_folder(output) as work:
-        result = sweep(
-            paths, weights_of,
-            opts["metric_evaluator"] or evaluator(opts["eval_command"], opts["eval_timeout"], work),
-            values, name=what, recipe=recipe, dtype=parse_dtype(opts["dtype"]),
-            dataset=opts["dataset"], history=sidecar(output, ".history.jsonl", opts["history"]),
-            resume=opts["resume"], executor=executor, keep_best=False, key=opts["key"],
-            unsafe_pickle=opts["unsafe_pickle"],
-        )  # fmt: skip
-    return result.best, result.records
+    recipe: str
+    coefficient: str
+    paths: list[Path]
+    weights_of: Callable[[float], list[float]]
 
 
-def _linear(
-    recipe: str,
-    what: str,
-    paths: list[Path],
-    output: Path,
-    value: float,
-    sweep: str | None,
-    weights_of: Any,
-    opts: dict[str, Any],
-) -> None:
-    """WiSE-FT and task arithmetic: one value, or a held-out sweep, then a streamed write."""
-    from ..recipes.wise_ft import parse_alphas
-
-    STATE["quiet"] = STATE["quiet"] or opts.pop("quiet")
-    started = time.perf_counter()
-    prepare(output, paths, opts["overwrite"], opts["max_shard_size"], opts)
-    scored: list[dict[str, Any]] = []
-    opts["metric_evaluator"], _ = scoring(opts, paths[0])
-    scores = opts["eval_command"] is not None or opts["metric"] is not None
-    if sweep is not None:
-        if not scores:
-            raise SoupError(f"a sweep needs --eval or --metric to choose the best {what} on "
-                            "held-out data")  # fmt: skip
-        value, scored = _sweep(recipe, what, paths, output, parse_alphas(sweep), weights_of, opts)
-        say(f"best {what} = {value:g} (held-out {opts['dataset']} "
-            f"{max(r[opts['dataset']] for r in scored):.6g})")  # fmt: skip
-    elif scores:
-        raise SoupError(f"--eval/--metric score a sweep: give --{what}s, e.g. 0:1:0.1")
-    weights = weights_of(value)
-    write = {k: opts[k] for k in ("key", "unsafe_pickle", "dtype", "max_shard_size", "overwrite")}
-    result = write_mean(paths, output, weights, recipe=recipe, normalize=False,
-                        allow_negative=True, accumulate="float64", **write)  # fmt: skip
-    write_report(sidecar(output, ".report.json", opts["report"]), {
-        "recipe": recipe, "output": str(output), what: value, "weights": weights,
-        "ingredients": [str(p) for p in paths], "sweep": scored, "dataset": opts["dataset"],
-        "warnings": result.warnings, "seconds": {"total": time.perf_counter() - started},
-    })  # fmt: skip
-
-
+@expand_bundles
 def wise_ft(
-    zeroshot: Annotated[str, typer.Argument(help="Zero-shot / pretrained checkpoint (α=0).")],
-    finetuned: Annotated[str, typer.Argument(help="Fine-tuned checkpoint (α=1).")],
+    zeroshot: Zeroshot,
+    finetuned: Finetuned,
     output: Output,
-    alpha: Annotated[float, typer.Option(help="θ = (1-α)·zero-shot + α·fine-tuned.")] = 0.5,
-    alphas: Annotated[
-        str | None, typer.Option(help="Sweep, e.g. 0:1:0.1 or 0.3,0.5 (needs --eval).")
-    ] = None,
-    eval_command: Eval = None,
-    eval_timeout: EvalTimeout = None,
-    metric: Metric = None,
-    data: Data = None,
-    device: Device = "auto",
-    batch_size: BatchSize = 8,
-    max_length: MaxLength = 512,
-    model: ModelDir = None,
-    workers: Workers = 1,
-    ray: Ray = False,
-    ray_address: RayAddress = None,
-    dataset: Dataset = "held_out",
-    history: History = None,
-    report: Report = None,
-    resume: Resume = False,
-    key: Key = None,
-    unsafe_pickle: UnsafePickle = False,
-    dtype: Dtype = None,
-    max_shard_size: MaxShardSize = None,
-    overwrite: Overwrite = False,
+    alpha: Alpha = 0.5,
+    alphas: Alphas = None,
+    *,
+    sweep: SweepOptions,
     quiet: Quiet = False,
 ) -> None:
     """WiSE-FT: interpolate zero-shot and fine-tuned weights; sweep α on held-out data."""
-    opts = dict(locals())
-    paths = [Path(opts.pop("zeroshot")), Path(opts.pop("finetuned"))]
-    _linear("wise-ft", "alpha", paths, output, alpha, alphas, lambda a: [1.0 - a, a], opts)
+    STATE["quiet"] = STATE["quiet"] or quiet
+    mix = Mix("wise-ft", "alpha", [Path(zeroshot), Path(finetuned)], lambda a: [1.0 - a, a])
+    _write_mix(mix, output, alpha, alphas, sweep)
 
 
+@expand_bundles
 def task_arithmetic(
     finetuned: Inputs,
     output: Output,
-    base: Annotated[str, typer.Option(help="The pretrained checkpoint θ₀.")],
-    scale: Annotated[float, typer.Option(help="θ = θ₀ + scale·Σ(θᵢ − θ₀).")] = 1.0,
-    scales: Annotated[str | None, typer.Option(help="Sweep, e.g. 0:1:0.1 (needs --eval).")] = None,
-    eval_command: Eval = None,
-    eval_timeout: EvalTimeout = None,
-    metric: Metric = None,
-    data: Data = None,
-    device: Device = "auto",
-    batch_size: BatchSize = 8,
-    max_length: MaxLength = 512,
-    model: ModelDir = None,
-    workers: Workers = 1,
-    ray: Ray = False,
-    ray_address: RayAddress = None,
-    dataset: Dataset = "held_out",
-    history: History = None,
-    report: Report = None,
-    resume: Resume = False,
-    key: Key = None,
-    unsafe_pickle: UnsafePickle = False,
-    dtype: Dtype = None,
-    max_shard_size: MaxShardSize = None,
-    overwrite: Overwrite = False,
+    base: Base,
+    scale: Scale = 1.0,
+    scales: Scales = None,
+    *,
+    sweep: SweepOptions,
     quiet: Quiet = False,
 ) -> None:
     """Task arithmetic: add the scaled sum of task vectors θᵢ − θ₀ to the base θ₀."""
     from ..io import expand_inputs
     from ..recipes.task_arithmetic import task_arithmetic_weights
 
-    opts = dict(locals())
-    paths = [Path(base), *expand_inputs(opts.pop("finetuned"))]
+    STATE["quiet"] = STATE["quiet"] or quiet
+    paths = [Path(base), *expand_inputs(finetuned)]
     n = len(paths) - 1
-    _linear("task-arithmetic", "scale", paths, output, scale, scales,
-            lambda s: task_arithmetic_weights(n, s), opts)  # fmt: skip
+    mix = Mix("task-arithmetic", "scale", paths, lambda s: task_arithmetic_weights(n, s))
+    _write_mix(mix, output, scale, scales, sweep)
+
+
+def _write_mix(
+    mix: Mix,
+    output: Path,
+    value: float,
+    values: str | None,
+    options: SweepOptions,
+) -> None:
+    """WiSE-FT and task arithmetic: one value, or a held-out sweep of `values`, then a
+    streamed write."""
+    from ..recipes.wise_ft import parse_alphas
+
+    search, read, write = options.search, options.read, options.write
+    started, what, records = time.perf_counter(), mix.coefficient, search.records
+    check_outputs(output, mix.paths, write, records)
+    scored: list[dict[str, Any]] = []
+    metric, _ = scoring_evaluators(search.scoring, mix.paths[0])
+    if values is not None:
+        if not search.scoring.given:
+            raise SoupError(f"a sweep needs --eval or --metric to choose the best {what} on "
+                            "held-out data")  # fmt: skip
+        value, scored = _sweep(mix, output, parse_alphas(values), metric, options)
+        say(f"best {what} = {value:g} (held-out {records.dataset} "
+            f"{max(r[records.dataset] for r in scored):.6g})")  # fmt: skip
+    elif search.scoring.given:
+        raise SoupError(f"--eval/--metric score a sweep: give --{what}s, e.g. 0:1:0.1")
+    weights = mix.weights_of(value)
+    result = write_mean(mix.paths, output, weights, recipe=mix.recipe, read=read, write=write,
+                        average=AverageOptions(accumulate="float64"), normalize=False,
+                        allow_negative=True)  # fmt: skip
+    write_report(sidecar(output, ".report.json", records.report), {
+        "recipe": mix.recipe, "output": str(output), what: value, "weights": weights,
+        "ingredients": [str(p) for p in mix.paths], "sweep": scored, "dataset": records.dataset,
+        "warnings": result.warnings, "seconds": {"total": time.perf_counter() - started},
+    })  # fmt: skip
+
+
+def _sweep(
+    mix: Mix,
+    output: Path,
+    values: list[float],
+    metric: MetricEvaluator | None,
+    options: SweepOptions,
+) -> tuple[float, list[dict[str, Any]]]:
+    """Score each mixing value on held-out data (resumably); return the best and the log."""
+    from ..candidate import candidate_folder
+    from ..recipes.sweep import sweep
+
+    search, read, write = options.search, options.read, options.write
+    scoring, records = search.scoring, search.records
+    executor = search.parallel.executor()
+    with candidate_folder(output) as work:
+        evaluator = metric or command_evaluator(scoring.eval_command, scoring.eval_timeout, work)
+        assert evaluator is not None  # checked by the caller: --eval or --metric was given
+        result = sweep(
+            mix.paths, mix.weights_of, evaluator, values, name=mix.coefficient,
+            recipe=mix.recipe, dtype=write.output_dtype(), dataset=records.dataset,
+            history=sidecar(output, ".history.jsonl", records.history), resume=search.resume,
+            executor=executor, keep_best=False, key=read.key, unsafe_pickle=read.unsafe_pickle,
+        )  # fmt: skip
+    return result.best, result.records
 
 
 def register(app: typer.Typer) -> None:

@@ -8,17 +8,31 @@ in-memory state dict through the same interface.
 from __future__ import annotations
 
 import glob
+import importlib
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from ..errors import CheckpointError
-from .base import Checkpoint as Checkpoint
-from .base import TensorInfo as TensorInfo
-from .files import check_regular
-from .folder import HFFolder as HFFolder
-from .memory import MemoryCheckpoint as MemoryCheckpoint
-from .pickle_file import PickleFile as PickleFile
-from .safetensors_file import SafetensorsFile as SafetensorsFile
+
+if TYPE_CHECKING:
+    from .base import Checkpoint as Checkpoint
+    from .base import TensorInfo as TensorInfo
+    from .folder import HFFolder as HFFolder
+    from .memory import MemoryCheckpoint as MemoryCheckpoint
+    from .pickle_file import PickleFile as PickleFile
+    from .safetensors_file import SafetensorsFile as SafetensorsFile
+
+# The readers are imported on first use (they import numpy): `soup --help` and the CLI's
+# supervisor need only `io.files`, and importing it runs this file.
+_EXPORTS = {
+    "Checkpoint": "base",
+    "TensorInfo": "base",
+    "HFFolder": "folder",
+    "MemoryCheckpoint": "memory",
+    "PickleFile": "pickle_file",
+    "SafetensorsFile": "safetensors_file",
+}
 
 __all__ = [
     "Checkpoint",
@@ -32,6 +46,14 @@ __all__ = [
 ]
 
 SAFETENSORS_MAGIC_MAX = 100 * 1024 * 1024
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def open_checkpoint(
@@ -48,6 +70,11 @@ def open_checkpoint(
         >>> with open_checkpoint("run1/model.safetensors") as ckpt:  # doctest: +SKIP
         ...     print(ckpt.keys()[:3])
     """
+    from .files import check_regular
+    from .folder import HFFolder
+    from .pickle_file import PickleFile
+    from .safetensors_file import SafetensorsFile
+
     p = Path(path)
     if p.is_dir():
         return HFFolder(p, key=key, unsafe_pickle=unsafe_pickle)

@@ -50,6 +50,8 @@ from ..types import PathLike, Progress, SoupResult
 if TYPE_CHECKING:
     import torch
 
+    from ..dtypes import DType
+
 __all__ = ["lora_soup"]
 
 
@@ -65,7 +67,7 @@ def lora_soup(
     merge_into: PathLike | None = None,
     base: PathLike | None = None,
     allow_different_base: bool = False,
-    dtype: str | torch.dtype | None = None,
+    dtype: str | DType | torch.dtype | None = None,
     accumulate: str = "float32",
     allow_nonfinite: bool = False,
     max_shard_size: int | None = None,

@@ -1,0 +1,433 @@
+"""Every option of the soup commands, declared once; the bundles commands pass on; parsers.
+
+An option is an `Annotated` alias: its type, flag names and help live here and nowhere
+else. Options that travel together are fields of a frozen dataclass (`ReadOptions`,
+`WriteOptions`, `EvalOptions`, ...), each field an alias with its default. A command names
+a bundle as one parameter, and `expand_bundles` shows typer the bundle's fields as the
+command's options, then hands the command the bundle built from them:
+
+    @expand_bundles
+    def stock(finetuned: Inputs, output: Output, base: Base, *, read: ReadOptions, ...):
+        ...  # read.key, read.unsafe_pickle: typed, checked by mypy
+
+So `soup stock --help` lists `--key` and `--unsafe-pickle` as before, and the recipe file's
+fields are checked against the same parameters (tests/test_recipe_file.py). Values are
+parsed where they are used (`parse_size`, `parse_dtype`, ...), so errors stay one line
+from the library's checks, in the order the commands meet them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import inspect
+import math
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any, get_type_hints
+
+import typer
+
+from ..errors import SoupError
+
+if TYPE_CHECKING:
+    from ..dtypes import DType
+
+# -- inputs and output ----------------------------------------------------------------------
+Inputs = Annotated[
+    list[str],
+    typer.Argument(help="Checkpoints: files, HF folders, globs, or .txt files listing paths."),
+]
+Zeroshot = Annotated[str, typer.Argument(help="Zero-shot / pretrained checkpoint (α=0).")]
+Finetuned = Annotated[str, typer.Argument(help="Fine-tuned checkpoint (α=1).")]
+Base = Annotated[str, typer.Option(help="The pretrained checkpoint θ₀.")]
+CompareBase = Annotated[
+    str | None, typer.Option("--base", help="Pretrained checkpoint: also compare deltas from it.")
+]
+Output = Annotated[Path, typer.Option("--output", "-o", help="*.safetensors file or a folder.")]
+Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or summaries.")]
+
+# -- reading and writing checkpoints -----------------------------------------------------
+Key = Annotated[
+    str | None, typer.Option(help="Pickles: nested key holding the weights, e.g. state_dict.")
+]
+UnsafePickle = Annotated[
+    bool, typer.Option("--unsafe-pickle", help="Allow pickles that run code. Trusted files only!")
+]
+Dtype = Annotated[
+    str | None, typer.Option(help="Output dtype of float tensors: fp32, fp16, bf16, fp64.")
+]
+MaxShardSize = Annotated[
+    str | None, typer.Option(help="Write an HF sharded folder, shards up to this size (5GB).")
+]
+Overwrite = Annotated[bool, typer.Option("--overwrite", help="Replace an existing output.")]
+Accumulate = Annotated[str, typer.Option(help="Accumulator dtype: float32 or float64.")]
+NonFloat = Annotated[
+    str, typer.Option(help="Integer buffers that differ: 'error' or take the 'first' input's.")
+]
+AllowNonfinite = Annotated[
+    bool, typer.Option("--allow-nonfinite", help="Average NaN/Inf weights instead of failing.")
+]
+
+# -- weights of a linear soup --------------------------------------------------------------
+Weights = Annotated[str, typer.Option(help="One weight per input: 0.5,0.3,0.2")]
+Normalize = Annotated[bool, typer.Option(help="Scale weights to sum to one.")]
+AllowNegative = Annotated[bool, typer.Option("--allow-negative", help="Allow negative weights.")]
+Alpha = Annotated[float, typer.Option(help="θ = (1-α)·zero-shot + α·fine-tuned.")]
+Alphas = Annotated[str | None, typer.Option(help="Sweep, e.g. 0:1:0.1 or 0.3,0.5 (needs --eval).")]
+Scale = Annotated[float, typer.Option(help="θ = θ₀ + scale·Σ(θᵢ − θ₀).")]
+Scales = Annotated[str | None, typer.Option(help="Sweep, e.g. 0:1:0.1 (needs --eval).")]
+
+# -- LoRA adapters (uniform, weighted, inspect) -------------------------------------------
+MergeInto = Annotated[
+    Path | None,
+    typer.Option(help="LoRA adapters: write the full model BASE + soup (a base folder/file)."),
+]
+Rank = Annotated[
+    int | None,
+    typer.Option(help="LoRA adapters: compress each module to this rank (truncated SVD)."),
+]
+LoraAverage = Annotated[
+    str,
+    typer.Option(help="LoRA adapters: 'exact' (rank Σrᵢ) or 'factors' (naive mean of A, B)."),
+]
+AllowDifferentBase = Annotated[
+    bool,
+    typer.Option("--allow-different-base", help="LoRA adapters: allow differing base names."),
+]
+
+# -- scoring: an eval command or a built-in metric -----------------------------------------
+Eval = Annotated[
+    str | None,
+    typer.Option("--eval", help='Held-out eval command, e.g. "python eval.py --ckpt {ckpt}".'),
+]
+EvalTimeout = Annotated[float | None, typer.Option(help="Seconds before an eval is killed.")]
+Metric = Annotated[
+    str | None,
+    typer.Option(
+        "--metric", help="Built-in metric (lm-loss, lm-choice, accuracy, image-accuracy)."
+    ),
+]
+Data = Annotated[Path | None, typer.Option(help="Held-out data: JSONL/CSV file or ImageFolder.")]
+EvalMetric = Annotated[
+    str, typer.Option("--metric", help="lm-loss, lm-choice, accuracy or image-accuracy.")
+]
+EvalData = Annotated[Path, typer.Option(help="Held-out data: JSONL/CSV file or ImageFolder.")]
+Device = Annotated[str, typer.Option(help="Where the metric runs: auto, cpu, cuda, cuda:N.")]
+BatchSize = Annotated[int, typer.Option(help="Examples per forward pass of the metric.")]
+MaxLength = Annotated[int, typer.Option(help="Tokens kept per example of the metric.")]
+ModelDir = Annotated[
+    Path | None,
+    typer.Option("--model", help="Folder with config.json and tokenizer (default: 1st input)."),
+]
+TestEval = Annotated[
+    str | None, typer.Option(help="Test eval command: scores the final soup, never selects.")
+]
+TestMetric = Annotated[str | None, typer.Option(help="Built-in metric for the final soup only.")]
+TestData = Annotated[Path | None, typer.Option(help="Test data of --test-metric.")]
+Json = Annotated[bool, typer.Option("--json", help="Print only a JSON list.")]
+
+# -- running the evaluations and recording them --------------------------------------------
+Workers = Annotated[int, typer.Option(help="Parallel evaluations of independent candidates.")]
+Ray = Annotated[
+    bool, typer.Option("--ray", help="Evaluate on a local Ray runtime (the ray extra).")
+]
+RayAddress = Annotated[
+    str | None,
+    typer.Option(help="Evaluate on this Ray cluster; checkpoints go by path (shared disk)."),
+]
+Dataset = Annotated[str, typer.Option(help="Name of the held-out metric in the history.")]
+History = Annotated[Path | None, typer.Option(help="History JSONL (default: SOUP.history.jsonl).")]
+Report = Annotated[Path | None, typer.Option(help="JSON report (default: SOUP.report.json).")]
+Resume = Annotated[bool, typer.Option("--resume", help="Continue from an existing history.")]
+
+# -- greedy ------------------------------------------------------------------------------------
+Scores = Annotated[
+    Path | None, typer.Option(help="CSV/JSON of held-out scores: skips N evaluations.")
+]
+Accept = Annotated[str, typer.Option(help="'ge' keeps ties (paper), 'gt' (code).")]
+Tolerance = Annotated[float, typer.Option(help="Accept drops up to this much.")]
+Memory = Annotated[
+    str,
+    typer.Option(help="RAM for the running sum (12 bytes/param); larger models stream, 0: always."),
+]
+Workdir = Annotated[
+    Path | None,
+    typer.Option(
+        help="Folder for the candidate files the eval command reads (default: beside -o)."
+    ),
+]
+
+# -- learned -----------------------------------------------------------------------------------
+LearnMetric = Annotated[str, typer.Option("--metric", help="lm-loss, accuracy or image-accuracy.")]
+LearnData = Annotated[Path, typer.Option(help="Held-out data the coefficients are learned on.")]
+ByLayer = Annotated[
+    bool, typer.Option("--by-layer", help="One coefficient per ingredient per tensor.")
+]
+Epochs = Annotated[int, typer.Option(help="Passes over the data (0: uniform soup).")]
+Lr = Annotated[float, typer.Option(help="AdamW learning rate (paper: 0.05).")]
+Coefficients = Annotated[
+    Path | None, typer.Option(help="Coefficients JSON (default: SOUP.coefficients.json).")
+]
+
+
+# -- bundles: what a command passes on -----------------------------------------------------
+@dataclass(frozen=True)
+class ReadOptions:
+    """How the inputs are read (pickles)."""
+
+    key: Key = None
+    unsafe_pickle: UnsafePickle = False
+
+
+@dataclass(frozen=True)
+class WriteOptions:
+    """How the soup is written (the output path itself is the command's `-o`)."""
+
+    dtype: Dtype = None
+    max_shard_size: MaxShardSize = None
+    overwrite: Overwrite = False
+
+    def output_dtype(self) -> DType | None:
+        return parse_dtype(self.dtype)
+
+    def shard_bytes(self) -> int | None:
+        return parse_size(self.max_shard_size)
+
+
+@dataclass(frozen=True)
+class AverageOptions:
+    """How `soup uniform` and `soup weighted` accumulate."""
+
+    accumulate: Accumulate = "float32"
+    non_float: NonFloat = "error"
+    allow_nonfinite: AllowNonfinite = False
+
+
+@dataclass(frozen=True)
+class LoraOptions:
+    """The options that apply when every input is a PEFT LoRA adapter folder."""
+
+    merge_into: MergeInto = None
+    rank: Rank = None
+    lora_average: LoraAverage = "exact"
+    allow_different_base: AllowDifferentBase = False
+
+    def given(self) -> dict[str, Any]:
+        """The options given, as `lora_soup` keywords (empty when none was)."""
+        given = {
+            "merge_into": self.merge_into,
+            "rank": self.rank,
+            "average": None if self.lora_average == "exact" else self.lora_average,
+            "allow_different_base": self.allow_different_base or None,
+        }
+        return {k: v for k, v in given.items() if v is not None}
+
+
+@dataclass(frozen=True)
+class MeanOptions:
+    """What `soup uniform` and `soup weighted` pass on, besides the weights."""
+
+    read: ReadOptions = field(default_factory=ReadOptions)
+    write: WriteOptions = field(default_factory=WriteOptions)
+    average: AverageOptions = field(default_factory=AverageOptions)
+    lora: LoraOptions = field(default_factory=LoraOptions)
+
+
+@dataclass(frozen=True)
+class MetricRun:
+    """How a built-in metric runs its model (`--device` ... `--model`)."""
+
+    device: Device = "auto"
+    batch_size: BatchSize = 8
+    max_length: MaxLength = 512
+    model: ModelDir = None
+
+
+@dataclass(frozen=True)
+class EvalOptions:
+    """What scores candidates on held-out data: an eval command or a built-in metric."""
+
+    eval_command: Eval = None
+    eval_timeout: EvalTimeout = None
+    metric: Metric = None
+    data: Data = None
+    run: MetricRun = field(default_factory=MetricRun)
+
+    @property
+    def given(self) -> bool:
+        """Whether anything scores (an eval command or a metric)."""
+        return self.eval_command is not None or self.metric is not None
+
+
+@dataclass(frozen=True)
+class TestOptions:
+    """What scores the final soup on test data (greedy): reported, never used to choose."""
+
+    test_eval: TestEval = None
+    test_metric: TestMetric = None
+    test_data: TestData = None
+
+
+@dataclass(frozen=True)
+class ParallelOptions:
+    """Where independent evaluations run: local workers or Ray."""
+
+    workers: Workers = 1
+    ray: Ray = False
+    ray_address: RayAddress = None
+
+    def executor(self) -> Any:
+        from ..executor_ray import make_executor
+
+        return make_executor(self.workers, ray=self.ray, ray_address=self.ray_address)
+
+
+@dataclass(frozen=True)
+class RecordOptions:
+    """Where the scores and the report go, and the name of the held-out metric in them."""
+
+    dataset: Dataset = "held_out"
+    history: History = None
+    report: Report = None
+
+
+@dataclass(frozen=True)
+class SearchOptions:
+    """A search over candidates (greedy, sweeps): how each is scored, where, and the log."""
+
+    scoring: EvalOptions = field(default_factory=EvalOptions)
+    parallel: ParallelOptions = field(default_factory=ParallelOptions)
+    records: RecordOptions = field(default_factory=RecordOptions)
+    resume: Resume = False
+
+
+@dataclass(frozen=True)
+class SweepOptions:
+    """What `soup wise-ft` and `soup task-arithmetic` pass on, besides the mixing value."""
+
+    search: SearchOptions = field(default_factory=SearchOptions)
+    read: ReadOptions = field(default_factory=ReadOptions)
+    write: WriteOptions = field(default_factory=WriteOptions)
+
+
+@dataclass(frozen=True)
+class SelectionOptions:
+    """How greedy accepts ingredients, and where its running sum and candidates live."""
+
+    scores: Scores = None
+    accept: Accept = "ge"
+    tolerance: Tolerance = 0.0
+    memory: Memory = "2GiB"
+    workdir: Workdir = None
+    allow_nonfinite: AllowNonfinite = False
+
+
+def expand_bundles(command: Callable[..., None]) -> Callable[..., None]:
+    """`command` as typer should see it: each bundle parameter replaced by its fields.
+
+    The command is called with the bundles built from those fields. Bundles nest (a field
+    typed with a bundle is expanded too); every option ends up keyword-only, in the order
+    of the signature and then of the fields, which is the order `--help` shows.
+    """
+    hints = get_type_hints(command, include_extras=True)
+    params: list[inspect.Parameter] = []
+    for p in inspect.signature(command).parameters.values():
+        if _is_bundle(hints[p.name]):
+            params += _fields_as_params(hints[p.name])
+        else:
+            params.append(p.replace(annotation=hints[p.name], kind=p.KEYWORD_ONLY))
+    names = [p.name for p in params]
+    if len(set(names)) != len(names):
+        raise TypeError(f"{command.__name__}: an option is in two bundles: {names}")
+
+    @functools.wraps(command)
+    def called(**values: Any) -> None:
+        for name, hint in hints.items():
+            if name != "return" and _is_bundle(hint):
+                values[name] = _build(hint, values)
+        return command(**values)
+
+    called.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
+    called.__annotations__ = {p.name: p.annotation for p in params}
+    return called
+
+
+def _is_bundle(hint: Any) -> bool:
+    return isinstance(hint, type) and dataclasses.is_dataclass(hint)
+
+
+@functools.cache
+def _hints(bundle: type) -> dict[str, Any]:
+    """The bundle's field types, aliases resolved (once: `soup --help` builds every command)."""
+    return get_type_hints(bundle, include_extras=True)
+
+
+def _fields_as_params(bundle: type) -> list[inspect.Parameter]:
+    hints = _hints(bundle)
+    params = []
+    for f in dataclasses.fields(bundle):
+        if _is_bundle(hints[f.name]):
+            params += _fields_as_params(hints[f.name])
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else inspect.Parameter.empty
+        params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY,
+                                        default=default, annotation=hints[f.name]))  # fmt: skip
+    return params
+
+
+def _build(bundle: type, values: dict[str, Any]) -> Any:
+    """The bundle from the options' values (taken out of `values`)."""
+    hints = _hints(bundle)
+    kwargs = {}
+    for f in dataclasses.fields(bundle):
+        is_nested = _is_bundle(hints[f.name])
+        kwargs[f.name] = _build(hints[f.name], values) if is_nested else values.pop(f.name)
+    return bundle(**kwargs)
+
+
+# -- parsers: option text -> value, one-line SoupError on anything else ----------------------
+def parse_dtype(name: str | None) -> DType | None:
+    """'bf16' -> the BF16 `DType`; None stays None (keep the inputs' dtype). The library's
+    `output_dtype`, minus float8: readable as an input, not offered as an output here."""
+    from ..average import output_dtype
+
+    dtype = output_dtype(name)
+    if dtype is not None and dtype.name.startswith("F8"):
+        raise SoupError(f"unknown dtype {name!r}; use one of fp32, fp16, bf16, fp64")
+    return dtype
+
+
+def parse_size(text: str | None) -> int | None:
+    """'5GB' -> 5_000_000_000, '2GiB' -> 2*2**30, '1000' -> 1000 bytes."""
+    if text is None:
+        return None
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(i?)B?\s*", text, re.IGNORECASE)
+    if not m:
+        raise SoupError(f"cannot read size {text!r}; write e.g. 500MB, 5GB or 2GiB")
+    base = 1024 if m.group(3) else 1000
+    power = " KMGT".index(m.group(2).upper() or " ")
+    value = float(m.group(1)) * base**power
+    if not math.isfinite(value) or value >= 2**63:
+        raise SoupError(f"size {text[:40]!r} is too large")
+    size = int(value)
+    if size <= 0:
+        raise SoupError(f"size must be positive, got {text!r}")
+    return size
+
+
+def parse_memory(text: str) -> int:
+    """`--memory`: a size ('2GiB', '500MB') or 0."""
+    return 0 if text.strip() == "0" else parse_size(text) or 0
+
+
+def parse_floats(text: str, what: str) -> list[float]:
+    """'0.5,0.3,0.2' -> [0.5, 0.3, 0.2]."""
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise SoupError(
+            f"cannot read {what} {text[:80]!r}; write numbers separated by commas"
+        ) from None

@@ -1,0 +1,101 @@
+"""What a soup command writes, checked before it starts and written when it ends.
+
+Every soup command (`soup uniform`, `weighted`, `greedy`, `wise-ft`, `task-arithmetic`,
+`stock`, `learned`) writes the soup with the streaming atomic writer, a JSON report next to
+it (`SOUP.report.json`: recipe, ingredients, weights, scores, times) and, when something is
+scored, the evaluation history (`SOUP.history.jsonl`, resumable with `--resume`). All of
+these paths are checked before any evaluation (`check_outputs`), and nothing is written to
+the output name until selection has finished.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ..errors import OutputError
+from .common import progress_bar, report_result
+from .options import AverageOptions, ReadOptions, RecordOptions, WriteOptions
+
+if TYPE_CHECKING:
+    from ..types import SoupResult
+
+
+def sidecar(out: Path, suffix: str, given: Path | None) -> Path:
+    """`given`, else `out` with its `.safetensors` suffix replaced by `suffix`."""
+    return (
+        given
+        if given is not None
+        else out.with_name(out.name.removesuffix(".safetensors") + suffix)
+    )
+
+
+def check_outputs(
+    out: Path,
+    inputs: list[Path],
+    write: WriteOptions,
+    records: RecordOptions = RecordOptions(),
+    scores: Path | None = None,
+) -> None:
+    """Fail before any evaluation if the output could not be written at the end, or if any
+    path the run writes (report, history, candidate folder) is an input, the `scores` file
+    it reads, or another output."""
+    from ..candidate import CANDIDATES
+    from ..io.writer import check_destination, check_output, check_sharding, temporary_name
+    from .options import parse_size
+
+    sidecars = [sidecar(out, ".report.json", records.report),
+                sidecar(out, ".history.jsonl", records.history),
+                temporary_name(out, CANDIDATES)]  # fmt: skip
+    given = [Path(scores)] if scores is not None else []
+    check_output(out, [*inputs, *given], sidecars=sidecars)
+    check_sharding(out, parse_size(write.max_shard_size))
+    check_destination(out, overwrite=write.overwrite)
+    try:  # the candidate folder, history and report go there too: fail now, not at the end
+        os.rmdir(tempfile.mkdtemp(prefix=f".{out.name[:64]}.soup-check-", dir=out.parent))
+    except OSError as e:
+        raise OutputError(f"{out}: cannot write in {out.parent} ({e.strerror})") from None
+
+
+def write_report(path: Path, report: dict[str, Any]) -> None:
+    """Write `report` (plus the version) as JSON to `path`, atomically."""
+    from ..io.writer import write_json
+    from ..version import __version__
+
+    write_json(path, {**report, "modelsoups_version": __version__})
+
+
+def write_mean(
+    paths: list[Path],
+    out: Path,
+    weights: list[float] | None,
+    *,
+    recipe: str,
+    read: ReadOptions,
+    write: WriteOptions,
+    average: AverageOptions = AverageOptions(),
+    normalize: bool = True,
+    allow_negative: bool = False,
+    shown: Sequence[str] = (),
+) -> SoupResult:
+    """Stream the (weighted) mean of `paths` into `out` with a progress bar; print the result.
+
+    Warnings in `shown` (printed already, e.g. by the selection) are dropped, not repeated.
+    """
+    from ..stream import average_checkpoints
+
+    dtype, max_shard_size = write.output_dtype(), write.shard_bytes()
+    with progress_bar(f"{recipe} soup") as bar:
+        result = average_checkpoints(
+            paths, out, weights=weights, normalize=normalize, allow_negative=allow_negative,
+            accumulate=average.accumulate, dtype=dtype, non_float=average.non_float,
+            allow_nonfinite=average.allow_nonfinite, max_shard_size=max_shard_size,
+            key=read.key, unsafe_pickle=read.unsafe_pickle, overwrite=write.overwrite,
+            recipe=recipe, progress=bar,
+        )  # fmt: skip
+    result.warnings = [w for w in result.warnings if w not in shown]
+    report_result(result)
+    return result
