@@ -13,6 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from modelsoups.candidate import LazyCheckpoint
+from modelsoups.errors import SoupError
 from modelsoups.io import open_checkpoint
 from modelsoups.metrics import MetricEvaluator
 
@@ -53,22 +54,44 @@ def score(metric: str, data: Path, ckpt: Path, **kw: object) -> tuple[float, dic
     return s.score, s.metrics
 
 
-def reference_lm_loss(folder: Path, texts: list[str], max_length: int) -> float:
+def reference_lm_loss(
+    folder: Path, texts: list[str], max_length: int, dtype: torch.dtype = torch.float32
+) -> float:
     """Σ token NLL / tokens predicted, one unpadded line at a time, from_pretrained."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(folder)
-    model = AutoModelForCausalLM.from_pretrained(folder).eval()
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).eval()
     total, count = 0.0, 0
     with torch.no_grad():
         for t in texts:
             ids = torch.tensor([tok(t, truncation=True, max_length=max_length)["input_ids"]])
             if ids.shape[1] < 2:
                 continue
-            logits = model(input_ids=ids).logits[0, :-1]
+            logits = model(input_ids=ids).logits[0, :-1].float()
             total += float(torch.nn.functional.cross_entropy(logits, ids[0, 1:], reduction="sum"))
             count += ids.shape[1] - 1
     return total / count
+
+
+@pytest.mark.parametrize(("dtype", "torch_dtype"),
+                         [("bf16", torch.bfloat16), ("float16", torch.float16)])  # fmt: skip
+def test_lm_loss_in_half_precision_equals_the_model_loaded_in_that_dtype(
+    folders: dict[str, Path], tmp_path: Path, dtype: str, torch_dtype: torch.dtype
+) -> None:
+    data = write_jsonl(tmp_path / "val.jsonl", [{"text": t} for t in TEXTS])
+    ref = reference_lm_loss(folders["lm2"], TEXTS, 512, torch_dtype)
+    got, _ = score("lm-loss", data, folders["lm2"], batch_size=1, dtype=dtype)
+    # the dtype is used: the score is nearer the reference in that dtype than in float32
+    ref32 = reference_lm_loss(folders["lm2"], TEXTS, 512)
+    assert abs(got + ref) < abs(got + ref32), (got, ref, ref32)
+    assert got == pytest.approx(-ref, abs=3e-5)
+
+
+@pytest.mark.parametrize("dtype", ["int8", "float64", "", "nan", "fp32 ", None, 16])
+def test_an_unknown_metric_dtype_is_refused_naming_the_choices(dtype: object) -> None:
+    with pytest.raises(SoupError, match="is not one of float32"):
+        MetricEvaluator("lm-loss", "val.jsonl", dtype=dtype)  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize("max_length", [512, 4])

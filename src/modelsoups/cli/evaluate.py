@@ -96,8 +96,12 @@ def command_evaluator(
 
 
 def quiet_transformers() -> None:
-    """transformers' own warnings and bars stay off the CLI's output."""
+    """transformers' (and lm-eval's) own warnings and bars stay off the CLI's output."""
+    import logging
+
     import transformers
+
+    logging.getLogger("lm_eval").setLevel(logging.ERROR)
 
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()

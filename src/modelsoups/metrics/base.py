@@ -16,10 +16,13 @@ if TYPE_CHECKING:
 
     from ..evaluate import Score
 
-__all__ = ["Batch", "Metric", "Settings", "pad", "tokenizer"]
+__all__ = ["DTYPES", "Batch", "Metric", "Settings", "pad", "tokenizer"]
 
 Batch = dict[str, torch.Tensor]
 Progress = Callable[[int, int], None]  # (examples done, total)
+# The dtypes a metric's model can run in, by the names the CLI's --dtype also accepts.
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+          "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -28,12 +31,22 @@ class Settings:
 
     batch_size: int = 8  # examples per forward pass (sorted by length, padded on the right)
     max_length: int = 512  # tokens kept per example (lm-loss/accuracy: the first ones)
+    # the model's weights and activations; candidates are cast to it as they are copied in.
+    # Log-probabilities and sums are float32/float64 whatever it is.
+    dtype: str = "float32"
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "max_length"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise SoupError(f"{name} must be a positive integer, got {value!r}")
+        if not isinstance(self.dtype, str) or self.dtype not in DTYPES:
+            raise SoupError(f"metric dtype {str(self.dtype)[:40]!r} is not one of float32 "
+                            "(fp32), bfloat16 (bf16), float16 (fp16)")  # fmt: skip
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
 
 
 class Metric(Protocol):

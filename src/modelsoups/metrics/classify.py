@@ -142,8 +142,10 @@ class ImageAccuracy:
         self, model: nn.Module, prepared: Any, settings: Settings, progress: Progress | None
     ) -> Score:
         labels, predictions = [], []
+        dtype = next(iter(model.parameters())).dtype  # pixels in the model's dtype (bf16...)
         for batch in self.batches(prepared, settings, device_of(model)):
-            predictions += model(pixel_values=batch["pixel_values"]).logits.argmax(-1).tolist()
+            pixels = batch["pixel_values"].to(dtype)
+            predictions += model(pixel_values=pixels).logits.argmax(-1).tolist()
             labels += batch["labels"].tolist()
             if progress is not None:
                 progress(len(labels), len(prepared[0]))

@@ -18,6 +18,7 @@ from ..errors import EvaluationError, SoupError
 from ..evaluate import Score, to_score
 from .base import Metric, Settings
 from .classify import Accuracy, ImageAccuracy
+from .harness import PREFIX, parse
 from .lm import LMChoice, LMLoss
 from .model import build_model, find_model_dir, load_config, load_into, resolve_device
 
@@ -35,9 +36,12 @@ METRICS: dict[str, Metric] = {
 
 
 def get_metric(name: str) -> Metric:
-    """The built-in metric called `name`; an unknown name lists the known ones."""
+    """The built-in metric called `name` (or `lm-eval:TASK[,TASK…]`, lm-evaluation-harness
+    tasks); an unknown name lists the known ones."""
+    if name.startswith(PREFIX):
+        return parse(name)
     if name not in METRICS:
-        raise SoupError(f"unknown metric {name!r}; known: {', '.join(METRICS)}")
+        raise SoupError(f"unknown metric {name!r}; known: {', '.join(METRICS)}, {PREFIX}TASK")
     return METRICS[name]
 
 
@@ -51,6 +55,8 @@ class MetricEvaluator:
             candidate's HF folder, or the folder a soup's model files come from).
         device: "auto" (CUDA if available), "cpu", "cuda" or "cuda:N".
         batch_size, max_length: see `Settings`.
+        dtype: what the model runs in: "float32" (default), "bfloat16"/"bf16" or
+            "float16"/"fp16" (half the memory; scores then differ in the last digits).
         progress: called as progress(examples done, total) during each evaluation.
 
     Example:
@@ -67,12 +73,13 @@ class MetricEvaluator:
         device: str = "auto",
         batch_size: int = 8,
         max_length: int = 512,
+        dtype: str = "float32",
         progress: Callable[[int, int], None] | None = None,
     ) -> None:
         self.metric = get_metric(metric)
         self.data, self.device = Path(data), device
         self.model_dir = None if model is None else Path(model)
-        self.settings = Settings(batch_size=batch_size, max_length=max_length)
+        self.settings = Settings(batch_size=batch_size, max_length=max_length, dtype=dtype)
         self.progress = progress
         resolve_device(device)  # an unknown or missing device fails now
         self._prepared: Any = None
@@ -88,7 +95,8 @@ class MetricEvaluator:
         if self.model_dir is None:
             self.check(candidate)
         assert self.model_dir is not None
-        return build_model(self.model_dir, self.metric.auto_class, resolve_device(self.device))
+        device, dtype = resolve_device(self.device), self.settings.torch_dtype
+        return build_model(self.model_dir, self.metric.auto_class, device, dtype)
 
     def evaluate(self, candidate: Checkpoint, *, name: str) -> Score:
         if adapter_config(candidate) is not None:  # a PEFT adapter: loaded over its base

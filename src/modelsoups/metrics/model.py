@@ -28,7 +28,7 @@ __all__ = ["build_model", "find_model_dir", "load_config", "load_into", "resolve
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.txt",
                    "vocab.json", "spiece.model")  # fmt: skip
-_MODELS: dict[tuple[str, str, str], nn.Module] = {}  # one live model per process and spec
+_MODELS: dict[tuple[str, str, str, str], nn.Module] = {}  # one live model per process and spec
 
 
 def resolve_device(device: str) -> torch.device:
@@ -96,16 +96,18 @@ def check_tokenizer(folder: Path) -> None:
         )
 
 
-def build_model(folder: Path, auto_class: str, device: torch.device) -> nn.Module:
-    """`auto_class.from_config(folder's config)` in eval mode on `device`, built once per
-    process (the same folder, class and device give the same live module)."""
+def build_model(
+    folder: Path, auto_class: str, device: torch.device, dtype: torch.dtype = torch.float32
+) -> nn.Module:
+    """`auto_class.from_config(folder's config)` in eval mode on `device` in `dtype`, built
+    once per process (the same folder, class, device and dtype give the same live module)."""
     import transformers
 
-    key = (str(folder.resolve()), auto_class, str(device))
+    key = (str(folder.resolve()), auto_class, str(device), str(dtype))
     if key not in _MODELS:
         config = load_config(folder, auto_class)
         model = getattr(transformers, auto_class).from_config(config)
-        _MODELS[key] = model.to(device=device, dtype=torch.float32).eval()
+        _MODELS[key] = model.to(device=device, dtype=dtype).eval()
     return _MODELS[key]
 
 
