@@ -316,9 +316,10 @@ class CommandEvaluator:
         from .sandbox import check_unchanged, private_copy
 
         with tempfile.TemporaryDirectory(prefix=".soup-candidate-", dir=self.workdir) as d:
-            if candidate.format == "memory":
+            if candidate.format == "memory":  # a folder if config files or an adapter's go with it
                 source = getattr(candidate, "model_files_from", None)
-                path = Path(d) / ("candidate" if source else "candidate.safetensors")
+                folder = source or getattr(candidate, "adapter_config", None)
+                path = Path(d) / ("candidate" if folder else "candidate.safetensors")
                 write_candidate(candidate, path, model_files_from=source)
                 return self.run(path, name)
             before = stamps(candidate.path)
