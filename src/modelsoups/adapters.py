@@ -25,6 +25,7 @@ __all__ = [
     "is_adapter_set",
     "open_adapters",
     "soup_config",
+    "split_adapter_inputs",
 ]
 
 
@@ -39,6 +40,18 @@ def is_adapter_set(inputs: Sequence[PathLike]) -> bool:
             "adapters alone, with --merge-into BASE to get a full model"
         )
     return bool(kinds) and all(kinds)
+
+
+def split_adapter_inputs(inputs: Sequence[object]) -> tuple[Path | None, list[Path]] | None:
+    """`(None, adapters)` if every input is a PEFT adapter path, `(base, adapters)` if the
+    first is a model and all the others adapters of it (its task vectors: task arithmetic,
+    WiSE-FT), None if none is an adapter (or some input is not a path); other mixes raise."""
+    if not all(isinstance(p, str | os.PathLike) for p in inputs):
+        return None
+    paths = [Path(p) for p in inputs]  # type: ignore[arg-type]
+    if len(paths) > 1 and adapter_folder(paths[0]) is None and is_adapter_set(paths[1:]):
+        return paths[0], paths[1:]
+    return (None, paths) if is_adapter_set(paths) else None
 
 
 def open_adapters(inputs: Sequence[PathLike], *, unsafe_pickle: bool = False) -> list[LoraAdapter]:

@@ -85,11 +85,11 @@ def write_mean(
 
     Warnings in `shown` (printed already, e.g. by the selection) are dropped, not repeated.
     """
-    from ..stream import average_checkpoints
+    from ..recipes.uniform import soup_files  # models, or LoRA adapters (exact)
 
     dtype, max_shard_size = write.output_dtype(), write.shard_bytes()
     with progress_bar(f"{recipe} soup") as bar:
-        result = average_checkpoints(
+        result = soup_files(
             paths, out, weights=weights, normalize=normalize, allow_negative=allow_negative,
             accumulate=average.accumulate, dtype=dtype, non_float=average.non_float,
             allow_nonfinite=average.allow_nonfinite, max_shard_size=max_shard_size,
