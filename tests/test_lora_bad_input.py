@@ -6,13 +6,13 @@ for the module) copied into a fresh folder, and checks the error line names the 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from battery import one_error_line, snapshot
 from conftest import save_as, tiny_state_dict
 from lora_models import make_adapter, make_base
 
@@ -137,15 +137,6 @@ CASES: list[tuple[str, list[str] | Callable[[Path], list[str]], list[str]]] = [
 ]  # fmt: skip
 
 
-def snapshot(root: Path) -> dict[str, str]:
-    return {
-        str(p.relative_to(root)): "dir"
-        if p.is_dir()
-        else hashlib.sha256(p.read_bytes()).hexdigest()
-        for p in sorted(root.rglob("*"))
-    }
-
-
 @pytest.mark.parametrize(("argv", "words"), [c[1:] for c in CASES], ids=[c[0] for c in CASES])
 def test_bad_adapter_input_fails_in_one_line_and_writes_nothing(
     argv: list[str] | Callable[[Path], list[str]],
@@ -163,11 +154,8 @@ def test_bad_adapter_input_fails_in_one_line_and_writes_nothing(
     STATE.update(quiet=False, debug=False)
     capsys.readouterr()
     rc = main(args)
-    err = capsys.readouterr().err.strip().splitlines()
     assert rc == 1
-    assert len(err) == 1 and err[0].startswith("soup: error: "), err
-    for word in words:
-        assert word in err[0], (word, err[0])
+    one_error_line(capsys.readouterr().err, *words)
     assert snapshot(root) == before  # no output, no temporary, inputs byte-identical
 
 
