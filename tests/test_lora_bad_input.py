@@ -123,6 +123,14 @@ CASES: list[tuple[str, list[str] | Callable[[Path], list[str]], list[str]]] = [
      ["b/adapter_model.safetensors", "lora_B", "NaN"]),
     ("eval of an adapter whose base is no local folder", _remote_base,
      ["org/another-model", "--model"]),
+    ("greedy adapter soup named .safetensors",
+     ["greedy", "a", "b", "--eval", "false {ckpt}", "-o", "out.safetensors"],
+     ["out.safetensors", "folder"]),
+    ("greedy merged into a missing base", ["greedy", "a", "b", *GREEDY, "--merge-into", "nobase"],
+     ["nobase"]),
+    ("merge-into on full checkpoints", lambda r: [
+        "wise-ft", _full_checkpoint(r)[2], "full.safetensors", "-o", "o.safetensors",
+        "--merge-into", "base"], ["--merge-into", "adapters"]),
     ("rank on full checkpoints", lambda r: [
         *_full_checkpoint(r)[:1], "full.safetensors", "full.safetensors", "-o", "o.safetensors",
         "--rank", "2"], ["--rank", "adapters"]),

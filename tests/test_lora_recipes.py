@@ -156,9 +156,13 @@ def test_task_arithmetic_of_adapters_adds_their_scaled_updates_to_the_base(
     made: dict[str, Path], tmp_path: Path
 ) -> None:
     """θ = W₀ + s·Σ ΔWᵢ, lm_head M₀ + s·Σ(Mᵢ − M₀): as an adapter, and merged."""
+    from transformers import AutoModelForCausalLM
+
     base, runs = made["base"], [made["run0"], made["run2"]]
     want = reference(base, runs, [0.7, 0.7])
-    out = tmp_path / "ta"
+    out, merged = tmp_path / "ta", tmp_path / "ta-merged"
     args = ["task-arithmetic", *map(str, runs), "--base", str(base), "--scale", "0.7"]
     assert main([*args, "-o", str(out), "-q"]) == 0
     assert_matches(peft_merged(base, out), want)
+    assert main([*args, "--merge-into", str(base), "-o", str(merged), "-q"]) == 0
+    assert_matches(dict(AutoModelForCausalLM.from_pretrained(merged).state_dict()), want)

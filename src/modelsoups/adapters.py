@@ -14,12 +14,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import IncompatibleError, SoupError
+from .errors import CheckpointError, IncompatibleError, OutputError, SoupError
 from .io.adapter import LoraAdapter, adapter_folder, open_adapter
 from .types import PathLike
 
 __all__ = [
     "AdapterSummary",
+    "check_adapter_output",
     "check_adapters",
     "inspect_adapters",
     "is_adapter_set",
@@ -52,6 +53,19 @@ def split_adapter_inputs(inputs: Sequence[object]) -> tuple[Path | None, list[Pa
     if len(paths) > 1 and adapter_folder(paths[0]) is None and is_adapter_set(paths[1:]):
         return paths[0], paths[1:]
     return (None, paths) if is_adapter_set(paths) else None
+
+
+def check_adapter_output(inputs: Sequence[PathLike], out: Path, merge_into: Path | None) -> None:
+    """Before any work: an adapter soup goes to a folder (or merged into an existing base),
+    and `merge_into` is only for adapters."""
+    split = split_adapter_inputs(inputs)
+    if split is None and merge_into is not None:
+        raise SoupError("--merge-into applies to PEFT LoRA adapters; these inputs are not adapters")
+    if split is not None and merge_into is None and out.suffix == ".safetensors":
+        raise OutputError(f"{out}: an adapter soup is a folder; drop the .safetensors suffix "
+                          "(or pass --merge-into BASE for a merged model)")  # fmt: skip
+    if merge_into is not None and not merge_into.exists():
+        raise CheckpointError(f"{merge_into}: no such base model (--merge-into)")
 
 
 def open_adapters(inputs: Sequence[PathLike], *, unsafe_pickle: bool = False) -> list[LoraAdapter]:

@@ -325,12 +325,21 @@ class SearchOptions:
 
 
 @dataclass(frozen=True)
+class AdapterOutput:
+    """Where a soup of LoRA adapters goes (greedy, wise-ft, task-arithmetic): an adapter
+    folder, or with `--merge-into BASE` the merged model."""
+
+    merge_into: MergeInto = None
+
+
+@dataclass(frozen=True)
 class SweepOptions:
     """What `soup wise-ft` and `soup task-arithmetic` pass on, besides the mixing value."""
 
     search: SearchOptions = field(default_factory=SearchOptions)
     read: ReadOptions = field(default_factory=ReadOptions)
     write: WriteOptions = field(default_factory=WriteOptions)
+    adapters: AdapterOutput = field(default_factory=AdapterOutput)
 
 
 @dataclass(frozen=True)

@@ -27,7 +27,7 @@ if TYPE_CHECKING:
 
 __all__ = ["adapter_model"]
 
-_BASES: dict[tuple[str, str, str], Any] = {}  # one PeftModel per process and base spec
+_BASES: dict[tuple[str, str, str, str], Any] = {}  # one PeftModel per process and base spec
 
 
 def adapter_model(ev: Any, candidate: Checkpoint) -> nn.Module:
@@ -60,7 +60,6 @@ def adapter_model(ev: Any, candidate: Checkpoint) -> nn.Module:
 
 def _peft_base(ev: Any, candidate: Checkpoint, config: dict[str, Any]) -> Any:
     """The base model of `ev`, weights loaded, wrapped in a `PeftModel` (built once)."""
-    import torch
 
     from ..io import open_checkpoint
 
@@ -72,13 +71,13 @@ def _peft_base(ev: Any, candidate: Checkpoint, config: dict[str, Any]) -> Any:
     if ev.model_dir is None:
         ev.check(candidate)
     folder, auto_class = Path(ev.model_dir or ""), ev.metric.auto_class
-    device = resolve_device(ev.device)
-    key = (str(folder.resolve()), auto_class, str(device))
+    device, dtype = resolve_device(ev.device), ev.settings.torch_dtype
+    key = (str(folder.resolve()), auto_class, str(device), str(dtype))
     if key not in _BASES:
         base = getattr(transformers, auto_class).from_config(load_config(folder, auto_class))
         with open_checkpoint(folder) as weights:
             load_into(base, weights, folder)
-        base = base.to(device=device, dtype=torch.float32)
+        base = base.to(device=device, dtype=dtype)
         _BASES[key] = peft.PeftModel(base, _lora_config(config), adapter_name="base")
     return _BASES[key]
 

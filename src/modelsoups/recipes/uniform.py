@@ -69,6 +69,8 @@ def soup_files(
     task vectors): weights (w₀, w₁, …) with w₀ = 1 − Σ wᵢ≥1 give W₀ + Σ wᵢ·ΔWᵢ exactly."""
     split = split_adapter_inputs(inputs)
     if split is None:
+        if options.pop("merge_into", None) is not None:
+            raise SoupError("--merge-into applies to PEFT LoRA adapters; these are not adapters")
         return average_checkpoints(inputs, out, weights=weights, recipe=recipe, **options)
     from .lora import lora_soup
 
