@@ -94,6 +94,9 @@ def test_stock_metric_scores_the_written_soup(runs: Path, tmp_path: Path) -> Non
         (["--eval", "python e.py {ckpt}"], "--metric and --eval"),
         (["--test-metric", "lm-loss"], "needs --test-data"),
         (["--metric", "nope"], "unknown metric 'nope'"),
+        (["--metric", "lm-eval:"], "write lm-eval:TASK"),
+        (["--metric-dtype", "inf"], "metric dtype 'inf' is not one of"),
+        (["--metric-dtype", "float8"], "metric dtype 'float8' is not one of"),
     ],
 )
 def test_conflicting_metric_options_fail_before_anything_is_written(
@@ -106,14 +109,25 @@ def test_conflicting_metric_options_fail_before_anything_is_written(
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_metric_dtype_without_a_metric_is_refused(
+    runs: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    args = ["--eval", "python e.py {ckpt}", "--metric-dtype", "bf16"]
+    assert soup("greedy", runs / "a", runs / "b", "-o", tmp_path / "g", *args) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "give the metric too" in err, err
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_a_recipe_file_runs_the_metric_options(runs: Path, tmp_path: Path) -> None:
     from modelsoups.cli.run import run_recipe
 
     recipe = tmp_path / "r.yaml"
     recipe.write_text(
         f"method: greedy\ningredients: [{runs / 'a'}, {runs / 'b'}]\noutput: soup\n"
-        f"metric: lm-loss\ndata: {runs / 'val.jsonl'}\nbatch_size: 3\n"
+        f"metric: lm-loss\ndata: {runs / 'val.jsonl'}\nbatch_size: 3\nmetric_dtype: bf16\n"
     )
     argv = run_recipe(recipe, dry_run=True)
     assert argv[argv.index("--metric") + 1] == "lm-loss" and "--batch-size" in argv
+    assert argv[argv.index("--metric-dtype") + 1] == "bf16"
     assert "--eval" not in argv and "--device" not in argv
