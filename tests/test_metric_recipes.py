@@ -68,7 +68,13 @@ def test_greedy_metric_selects_as_an_eval_command_computing_the_same_loss(
     assert [s[3] for s in in_process] == pytest.approx([s[3] for s in by_command], abs=1e-5)
     assert {s[2] for s in in_process if s[0] == "greedy"} == {True, False}  # a real choice
     report = json.loads((tmp_path / "in.report.json").read_text())
-    assert report["selected"] == json.loads((tmp_path / "cmd.report.json").read_text())["selected"]
+    by_cmd = json.loads((tmp_path / "cmd.report.json").read_text())
+    assert report["selected"] == by_cmd["selected"]
+    # each report records what scored it: the metric and its data file, or the command
+    assert by_cmd["scorer"] == {"held_out": {"eval": command}, "test": None}
+    held_out = report["scorer"]["held_out"]
+    assert (held_out["metric"], held_out["data"]) == ("lm-loss", str(runs / "val.jsonl"))
+    assert (held_out["dtype"], held_out["batch_size"]) == ("float32", 2)
 
 
 def test_a_wise_ft_sweep_scores_each_end_as_its_checkpoint(runs: Path, tmp_path: Path) -> None:
