@@ -6,11 +6,18 @@ from pathlib import Path
 
 import torch
 from conftest import save_as, tiny_state_dict
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
 
 from modelsoups import inspect_checkpoints, uniform
 from modelsoups.cli import main
 from modelsoups.io import MemoryCheckpoint
-from modelsoups.similarity import init_warning, sample_vector, similarity_report
+from modelsoups.similarity import (
+    SAME_INIT_THRESHOLD,
+    init_warning,
+    sample_vector,
+    similarity_report,
+)
 
 
 def _mem(*sds):
@@ -88,3 +95,44 @@ def test_undefined_cosine_is_nan_and_not_flagged() -> None:
     base = MemoryCheckpoint(tiny_state_dict(1), "<state dict 9>")
     same = similarity_report(_mem(tiny_state_dict(1), tiny_state_dict(1)), base=base)
     assert same.delta_cosine is not None and math.isnan(same.delta_cosine[0][1])
+
+
+def _ingredients(groups: list[int], noise: list[float], seed: int) -> list[MemoryCheckpoint]:
+    """Ingredients from a few initialisations (`groups[i]`: the init of ingredient i), each
+    its init plus `noise[i]` times a random direction."""
+    g = torch.Generator().manual_seed(seed)
+    inits = {k: {"w": torch.randn(40, 3, generator=g), "b": torch.randn(7, generator=g)}
+             for k in set(groups)}  # fmt: skip
+    sds = [{name: t + s * torch.randn(t.shape, generator=g) for name, t in inits[k].items()}
+           for k, s in zip(groups, noise, strict=True)]  # fmt: skip
+    return _mem(*sds)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    groups=st.lists(st.integers(0, 2), min_size=2, max_size=9),
+    noise=st.lists(st.floats(0.0, 2.5), min_size=9, max_size=9),
+    seed=st.integers(0, 10**6),
+)
+def test_init_warning_agrees_with_comparing_every_pair(
+    groups: list[int], noise: list[float], seed: int
+) -> None:
+    """Comparing each ingredient with the others only when it lies far from their mean
+    direction answers exactly what the all-pairs matrix answers."""
+    ckpts = _ingredients(groups, noise[: len(groups)], seed)
+    report = similarity_report(ckpts, per_tensor=32)
+    pairs = [c for i, row in enumerate(report.cosine) for c in row[i + 1 :]]
+    assume(all(abs(c - SAME_INIT_THRESHOLD) > 1e-5 for c in pairs))  # rounding at the edge
+    warning = init_warning(ckpts)
+    assert (warning is None) == (report.warning is None)
+    if warning is not None:  # the pair it names is below the threshold
+        named = [i for i, c in enumerate(ckpts) if f"{c.path} " in warning]
+        assert len(named) == 2 and report.cosine[named[0]][named[1]] < SAME_INIT_THRESHOLD
+
+
+def test_init_warning_names_the_outlier_among_many() -> None:
+    """300 fine-tunes of one base and one of another: the odd one is named."""
+    ckpts = _ingredients([0] * 150 + [1] + [0] * 150, [0.3] * 301, seed=3)
+    warning = init_warning(ckpts)
+    assert warning is not None and "<state dict 150>" in warning
+    assert init_warning(ckpts[:150] + ckpts[151:]) is None

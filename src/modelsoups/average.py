@@ -109,6 +109,15 @@ def widen_buffer() -> np.ndarray:
     return _scratch().wide
 
 
+def _result_array(shape: tuple[int, ...], dtype: DType, buffer: np.ndarray | None) -> np.ndarray:
+    """An array of `shape` holding `dtype`: new, or the start of a byte `buffer` that the
+    caller reuses from one tensor to the next."""
+    if buffer is None:
+        return np.empty(shape, dtype=dtype.numpy)
+    size = math.prod(shape) * dtype.itemsize
+    return buffer.reshape(-1).view(np.uint8)[:size].view(dtype.numpy).reshape(shape)
+
+
 def weighted_sum_arrays(
     arrays: Sequence[np.ndarray],
     dtypes: Sequence[DType],
@@ -127,12 +136,7 @@ def weighted_sum_arrays(
     modified. Extra memory beyond the result is a few slices of `CHUNK`.
     """
     out_dtype = out_dtype or accumulate
-    if buffer is None:
-        out = np.empty(arrays[0].shape, dtype=out_dtype.numpy)
-    else:  # the result goes into (the start of) a byte buffer the caller reuses
-        size = math.prod(arrays[0].shape) * out_dtype.itemsize
-        out = buffer.reshape(-1).view(np.uint8)[:size].view(out_dtype.numpy)
-        out = out.reshape(arrays[0].shape)
+    out = _result_array(arrays[0].shape, out_dtype, buffer)
     flat_out, flats = out.reshape(-1), [a.reshape(-1) for a in arrays]
     numel = flat_out.size
     s = _scratch()

@@ -58,15 +58,20 @@ METHOD_FIELDS: dict[str, set[str]] = {
     | _PARALLEL
     | _METRIC
     | {"scores", "accept", "tolerance", "memory", "workdir", "allow_nonfinite"}
-    | {"test_metric", "test_data"},
-    "wise-ft": _COMMON | _WRITE | _SCORED | _PARALLEL | _METRIC | {"base", "alpha", "alphas"},
+    | {"test_metric", "test_data", "merge_into"},
+    "wise-ft": _COMMON
+    | _WRITE
+    | _SCORED
+    | _PARALLEL
+    | _METRIC
+    | {"base", "alpha", "alphas", "merge_into"},
     "stock": _COMMON | _WRITE | (_SCORED - {"resume"}) | _METRIC | {"base"},
     "task-arithmetic": _COMMON
     | _WRITE
     | _SCORED
     | _PARALLEL
     | _METRIC
-    | {"base", "scale", "scales"},
+    | {"base", "scale", "scales", "merge_into"},
 }
 
 

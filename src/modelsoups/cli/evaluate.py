@@ -139,20 +139,20 @@ def eval_(
     read: ReadOptions,
 ) -> None:
     """Score checkpoints with a built-in metric, in process (higher is better)."""
-    from ..io import expand_inputs, open_checkpoint
+    from ..candidate import open_candidate
+    from ..io import expand_inputs
 
     paths = expand_inputs(inputs)
     ev = metric_evaluator(metric, data, run, paths[0])
     assert ev is not None
     rows = []
     for path, given in zip(paths, _given(inputs, paths), strict=True):
-        ckpt = open_checkpoint(path, key=read.key, unsafe_pickle=read.unsafe_pickle)
-        try:
-            with example_bar(f"{metric} {given}") as bar:
-                ev.progress = bar
-                s = ev.evaluate(ckpt, name=given)
-        finally:
-            ckpt.close()
+        with (
+            open_candidate(path, key=read.key, unsafe_pickle=read.unsafe_pickle) as ckpt,
+            example_bar(f"{metric} {given}") as bar,
+        ):  # a checkpoint, or a PEFT adapter folder (scored over its base)
+            ev.progress = bar
+            s = ev.evaluate(ckpt, name=given)
         rows.append({"checkpoint": given, "score": s.score, "metrics": s.metrics})
     if json_:
         print(json.dumps(rows))

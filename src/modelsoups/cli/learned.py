@@ -39,6 +39,7 @@ from .options import (
 from .outputs import check_outputs, sidecar, write_report
 
 if TYPE_CHECKING:
+    import torch
     from torch import nn
 
     from ..metrics import MetricEvaluator
@@ -106,7 +107,7 @@ def _uniform_score(ev: MetricEvaluator, paths: list[Path], read: ReadOptions) ->
     try:
         w = [1.0 / len(ckpts)] * len(ckpts)
 
-        def compute(k: str) -> Any:
+        def compute(k: str) -> torch.Tensor:
             if not ckpts[0].infos[k].is_float:
                 return ckpts[0].get(k)
             return weighted_sum([c.get(k) for c in ckpts], w)

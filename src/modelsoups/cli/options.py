@@ -34,6 +34,8 @@ from ..errors import SoupError
 
 if TYPE_CHECKING:
     from ..dtypes import DType
+    from ..executor import LocalExecutor
+    from ..executor_ray import RayExecutor
 
 # -- inputs and output ----------------------------------------------------------------------
 Inputs = Annotated[
@@ -230,6 +232,24 @@ class LoraOptions:
 
 
 @dataclass(frozen=True)
+class WeightOptions:
+    """The weights of `soup weighted`, one per input, and how they are taken."""
+
+    weights: Weights
+    normalize: Normalize = True
+    allow_negative: AllowNegative = False
+
+
+def linear_weights(weighting: WeightOptions | None) -> tuple[list[float] | None, bool, bool]:
+    """(weights, normalize, allow_negative) of a weighted soup; (None, True, False), the
+    uniform soup, without `weighting`."""
+    if weighting is None:
+        return None, True, False
+    weights = parse_floats(weighting.weights, "weights")
+    return weights, weighting.normalize, weighting.allow_negative
+
+
+@dataclass(frozen=True)
 class MeanOptions:
     """What `soup uniform` and `soup weighted` pass on, besides the weights."""
 
@@ -283,7 +303,7 @@ class ParallelOptions:
     ray: Ray = False
     ray_address: RayAddress = None
 
-    def executor(self) -> Any:
+    def executor(self) -> LocalExecutor | RayExecutor:
         from ..executor_ray import make_executor
 
         return make_executor(self.workers, ray=self.ray, ray_address=self.ray_address)
@@ -309,12 +329,21 @@ class SearchOptions:
 
 
 @dataclass(frozen=True)
+class AdapterOutput:
+    """Where a soup of LoRA adapters goes (greedy, wise-ft, task-arithmetic): an adapter
+    folder, or with `--merge-into BASE` the merged model."""
+
+    merge_into: MergeInto = None
+
+
+@dataclass(frozen=True)
 class SweepOptions:
     """What `soup wise-ft` and `soup task-arithmetic` pass on, besides the mixing value."""
 
     search: SearchOptions = field(default_factory=SearchOptions)
     read: ReadOptions = field(default_factory=ReadOptions)
     write: WriteOptions = field(default_factory=WriteOptions)
+    adapters: AdapterOutput = field(default_factory=AdapterOutput)
 
 
 @dataclass(frozen=True)
@@ -382,7 +411,7 @@ def _fields_as_params(bundle: type) -> list[inspect.Parameter]:
     return params
 
 
-def _build(bundle: type, values: dict[str, Any]) -> Any:
+def _build(bundle: type, values: dict[str, Any]) -> object:
     """The bundle from the options' values (taken out of `values`)."""
     hints = _hints(bundle)
     kwargs = {}

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from ..candidate import adapter_config
 from ..errors import EvaluationError, SoupError
 from ..evaluate import Score, to_score
 from .base import Metric, Settings
@@ -98,10 +99,15 @@ class MetricEvaluator:
         return build_model(self.model_dir, self.metric.auto_class, device, dtype)
 
     def evaluate(self, candidate: Checkpoint, *, name: str) -> Score:
-        model = self.module(candidate)
+        if adapter_config(candidate) is not None:  # a PEFT adapter: loaded over its base
+            from .peft_model import adapter_model
+
+            model = adapter_model(self, candidate)
+        else:
+            model = self.module(candidate)
+            assert self.model_dir is not None
+            load_into(model, candidate, self.model_dir)
         prepared = self._prepare()
-        assert self.model_dir is not None
-        load_into(model, candidate, self.model_dir)
         try:
             with torch.no_grad():
                 value = self.metric.run(model, prepared, self.settings, self.progress)
