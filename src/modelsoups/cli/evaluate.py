@@ -34,6 +34,7 @@ from .options import (
 if TYPE_CHECKING:
     from ..evaluate import CommandEvaluator
     from ..metrics import MetricEvaluator
+    from ..types import Progress
 
 
 def check_scoring(scoring: EvalOptions, test: TestOptions = TestOptions()) -> None:
@@ -112,7 +113,7 @@ def quiet_transformers() -> None:
 
 
 @contextlib.contextmanager
-def example_bar(description: str) -> Iterator[Any]:
+def example_bar(description: str) -> Iterator[Progress | None]:
     """A rich progress bar on stderr counting examples; nothing when quiet or not a TTY."""
     if STATE["quiet"] or not sys.stderr.isatty():
         yield None

@@ -158,7 +158,7 @@ def _learn(
     return result, after
 
 
-def _model_names(model: nn.Module, path: Path, read: ReadOptions) -> dict[str, Any]:
+def _model_names(model: nn.Module, path: Path, read: ReadOptions) -> dict[str, torch.Tensor]:
     """An ingredient's tensors under the model's names, tied weights filled in: what
     `learned_soup` (which maps names one to one) expects."""
     from ..io import open_checkpoint

@@ -76,8 +76,8 @@ class GreedyResult:
         return materialize(self.soup)
 
 
-# Over 60 lines: 43 are the keyword list and the docstring of the public API; the body
-# is 31 lines, and the loop itself (Recipe 1) is `_select`.
+# Over 60 lines: more than half is the public keyword list and its docstring; the body
+# opens, scores and ranks, and the loop itself (Recipe 1) is `_select`.
 def greedy_soup(
     ingredients: Sequence[Ingredient],
     evaluator: Evaluator | Callable[[dict[str, torch.Tensor]], object],

@@ -52,8 +52,8 @@ class SweepResult:
     records: list[dict[str, Any]] = field(default_factory=list)  # one history record per value
 
 
-# Over 60 lines: 32 are the keyword list and the docstring of the public API; the body
-# is 36 lines: check once, score the values not yet logged, pick the best.
+# Over 60 lines: half of it is the public keyword list and its docstring; the body is
+# check once, score the values not yet logged, pick the best.
 def sweep(
     ingredients: Sequence[Ingredient],
     weights_of: Callable[[float], Sequence[float]],
