@@ -49,6 +49,8 @@ def check_scoring(scoring: EvalOptions, test: TestOptions = TestOptions()) -> No
             raise SoupError(f"metric {metric!r} needs {flag} (the held-out data)")
         if metric is None and data is not None:
             raise SoupError(f"{flag} {data} is the data of a metric; give the metric too")
+    if scoring.run.metric_dtype is not None and scoring.metric is test.test_metric is None:
+        raise SoupError("--metric-dtype is what a --metric's model runs in; give the metric too")
 
 
 def metric_evaluator(
@@ -65,8 +67,10 @@ def metric_evaluator(
     if run.model is None and not first.is_dir():
         raise SoupError(f"{first}: a file, so there is no config.json to build the model "
                         "from; pass --model FOLDER with config and tokenizer")  # fmt: skip
+    dtype = "float32" if run.metric_dtype is None else run.metric_dtype
     ev = MetricEvaluator(metric, data.resolve(), model=model, device=run.device,
-                         batch_size=run.batch_size, max_length=run.max_length)  # fmt: skip
+                         batch_size=run.batch_size, max_length=run.max_length,
+                         dtype=dtype)  # fmt: skip
     ev.check()
     return ev
 

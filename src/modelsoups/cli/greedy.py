@@ -82,7 +82,14 @@ def greedy(
     seconds = {"evaluate": evaluated - started, "write": result.seconds,
                "total": time.perf_counter() - started}  # fmt: skip
     report = _report(r, paths, output, hist, result, seconds, select, records.dataset)
+    report["scorer"] = {"held_out": scorer(metric_evaluators[0], scoring.eval_command),
+                        "test": scorer(metric_evaluators[1], test.test_eval)}  # fmt: skip
     write_report(sidecar(output, ".report.json", records.report), report)
+
+
+def scorer(metric: MetricEvaluator | None, command: str | None) -> dict[str, Any] | None:
+    """What scored (the report's record): a metric with its data file, or a command."""
+    return metric.spec() if metric is not None else None if command is None else {"eval": command}
 
 
 def _work_name(output: Path, workdir: Path | None) -> Path:

@@ -79,6 +79,9 @@ def learned(
     coefs_path = sidecar(output, ".coefficients.json", coefficients)
     ev = metric_evaluator(metric, data, run, paths[0])
     assert ev is not None
+    if ev.settings.dtype not in ("float32", "fp32"):
+        raise SoupError(f"soup learned learns in float32; --metric-dtype {ev.settings.dtype} "
+                        "is for scoring (soup eval, greedy, wise-ft, stock, ...)")  # fmt: skip
     before = _uniform_score(ev, paths, read)
     result, after = _learn(ev, paths, output, coefs_path, by_layer=by_layer, epochs=epochs,
                            lr=lr, read=read, overwrite=overwrite)  # fmt: skip

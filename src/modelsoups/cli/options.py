@@ -119,6 +119,9 @@ EvalData = Annotated[Path, typer.Option(help="Held-out data: JSONL/CSV file or I
 Device = Annotated[str, typer.Option(help="Where the metric runs: auto, cpu, cuda, cuda:N.")]
 BatchSize = Annotated[int, typer.Option(help="Examples per forward pass of the metric.")]
 MaxLength = Annotated[int, typer.Option(help="Tokens kept per example of the metric.")]
+MetricDtype = Annotated[
+    str | None, typer.Option(help="What the metric's model runs in: fp32 (default), bf16, fp16.")
+]
 ModelDir = Annotated[
     Path | None,
     typer.Option("--model", help="Folder with config.json and tokenizer (default: 1st input)."),
@@ -263,6 +266,7 @@ class MetricRun:
     batch_size: BatchSize = 8
     max_length: MaxLength = 512
     model: ModelDir = None
+    metric_dtype: MetricDtype = None
 
 
 @dataclass(frozen=True)

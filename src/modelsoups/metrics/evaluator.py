@@ -125,6 +125,13 @@ class MetricEvaluator:
             self._prepared = self.metric.prepare(self.data, self.model_dir, config, self.settings)
         return self._prepared
 
+    def spec(self) -> dict[str, Any]:
+        """What scores (for reports): the metric, its data and how its model runs."""
+        s = self.settings
+        return {"metric": self.metric.name, "data": str(self.data), "model": str(self.model_dir),
+                "device": self.device, "dtype": s.dtype, "batch_size": s.batch_size,
+                "max_length": s.max_length}  # fmt: skip
+
     def __getstate__(self) -> dict[str, Any]:  # the spec: workers re-read data, build a model
         return {**self.__dict__, "_prepared": None, "progress": None}
 
