@@ -42,6 +42,7 @@ if TYPE_CHECKING:
     import torch
     from torch import nn
 
+    from ..candidate import LazyCheckpoint
     from ..metrics import MetricEvaluator
     from ..recipes.learned import LearnedSoupResult
 
@@ -141,9 +142,16 @@ def _learn(
     model = ev.module()
     metric: Any = ev.metric  # one of LEARNABLE: these have batches() and loss()
     batches = metric.batches(ev._prepare(), ev.settings, next(model.parameters()).device)
-    sds = [_model_names(model, p, read) for p in paths]
-    with torch.enable_grad():
-        result = learned_soup(sds, model, metric.loss, batches, by_layer=by_layer,
+    views: list[LazyCheckpoint] = []
+    try:
+        for p in paths:
+            views.append(_model_names(model, p, read))
+    except BaseException:
+        for v in views:
+            v.close()
+        raise
+    with torch.enable_grad():  # learned_soup closes the views once it has stacked them
+        result = learned_soup(views, model, metric.loss, batches, by_layer=by_layer,
                               epochs=epochs, lr=lr)  # fmt: skip
     soup = MemoryCheckpoint(result.state_dict, "<learned soup>")
     after = float(ev.evaluate(soup, name="learned soup").score)
@@ -158,22 +166,28 @@ def _learn(
     return result, after
 
 
-def _model_names(model: nn.Module, path: Path, read: ReadOptions) -> dict[str, torch.Tensor]:
-    """An ingredient's tensors under the model's names, tied weights filled in: what
-    `learned_soup` (which maps names one to one) expects."""
+def _model_names(model: nn.Module, path: Path, read: ReadOptions) -> LazyCheckpoint:
+    """An ingredient under the model's tensor names, tied weights filled in (what
+    `learned_soup`, which maps names one to one, expects), read from the file when
+    `learned_soup` stacks it: the ingredients are held once, in its stack."""
+    from ..candidate import LazyCheckpoint
     from ..io import open_checkpoint
     from ..metrics.model import checkpoint_names
 
     target = model.state_dict()
-    with open_checkpoint(path, key=read.key, unsafe_pickle=read.unsafe_pickle) as ckpt:
-        names = checkpoint_names(model, list(ckpt.infos), target)
-        sd = {names[k]: ckpt.get(k).clone() for k in ckpt.infos}
-    by_storage = {(t.data_ptr(), tuple(t.shape)): k for k, t in target.items() if k in sd}
-    for k, t in target.items():
-        twin = by_storage.get((t.data_ptr(), tuple(t.shape)))
-        if k not in sd and twin is not None:
-            sd[k] = sd[twin]
-    return sd
+    ckpt = open_checkpoint(path, key=read.key, unsafe_pickle=read.unsafe_pickle)
+    try:
+        source = {m: k for k, m in checkpoint_names(model, list(ckpt.infos), target).items()}
+        by_storage = {(t.data_ptr(), tuple(t.shape)): k for k, t in target.items() if k in source}
+        for k, t in target.items():
+            twin = by_storage.get((t.data_ptr(), tuple(t.shape)))
+            if k not in source and twin is not None:
+                source[k] = source[twin]
+    except BaseException:
+        ckpt.close()
+        raise
+    infos = {m: ckpt.infos[k] for m, k in source.items()}
+    return LazyCheckpoint(str(path), infos, lambda m: ckpt.get(source[m]), on_close=ckpt.close)
 
 
 def register(app: typer.Typer) -> None:
