@@ -7,6 +7,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 from hf_models import causal_lm, image_classifier, text_classifier
 from test_metrics import TEXTS, reference_lm_loss, write_jsonl
 
@@ -60,6 +61,18 @@ def test_a_file_checkpoint_is_scored_with_the_config_of_model(
     assert r["score"] == pytest.approx(-reference_lm_loss(lms / "b", TEXTS, 512), abs=1e-5)
 
 
+def test_metric_dtype_bf16_scores_as_the_model_loaded_in_bf16(
+    lms: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    args = ["--metric", "lm-loss", "--data", lms / "val.jsonl", "--batch-size", "1", "--json"]
+    assert soup("eval", lms / "b", *args, "--metric-dtype", "bf16") == 0
+    (r,) = json.loads(capsys.readouterr().out)
+    ref = reference_lm_loss(lms / "b", TEXTS, 512, torch.bfloat16)
+    ref32 = reference_lm_loss(lms / "b", TEXTS, 512)
+    assert abs(r["score"] + ref) < abs(r["score"] + ref32)
+    assert r["score"] == pytest.approx(-ref, abs=3e-5)
+
+
 def _cases(root: Path) -> dict[str, tuple[list[object], str]]:
     """name -> (arguments after `soup eval`, what the one error line must say)."""
     (root / "empty.jsonl").write_text("")
@@ -87,6 +100,9 @@ def _cases(root: Path) -> dict[str, tuple[list[object], str]]:
         "bad device": ([root / "a", *lm, *val, "--device", "tpu"], "unknown device 'tpu'"),
         "batch size 0": ([root / "a", *lm, *val, "--batch-size", "0"], "batch_size must be"),
         "max length -1": ([root / "a", *lm, *val, "--max-length", "-1"], "max_length must be"),
+        "metric dtype int8": ([root / "a", *lm, *val, "--metric-dtype", "int8"], "not one of"),
+        "metric dtype nan": ([root / "a", *lm, *val, "--metric-dtype", "nan"], "not one of"),
+        "metric dtype empty": ([root / "a", *lm, *val, "--metric-dtype", ""], "not one of"),
     }
 
 
@@ -102,6 +118,9 @@ CASES = [
     "bad device",
     "batch size 0",
     "max length -1",
+    "metric dtype int8",
+    "metric dtype nan",
+    "metric dtype empty",
 ]
 
 

@@ -62,3 +62,13 @@ def test_a_metric_without_a_loss_is_refused_before_anything_is_written(
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "lm-loss, accuracy, image-accuracy" in err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_half_precision_metric_dtype_is_refused_before_anything_is_written(
+    runs: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    args = ["--metric", "lm-loss", "--data", runs / "val.jsonl", "--metric-dtype", "bf16"]
+    assert soup("learned", runs / "a", runs / "b", "-o", tmp_path / "s", *args) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "soup learned learns in float32" in err, err
+    assert list(tmp_path.iterdir()) == []

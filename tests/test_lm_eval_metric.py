@@ -148,6 +148,8 @@ def test_greedy_with_an_lm_eval_metric_runs_end_to_end_and_reports_it(job: Path)
     assert soup("greedy", job / "a", job / "b", "-o", out, *args) == 0
     report = json.loads((job / "soup.report.json").read_text())
     assert report["selected"]
+    scorer = report["scorer"]["held_out"]
+    assert (scorer["metric"], scorer["data"]) == ("lm-eval:tiny_ppl", str(job / "tasks"))
     for ing in report["ingredients"]:
         assert ing["held_out"] == pytest.approx(ours("lm-eval:tiny_ppl", job, ing["name"])[0])
     assert (out / "model.safetensors").is_file()

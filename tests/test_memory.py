@@ -22,7 +22,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import pytest
@@ -34,53 +33,63 @@ LARGEST = 8 * MiB  # two 8 MiB float32 tensors (so that two accumulators can be 
 SMALL = 1 * MiB  # ... and six of 1 MiB: 22 MiB per checkpoint
 SHARD = "8MB"
 
-CHILD = textwrap.dedent(
-    """
-    import json, resource, sys, threading, time
+# A child process that samples its peak anonymous memory (RssAnon) in a thread every half
+# millisecond and, deterministically, at every tensor the writer receives (the accumulator
+# of that tensor is alive right now): IMPORTS are loaded before the baseline is taken, RUN
+# is the measured work, and the JSON line printed at the end holds REPORT's fields too.
+SAMPLING = """
+import json, resource, sys, threading, time
 
-    def status(field):
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1]) * 1024
-        return 0
+def status(field):
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    return 0
 
-    import torch
-    from modelsoups.io import writer
-    from modelsoups.stream import average_checkpoints
+IMPORTS
+from modelsoups.io import writer
 
-    peak, done = [0], [False]
+peak, done = [0], [False]
 
-    def sample():
-        peak[0] = max(peak[0], status("RssAnon"))
+def sample():
+    peak[0] = max(peak[0], status("RssAnon"))
 
-    def sampler():
-        while not done[0]:
-            sample()
-            time.sleep(0.0005)
+def sampler():
+    while not done[0]:
+        sample()
+        time.sleep(0.0005)
 
-    original = writer.ShardedWriter.write
+original = writer.ShardedWriter.write
 
-    def write(self, name, tensor):
-        sample()  # the accumulator of this tensor is alive right now
-        original(self, name, tensor)
-
-    writer.ShardedWriter.write = write
-    out, max_shard, inputs = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
-    baseline = status("RssAnon")
-    thread = threading.Thread(target=sampler, daemon=True)
-    thread.start()
-    average_checkpoints(inputs, out, max_shard_size=max_shard)
+def write(self, name, tensor):
     sample()
-    done[0] = True
-    thread.join()
-    print(json.dumps({
-        "baseline": baseline,
-        "peak_anon": peak[0],
-        "vm_hwm": status("VmHWM"),
-        "ru_maxrss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-    }))
-    """
+    original(self, name, tensor)
+
+writer.ShardedWriter.write = write
+baseline = status("RssAnon")
+thread = threading.Thread(target=sampler, daemon=True)
+thread.start()
+RUN
+sample()
+done[0] = True
+thread.join()
+print(json.dumps({"baseline": baseline, "peak_anon": peak[0], REPORT}))
+"""
+
+
+def sampling_child(imports: str, run: str, report: str) -> str:
+    """Source of a `SAMPLING` child (see above)."""
+    return SAMPLING.replace("IMPORTS", imports).replace("RUN", run).replace("REPORT", report)
+
+
+# The uniform soup: average_checkpoints(inputs, out) in a fresh child.
+CHILD = sampling_child(
+    "import torch\nfrom modelsoups.stream import average_checkpoints",
+    "out, max_shard, inputs = sys.argv[1], int(sys.argv[2]), sys.argv[3:]\n"
+    "average_checkpoints(inputs, out, max_shard_size=max_shard)",
+    '"vm_hwm": status("VmHWM"), '
+    '"ru_maxrss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024',
 )
 
 
@@ -138,48 +147,12 @@ def test_peak_memory_does_not_grow_with_n(eight_checkpoints: list[Path], tmp_pat
 # command is a shell builtin, outside it) sampled as above, at every candidate and output
 # tensor written. Models of size S and 4S share their largest tensor (2 MiB float32); 4S has
 # four times the parameters in more 1 MiB tensors.
-GREEDY_CHILD = textwrap.dedent(
-    """
-    import json, sys, threading, time
-
-    def status(field):
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1]) * 1024
-        return 0
-
-    import torch, numpy
-    import modelsoups.recipes.greedy, modelsoups.stream, modelsoups.evaluate
-    from modelsoups.cli import main
-    from modelsoups.io import writer
-
-    peak, done = [0], [False]
-
-    def sample():
-        peak[0] = max(peak[0], status("RssAnon"))
-
-    def sampler():
-        while not done[0]:
-            sample()
-            time.sleep(0.0005)
-
-    original = writer.ShardedWriter.write
-
-    def write(self, name, tensor):
-        sample()
-        original(self, name, tensor)
-
-    writer.ShardedWriter.write = write
-    baseline = status("RssAnon")
-    thread = threading.Thread(target=sampler, daemon=True)
-    thread.start()
-    code = main(sys.argv[1:])
-    sample()
-    done[0] = True
-    thread.join()
-    print(json.dumps({"code": code, "baseline": baseline, "peak_anon": peak[0]}))
-    """
+GREEDY_CHILD = sampling_child(
+    "import torch, numpy\n"
+    "import modelsoups.recipes.greedy, modelsoups.stream, modelsoups.evaluate\n"
+    "from modelsoups.cli import main",
+    "code = main(sys.argv[1:])",
+    '"code": code',
 )
 GREEDY_LARGEST = 2 * MiB
 

@@ -68,7 +68,13 @@ def test_greedy_metric_selects_as_an_eval_command_computing_the_same_loss(
     assert [s[3] for s in in_process] == pytest.approx([s[3] for s in by_command], abs=1e-5)
     assert {s[2] for s in in_process if s[0] == "greedy"} == {True, False}  # a real choice
     report = json.loads((tmp_path / "in.report.json").read_text())
-    assert report["selected"] == json.loads((tmp_path / "cmd.report.json").read_text())["selected"]
+    by_cmd = json.loads((tmp_path / "cmd.report.json").read_text())
+    assert report["selected"] == by_cmd["selected"]
+    # each report records what scored it: the metric and its data file, or the command
+    assert by_cmd["scorer"] == {"held_out": {"eval": command}, "test": None}
+    held_out = report["scorer"]["held_out"]
+    assert (held_out["metric"], held_out["data"]) == ("lm-loss", str(runs / "val.jsonl"))
+    assert (held_out["dtype"], held_out["batch_size"]) == ("float32", 2)
 
 
 def test_a_wise_ft_sweep_scores_each_end_as_its_checkpoint(runs: Path, tmp_path: Path) -> None:
@@ -94,6 +100,9 @@ def test_stock_metric_scores_the_written_soup(runs: Path, tmp_path: Path) -> Non
         (["--eval", "python e.py {ckpt}"], "--metric and --eval"),
         (["--test-metric", "lm-loss"], "needs --test-data"),
         (["--metric", "nope"], "unknown metric 'nope'"),
+        (["--metric", "lm-eval:"], "write lm-eval:TASK"),
+        (["--metric-dtype", "inf"], "metric dtype 'inf' is not one of"),
+        (["--metric-dtype", "float8"], "metric dtype 'float8' is not one of"),
     ],
 )
 def test_conflicting_metric_options_fail_before_anything_is_written(
@@ -106,14 +115,25 @@ def test_conflicting_metric_options_fail_before_anything_is_written(
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_metric_dtype_without_a_metric_is_refused(
+    runs: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    args = ["--eval", "python e.py {ckpt}", "--metric-dtype", "bf16"]
+    assert soup("greedy", runs / "a", runs / "b", "-o", tmp_path / "g", *args) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "give the metric too" in err, err
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_a_recipe_file_runs_the_metric_options(runs: Path, tmp_path: Path) -> None:
     from modelsoups.cli.run import run_recipe
 
     recipe = tmp_path / "r.yaml"
     recipe.write_text(
         f"method: greedy\ningredients: [{runs / 'a'}, {runs / 'b'}]\noutput: soup\n"
-        f"metric: lm-loss\ndata: {runs / 'val.jsonl'}\nbatch_size: 3\n"
+        f"metric: lm-loss\ndata: {runs / 'val.jsonl'}\nbatch_size: 3\nmetric_dtype: bf16\n"
     )
     argv = run_recipe(recipe, dry_run=True)
     assert argv[argv.index("--metric") + 1] == "lm-loss" and "--batch-size" in argv
+    assert argv[argv.index("--metric-dtype") + 1] == "bf16"
     assert "--eval" not in argv and "--device" not in argv

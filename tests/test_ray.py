@@ -179,3 +179,29 @@ def test_tasks_run_in_the_callers_folder(
     """Workers started elsewhere still see relative paths (and eval commands) as we do."""
     monkeypatch.chdir(tmp_path)
     assert RayExecutor().map(_cwd, [1, 2]) == [str(tmp_path), str(tmp_path)]
+
+
+def test_cli_greedy_metric_with_ray_equals_local(
+    ray_runtime: Any, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """`--metric` on Ray: the metric's spec goes to the workers, each builds its own model."""
+    from hf_models import causal_lm
+    from test_metrics import TEXTS, write_jsonl
+
+    root = tmp_path_factory.mktemp("ray-metric")
+    paths = [causal_lm(root / "a", noise_seed=1), causal_lm(root / "b", noise_seed=2),
+             causal_lm(root / "c", seed=5, noise_seed=3)]  # fmt: skip
+    data = write_jsonl(root / "val.jsonl", [{"text": t} for t in TEXTS])
+    reports = []
+    for extra in ([], ["--ray"]):
+        out = root / f"soup{len(extra)}"
+        argv = ["greedy", *map(str, paths), "--metric", "lm-loss", "--data", str(data)]
+        assert main([*argv, "--device", "cpu", *extra, "-o", str(out), "-q"]) == 0
+        reports.append(json.loads((root / f"soup{len(extra)}.report.json").read_text()))
+    local, on_ray = reports
+    assert on_ray["selected"] == local["selected"]
+    assert 1 <= len(local["selected"]) < 3  # the one from another init is left out
+    for a, b in zip(local["ingredients"], on_ray["ingredients"], strict=True):
+        assert a["held_out"] == pytest.approx(b["held_out"], abs=1e-6)
+    assert on_ray["held_out"] == pytest.approx(local["held_out"], abs=1e-6)
+    assert on_ray["scorer"]["held_out"]["metric"] == "lm-loss"

@@ -132,6 +132,36 @@ def test_input_changed_while_the_evaluator_ran_stops_the_run(
     assert not out.exists() and not list(tmp_path.glob(".*soup-candidate-*"))
 
 
+@pytest.mark.parametrize(
+    ("fmt", "action", "what"),
+    [
+        ("safetensors", "rm {b}", "deleted"),
+        ("safetensors", "cp {a} {b}.new && mv {b}.new {b}", "changed"),  # replaced by a rename
+        ("hf-folder", "rm {b}/model.safetensors", "deleted"),
+        ("hf-folder", "printf x >> {b}/config.json", "changed"),
+    ],
+    ids=["file deleted", "file replaced", "shard deleted", "folder file rewritten"],
+)
+def test_input_deleted_or_replaced_while_the_evaluator_ran_stops_the_run(
+    fmt: str,
+    action: str,
+    what: str,
+    tmp_path: Path,
+    make_ingredients: Maker,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Stricter than the readers' check (a rename or deletion leaves the open file intact):
+    an ingredient's files must be the very same after its evaluation."""
+    a, b = make_ingredients(2, fmt)
+    out = tmp_path / "soup.safetensors"
+    act = action.format(a=a if fmt == "safetensors" else a / "model.safetensors", b=b)
+    command = f'[ "$SOUP_CANDIDATE" = run1 ] && {{ {act}; }}; echo 1; : {{ckpt}}'
+    capsys.readouterr()
+    assert main(["greedy", str(a), str(b), "-o", str(out), "--eval", command]) == 1
+    one_error_line(capsys.readouterr().err, "'run1'", str(b), f"was {what} while the eval")
+    assert not out.exists() and not list(tmp_path.glob(".*soup-candidate-*"))
+
+
 def test_ingredient_copy_is_read_only_and_plainly_named(
     tmp_path: Path, make_ingredients: Maker
 ) -> None:

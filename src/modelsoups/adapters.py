@@ -14,17 +14,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import IncompatibleError, SoupError
+from .errors import CheckpointError, IncompatibleError, OutputError, SoupError
 from .io.adapter import LoraAdapter, adapter_folder, open_adapter
 from .types import PathLike
 
 __all__ = [
     "AdapterSummary",
+    "check_adapter_output",
     "check_adapters",
     "inspect_adapters",
     "is_adapter_set",
     "open_adapters",
     "soup_config",
+    "split_adapter_inputs",
 ]
 
 
@@ -39,6 +41,31 @@ def is_adapter_set(inputs: Sequence[PathLike]) -> bool:
             "adapters alone, with --merge-into BASE to get a full model"
         )
     return bool(kinds) and all(kinds)
+
+
+def split_adapter_inputs(inputs: Sequence[object]) -> tuple[Path | None, list[Path]] | None:
+    """`(None, adapters)` if every input is a PEFT adapter path, `(base, adapters)` if the
+    first is a model and all the others adapters of it (its task vectors: task arithmetic,
+    WiSE-FT), None if none is an adapter (or some input is not a path); other mixes raise."""
+    if not all(isinstance(p, str | os.PathLike) for p in inputs):
+        return None
+    paths = [Path(p) for p in inputs]  # type: ignore[arg-type]
+    if len(paths) > 1 and adapter_folder(paths[0]) is None and is_adapter_set(paths[1:]):
+        return paths[0], paths[1:]
+    return (None, paths) if is_adapter_set(paths) else None
+
+
+def check_adapter_output(inputs: Sequence[PathLike], out: Path, merge_into: Path | None) -> None:
+    """Before any work: an adapter soup goes to a folder (or merged into an existing base),
+    and `merge_into` is only for adapters."""
+    split = split_adapter_inputs(inputs)
+    if split is None and merge_into is not None:
+        raise SoupError("--merge-into applies to PEFT LoRA adapters; these inputs are not adapters")
+    if split is not None and merge_into is None and out.suffix == ".safetensors":
+        raise OutputError(f"{out}: an adapter soup is a folder; drop the .safetensors suffix "
+                          "(or pass --merge-into BASE for a merged model)")  # fmt: skip
+    if merge_into is not None and not merge_into.exists():
+        raise CheckpointError(f"{merge_into}: no such base model (--merge-into)")
 
 
 def open_adapters(inputs: Sequence[PathLike], *, unsafe_pickle: bool = False) -> list[LoraAdapter]:

@@ -51,9 +51,8 @@ def accumulate_dtype(name: str | DType | torch.dtype) -> DType:
         dtype = as_dtype(name)
     except ValueError:
         dtype = None
-    if dtype not in (F32, F64):
+    if dtype is None or dtype not in (F32, F64):
         raise SoupError(f"accumulate must be 'float32' or 'float64', got {name!r}")
-    assert dtype is not None
     return dtype
 
 
@@ -109,6 +108,14 @@ def widen_buffer() -> np.ndarray:
     return _scratch().wide
 
 
+def _result_array(shape: tuple[int, ...], dtype: DType, buffer: np.ndarray | None) -> np.ndarray:
+    """An array of `shape` holding `dtype`: new, or the start of the caller's byte `buffer`."""
+    if buffer is None:
+        return np.empty(shape, dtype=dtype.numpy)
+    size = math.prod(shape) * dtype.itemsize
+    return buffer.reshape(-1).view(np.uint8)[:size].view(dtype.numpy).reshape(shape)
+
+
 def weighted_sum_arrays(
     arrays: Sequence[np.ndarray],
     dtypes: Sequence[DType],
@@ -127,12 +134,7 @@ def weighted_sum_arrays(
     modified. Extra memory beyond the result is a few slices of `CHUNK`.
     """
     out_dtype = out_dtype or accumulate
-    if buffer is None:
-        out = np.empty(arrays[0].shape, dtype=out_dtype.numpy)
-    else:  # the result goes into (the start of) a byte buffer the caller reuses
-        size = math.prod(arrays[0].shape) * out_dtype.itemsize
-        out = buffer.reshape(-1).view(np.uint8)[:size].view(out_dtype.numpy)
-        out = out.reshape(arrays[0].shape)
+    out = _result_array(arrays[0].shape, out_dtype, buffer)
     flat_out, flats = out.reshape(-1), [a.reshape(-1) for a in arrays]
     numel = flat_out.size
     s = _scratch()

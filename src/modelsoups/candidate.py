@@ -9,7 +9,7 @@ An eval command reads them from files in `candidate_folder`, a temporary next to
 A candidate that carries an `adapter_config` (`as_adapter`) is a PEFT LoRA adapter: its
 tensors have PEFT's keys, it is written as an adapter folder (`adapter_config.json` +
 `adapter_model.safetensors`), and a built-in metric loads it into a `PeftModel` over the
-base instead of copying it into a model (`adapter_eval.py`).
+base instead of copying it into a model (`metrics/peft_model.py`).
 """
 
 from __future__ import annotations

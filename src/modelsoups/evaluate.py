@@ -312,15 +312,17 @@ class CommandEvaluator:
             self.timeout = None if math.isinf(t) else t
 
     def evaluate(self, candidate: Checkpoint, *, name: str) -> Score:
-        from .sandbox import check_unchanged, fingerprint, private_copy
+        from .io.files import stamps
+        from .sandbox import check_unchanged, private_copy
 
         with tempfile.TemporaryDirectory(prefix=".soup-candidate-", dir=self.workdir) as d:
-            if candidate.format == "memory":
+            if candidate.format == "memory":  # a folder if config files or an adapter's go with it
                 source = getattr(candidate, "model_files_from", None)
-                path = Path(d) / ("candidate" if source else "candidate.safetensors")
+                folder = source or getattr(candidate, "adapter_config", None)
+                path = Path(d) / ("candidate" if folder else "candidate.safetensors")
                 write_candidate(candidate, path, model_files_from=source)
                 return self.run(path, name)
-            before = fingerprint(candidate.path)
+            before = stamps(candidate.path)
             try:
                 return self.run(private_copy(candidate, Path(d)), name)
             finally:

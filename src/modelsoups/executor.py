@@ -62,6 +62,7 @@ class LocalExecutor:
         items = list(items)
         if self.workers == 1 or len(items) <= 1:
             return [fn(x) for x in items]
+        _check_picklable(fn, items)
         pool = self._pool or _pool(min(self.workers, len(items)))
         try:
             with _signals_deferred() as caught:
@@ -74,15 +75,6 @@ class LocalExecutor:
             if caught:  # the handler in force before `map` decides: KeyboardInterrupt, ...
                 signal.raise_signal(caught[0])
             return [f.result() for f in futures]  # the first error in item order is raised
-        except (pickle.PicklingError, AttributeError, TypeError) as e:
-            _stop(pool)
-            self._pool = None
-            if "pickle" not in str(e):
-                raise
-            raise SoupError(
-                f"cannot send work to worker processes ({e}); with workers > 1, use "
-                "module-level functions (not lambdas or closures), or workers=1"
-            ) from e
         except BaseException:  # an error, Ctrl-C or SIGTERM: stop now, queued jobs too
             _stop(pool)
             self._pool = None
@@ -108,6 +100,20 @@ class LocalExecutor:
 
     def __repr__(self) -> str:
         return f"LocalExecutor(workers={self.workers})"
+
+
+def _check_picklable(fn: Callable[[T], R], items: Sequence[T]) -> None:
+    """Refuse work that cannot be sent to a worker before any worker starts: failing inside
+    the pool leaves its bookkeeping broken in Python 3.11 (a graceful shutdown then waits
+    forever, and a forced one kills its manager thread with InvalidStateError)."""
+    for what in (fn, *items):
+        try:
+            pickle.dumps(what)
+        except (pickle.PicklingError, AttributeError, TypeError) as e:
+            raise SoupError(
+                f"cannot send work to worker processes ({e}); with workers > 1, use "
+                "module-level functions (not lambdas or closures), or workers=1"
+            ) from e
 
 
 def _pool(workers: int) -> ProcessPoolExecutor:

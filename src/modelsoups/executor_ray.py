@@ -39,9 +39,12 @@ import shutil
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from .errors import SoupError
+
+if TYPE_CHECKING:
+    from .executor import LocalExecutor
 
 __all__ = ["RayExecutor", "import_ray", "init_local_ray", "make_executor"]
 
@@ -265,7 +268,9 @@ def init_local_ray(num_cpus: int | None = None) -> None:
                  _node_ip_address="127.0.0.1")  # fmt: skip
 
 
-def make_executor(workers: int = 1, *, ray: bool = False, ray_address: str | None = None) -> Any:
+def make_executor(
+    workers: int = 1, *, ray: bool = False, ray_address: str | None = None
+) -> LocalExecutor | RayExecutor:
     """What the CLI's `--workers N`, `--ray` and `--ray-address ADDR` ask for.
 
     `--ray` starts a local Ray runtime with `workers` CPUs (all CPUs when `workers` is 1);

@@ -32,7 +32,8 @@ __all__ = [
     "open_ingredients",
 ]
 
-Ingredient: TypeAlias = "StateDict | nn.Module | str | os.PathLike[str]"
+# A Checkpoint (e.g. a renamed, lazy view of a file) is used as it is: nothing is loaded.
+Ingredient: TypeAlias = "StateDict | nn.Module | str | os.PathLike[str] | Checkpoint"
 
 
 def ingredient_names(
@@ -73,6 +74,8 @@ def open_ingredients(
         for i, x in enumerate(ingredients):
             if isinstance(x, str | os.PathLike):
                 ckpts.append(open_checkpoint(x, key=key, unsafe_pickle=unsafe_pickle))
+            elif isinstance(x, Checkpoint):
+                ckpts.append(x)
             else:
                 ckpts.append(MemoryCheckpoint(x, f"<state dict {i}>"))
     except BaseException:
@@ -91,9 +94,15 @@ def ingredient_sources(
 ) -> list[tuple[str, object]]:
     """`(name, path or state dict)` pairs, small enough to send to a worker process."""
     return [
-        (n, x if isinstance(x, str | os.PathLike | dict) else dict(x.state_dict()))
+        (n, x if isinstance(x, str | os.PathLike | dict) else _tensors(x))
         for n, x in zip(names, ingredients, strict=True)
     ]
+
+
+def _tensors(x: nn.Module | Checkpoint) -> StateDict:
+    if isinstance(x, Checkpoint):
+        return {k: x.get(k) for k in x.infos}
+    return dict(x.state_dict())
 
 
 def close_all(ckpts: Sequence[Checkpoint]) -> None:

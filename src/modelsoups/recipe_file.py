@@ -15,9 +15,9 @@ task-arithmetic`) is a field of the same name (`max_shard_size`, `unsafe_pickle`
 the few that differ: `ingredients`/`glob`/`mlflow` are the inputs, `base` is the pretrained
 model (`--base`, and wise-ft's zero-shot end), `evaluator.command` with `splits.held_out`
 is `--eval` and with `splits.test` is `--test-eval`; `metric: lm-loss` with `data: val.jsonl`
-(and `device`, `batch_size`, `max_length`, `model`, `test_metric`, `test_data`) scores in
-process instead, as `--metric` does. Relative paths are relative to the
-recipe file, and commands run in its folder. A field that is wrong, unknown or not an
+(and `device`, `batch_size`, `max_length`, `model`, `metric_dtype`, `test_metric`,
+`test_data`) scores in process instead, as `--metric` does. Relative paths are relative
+to the recipe file, and commands run in its folder. A field that is wrong, unknown or not an
 option of the method is a one-line `SoupError` naming the field.
 """
 
@@ -43,7 +43,7 @@ _COMMON = {"key", "unsafe_pickle", "dtype", "overwrite", "quiet", "report"}
 _WRITE = {"max_shard_size"}
 _SCORED = {"evaluator", "splits", "dataset", "history", "resume"}
 _PARALLEL = {"workers", "ray", "ray_address"}
-_METRIC = {"metric", "data", "device", "batch_size", "max_length", "model"}
+_METRIC = {"metric", "data", "device", "batch_size", "max_length", "model", "metric_dtype"}
 _LORA = {"merge_into", "rank", "lora_average", "allow_different_base"}
 # The fields each method accepts, besides method/ingredients/glob/mlflow/output.
 METHOD_FIELDS: dict[str, set[str]] = {
@@ -58,15 +58,20 @@ METHOD_FIELDS: dict[str, set[str]] = {
     | _PARALLEL
     | _METRIC
     | {"scores", "accept", "tolerance", "memory", "workdir", "allow_nonfinite"}
-    | {"test_metric", "test_data"},
-    "wise-ft": _COMMON | _WRITE | _SCORED | _PARALLEL | _METRIC | {"base", "alpha", "alphas"},
+    | {"test_metric", "test_data", "merge_into"},
+    "wise-ft": _COMMON
+    | _WRITE
+    | _SCORED
+    | _PARALLEL
+    | _METRIC
+    | {"base", "alpha", "alphas", "merge_into"},
     "stock": _COMMON | _WRITE | (_SCORED - {"resume"}) | _METRIC | {"base"},
     "task-arithmetic": _COMMON
     | _WRITE
     | _SCORED
     | _PARALLEL
     | _METRIC
-    | {"base", "scale", "scales"},
+    | {"base", "scale", "scales", "merge_into"},
 }
 
 
@@ -127,6 +132,7 @@ class Recipe(_Strict):
     batch_size: int | None = Field(None, ge=1, description="default 8")
     max_length: int | None = Field(None, ge=1, description="default 512")
     model: str | None = Field(None, description="folder with config and tokenizer")
+    metric_dtype: str | None = Field(None, description="fp32 (default), bf16 or fp16")
     merge_into: str | None = Field(None, description="LoRA adapters: base model to merge into")
     rank: int | None = Field(None, ge=1, description="LoRA adapters: compress to this rank")
     lora_average: Literal["exact", "factors"] = "exact"

@@ -3,8 +3,9 @@
 - **Private.** An ingredient is never handed over as the input itself: the command gets a
   read-only copy in the run's candidate folder (a reflink where the filesystem has them,
   btrfs or XFS, else a byte copy), so `rm {ckpt}` or a rewrite in place changes the copy
-  only. After the command, the input's identity (device, inode, size, mtime) is compared
-  with before: an input changed by anyone meanwhile stops the run with one line.
+  only. After the command, the input's stamps (device, inode, size, mtime: `io.files.Stamp`,
+  as the readers keep them) are compared with before: an input changed, deleted or replaced
+  by anyone meanwhile stops the run with one line.
 - **Shell-safe.** The path put into the command contains only characters that mean the
   same bare, inside "..." and inside '...' (`[A-Za-z0-9_@%+=:,./-]`); a path with anything
   else (spaces, quotes, `$(...)`, backticks, `;`, newlines) is reached through a symlink
@@ -25,8 +26,9 @@ from pathlib import Path
 from .errors import EvaluationError
 from .io import HFFolder
 from .io.base import Checkpoint
+from .io.files import Stamp, stamps
 
-__all__ = ["check_unchanged", "fingerprint", "private_copy", "shell_safe"]
+__all__ = ["check_unchanged", "private_copy", "shell_safe"]
 
 _SAFE = re.compile(r"[A-Za-z0-9_@%+=:,./-]+")
 _SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt")
@@ -64,22 +66,11 @@ def _copy(src: Path, dst: Path) -> None:
     os.chmod(dst, 0o444)
 
 
-def fingerprint(path: Path) -> dict[str, tuple[int, ...] | None]:
-    """Identity of a file, or of every file in a folder: (device, inode, size, mtime)."""
-    files = [path] if not path.is_dir() else sorted(p for p in path.rglob("*") if p.is_file())
-    out: dict[str, tuple[int, ...] | None] = {}
-    for p in files:
-        try:
-            s = p.stat()
-            out[str(p)] = (s.st_dev, s.st_ino, s.st_size, s.st_mtime_ns)
-        except OSError:
-            out[str(p)] = None
-    return out
-
-
-def check_unchanged(path: Path, before: dict[str, tuple[int, ...] | None], name: str) -> None:
-    """Raise if the input at `path` is not the file(s) it was before the command ran."""
-    after = fingerprint(path)
+def check_unchanged(path: Path, before: dict[Path, Stamp | None], name: str) -> None:
+    """Raise if the input at `path` is not the file(s) of `before` (`io.files.stamps` taken
+    before the eval command ran): stricter than a reader's check, a deleted or replaced
+    input counts too, since the soup goes on reading it."""
+    after = stamps(path)
     if after != before:
         gone = [p for p, v in before.items() if v is not None and after.get(p) is None]
         what = "deleted" if gone else "changed"

@@ -12,17 +12,15 @@ import typer
 from .common import STATE, err
 from .options import (
     AllowDifferentBase,
-    AllowNegative,
     CompareBase,
     Inputs,
     MeanOptions,
-    Normalize,
     Output,
     Quiet,
     ReadOptions,
-    Weights,
+    WeightOptions,
     expand_bundles,
-    parse_floats,
+    linear_weights,
 )
 
 
@@ -102,16 +100,11 @@ def _no_blas_threads() -> None:
 
 
 def _average(
-    inputs: list[str],
-    output: Path,
-    weights: list[float] | None,
-    recipe: str,
-    mean: MeanOptions,
-    *,
-    normalize: bool = True,
-    allow_negative: bool = False,
+    inputs: list[str], output: Path, recipe: str, mean: MeanOptions, weighting: WeightOptions | None
 ) -> None:
-    """`soup uniform` and `soup weighted`: the streamed mean of files, or of adapters."""
+    """`soup uniform` (no `weighting`) and `soup weighted`: the streamed mean of files, or
+    of adapters."""
+    weights, normalize, allow_negative = linear_weights(weighting)  # a typo fails first
     _no_blas_threads()
     from ..adapters import is_adapter_set
     from ..io import expand_inputs
@@ -120,8 +113,7 @@ def _average(
 
     paths = expand_inputs(inputs)
     if is_adapter_set(paths):
-        return soup_adapters(paths, output, weights, recipe, mean, normalize=normalize,
-                             allow_negative=allow_negative)  # fmt: skip
+        return soup_adapters(paths, output, recipe, mean, weighting)
     refuse_lora_options(mean.lora)
     write_mean(paths, output, weights, recipe=recipe, read=mean.read, write=mean.write,
                average=mean.average, normalize=normalize,
@@ -132,25 +124,21 @@ def _average(
 def uniform(inputs: Inputs, output: Output, *, mean: MeanOptions, quiet: Quiet = False) -> None:
     """Uniform soup: the plain mean of all checkpoints (streamed, one tensor at a time)."""
     STATE["quiet"] = STATE["quiet"] or quiet
-    _average(inputs, output, None, "uniform", mean)
+    _average(inputs, output, "uniform", mean, None)
 
 
 @expand_bundles
 def weighted(
     inputs: Inputs,
     output: Output,
-    weights: Weights,
-    normalize: Normalize = True,
-    allow_negative: AllowNegative = False,
     *,
+    weighting: WeightOptions,
     mean: MeanOptions,
     quiet: Quiet = False,
 ) -> None:
     """Weighted soup: Σ wᵢ·θᵢ with your weights (normalised to sum 1 unless --no-normalize)."""
     STATE["quiet"] = STATE["quiet"] or quiet
-    floats = parse_floats(weights, "weights")
-    _average(inputs, output, floats, "weighted", mean, normalize=normalize,
-             allow_negative=allow_negative)  # fmt: skip
+    _average(inputs, output, "weighted", mean, weighting)
 
 
 def register(app: typer.Typer) -> None:

@@ -34,6 +34,7 @@ from .options import (
 if TYPE_CHECKING:
     from ..evaluate import CommandEvaluator
     from ..metrics import MetricEvaluator
+    from ..types import Progress
 
 
 def check_scoring(scoring: EvalOptions, test: TestOptions = TestOptions()) -> None:
@@ -48,6 +49,8 @@ def check_scoring(scoring: EvalOptions, test: TestOptions = TestOptions()) -> No
             raise SoupError(f"metric {metric!r} needs {flag} (the held-out data)")
         if metric is None and data is not None:
             raise SoupError(f"{flag} {data} is the data of a metric; give the metric too")
+    if scoring.run.metric_dtype is not None and scoring.metric is test.test_metric is None:
+        raise SoupError("--metric-dtype is what a --metric's model runs in; give the metric too")
 
 
 def metric_evaluator(
@@ -64,8 +67,10 @@ def metric_evaluator(
     if run.model is None and not first.is_dir():
         raise SoupError(f"{first}: a file, so there is no config.json to build the model "
                         "from; pass --model FOLDER with config and tokenizer")  # fmt: skip
+    dtype = "float32" if run.metric_dtype is None else run.metric_dtype
     ev = MetricEvaluator(metric, data.resolve(), model=model, device=run.device,
-                         batch_size=run.batch_size, max_length=run.max_length)  # fmt: skip
+                         batch_size=run.batch_size, max_length=run.max_length,
+                         dtype=dtype)  # fmt: skip
     ev.check()
     return ev
 
@@ -108,7 +113,7 @@ def quiet_transformers() -> None:
 
 
 @contextlib.contextmanager
-def example_bar(description: str) -> Iterator[Any]:
+def example_bar(description: str) -> Iterator[Progress | None]:
     """A rich progress bar on stderr counting examples; nothing when quiet or not a TTY."""
     if STATE["quiet"] or not sys.stderr.isatty():
         yield None
@@ -135,20 +140,20 @@ def eval_(
     read: ReadOptions,
 ) -> None:
     """Score checkpoints with a built-in metric, in process (higher is better)."""
-    from ..io import expand_inputs, open_checkpoint
+    from ..candidate import open_candidate
+    from ..io import expand_inputs
 
     paths = expand_inputs(inputs)
     ev = metric_evaluator(metric, data, run, paths[0])
     assert ev is not None
     rows = []
     for path, given in zip(paths, _given(inputs, paths), strict=True):
-        ckpt = open_checkpoint(path, key=read.key, unsafe_pickle=read.unsafe_pickle)
-        try:
-            with example_bar(f"{metric} {given}") as bar:
-                ev.progress = bar
-                s = ev.evaluate(ckpt, name=given)
-        finally:
-            ckpt.close()
+        with (
+            open_candidate(path, key=read.key, unsafe_pickle=read.unsafe_pickle) as ckpt,
+            example_bar(f"{metric} {given}") as bar,
+        ):  # a checkpoint, or a PEFT adapter folder (scored over its base)
+            ev.progress = bar
+            s = ev.evaluate(ckpt, name=given)
         rows.append({"checkpoint": given, "score": s.score, "metrics": s.metrics})
     if json_:
         print(json.dumps(rows))

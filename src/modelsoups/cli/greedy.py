@@ -16,6 +16,7 @@ from ..errors import OutputError, SoupError
 from .common import STATE, err, say
 from .evaluate import command_evaluator, scoring_evaluators
 from .options import (
+    AdapterOutput,
     AverageOptions,
     Inputs,
     Output,
@@ -46,6 +47,7 @@ def greedy(
     test: TestOptions,
     read: ReadOptions,
     write: WriteOptions,
+    adapters: AdapterOutput,
     quiet: Quiet = False,
 ) -> None:
     """Greedy soup (paper's Recipe 1): add ingredients, best first, while held-out score holds."""
@@ -55,7 +57,7 @@ def greedy(
     STATE["quiet"] = STATE["quiet"] or quiet
     scoring, records = search.scoring, search.records
     started, paths = time.perf_counter(), expand_inputs(inputs)
-    check_outputs(output, paths, write, records, select.scores)
+    check_outputs(output, paths, write, records, select.scores, adapters)
     if not scoring.given:
         raise SoupError("greedy needs --eval or --metric to score candidate soups (--scores "
                         "only replaces the N individual evaluations)")  # fmt: skip
@@ -72,7 +74,7 @@ def greedy(
     chosen = [p for p, n in zip(paths, r.names, strict=True) if n in r.selected]
     result = write_mean(chosen, output, None, recipe="greedy", read=read, write=write,
                         average=AverageOptions(allow_nonfinite=select.allow_nonfinite),
-                        shown=r.warnings)  # fmt: skip
+                        shown=r.warnings, adapters=adapters)  # fmt: skip
     best = max(r.ingredient_scores.values())
     say(f"greedy soup of {len(r.selected)}/{len(r.names)}: {records.dataset} {r.score:.6g} "
         f"(best ingredient {best:.6g}); history {hist}")  # fmt: skip
@@ -80,7 +82,14 @@ def greedy(
     seconds = {"evaluate": evaluated - started, "write": result.seconds,
                "total": time.perf_counter() - started}  # fmt: skip
     report = _report(r, paths, output, hist, result, seconds, select, records.dataset)
+    report["scorer"] = {"held_out": scorer(metric_evaluators[0], scoring.eval_command),
+                        "test": scorer(metric_evaluators[1], test.test_eval)}  # fmt: skip
     write_report(sidecar(output, ".report.json", records.report), report)
+
+
+def scorer(metric: MetricEvaluator | None, command: str | None) -> dict[str, Any] | None:
+    """What scored (the report's record): a metric with its data file, or a command."""
+    return metric.spec() if metric is not None else None if command is None else {"eval": command}
 
 
 def _work_name(output: Path, workdir: Path | None) -> Path:

@@ -39,8 +39,10 @@ from .options import (
 from .outputs import check_outputs, sidecar, write_report
 
 if TYPE_CHECKING:
+    import torch
     from torch import nn
 
+    from ..candidate import LazyCheckpoint
     from ..metrics import MetricEvaluator
     from ..recipes.learned import LearnedSoupResult
 
@@ -78,6 +80,9 @@ def learned(
     coefs_path = sidecar(output, ".coefficients.json", coefficients)
     ev = metric_evaluator(metric, data, run, paths[0])
     assert ev is not None
+    if ev.settings.dtype not in ("float32", "fp32"):
+        raise SoupError(f"soup learned learns in float32; --metric-dtype {ev.settings.dtype} "
+                        "is for scoring (soup eval, greedy, wise-ft, stock, ...)")  # fmt: skip
     before = _uniform_score(ev, paths, read)
     result, after = _learn(ev, paths, output, coefs_path, by_layer=by_layer, epochs=epochs,
                            lr=lr, read=read, overwrite=overwrite)  # fmt: skip
@@ -103,7 +108,7 @@ def _uniform_score(ev: MetricEvaluator, paths: list[Path], read: ReadOptions) ->
     try:
         w = [1.0 / len(ckpts)] * len(ckpts)
 
-        def compute(k: str) -> Any:
+        def compute(k: str) -> torch.Tensor:
             if not ckpts[0].infos[k].is_float:
                 return ckpts[0].get(k)
             return weighted_sum([c.get(k) for c in ckpts], w)
@@ -137,9 +142,16 @@ def _learn(
     model = ev.module()
     metric: Any = ev.metric  # one of LEARNABLE: these have batches() and loss()
     batches = metric.batches(ev._prepare(), ev.settings, next(model.parameters()).device)
-    sds = [_model_names(model, p, read) for p in paths]
-    with torch.enable_grad():
-        result = learned_soup(sds, model, metric.loss, batches, by_layer=by_layer,
+    views: list[LazyCheckpoint] = []
+    try:
+        for p in paths:
+            views.append(_model_names(model, p, read))
+    except BaseException:
+        for v in views:
+            v.close()
+        raise
+    with torch.enable_grad():  # learned_soup closes the views once it has stacked them
+        result = learned_soup(views, model, metric.loss, batches, by_layer=by_layer,
                               epochs=epochs, lr=lr)  # fmt: skip
     soup = MemoryCheckpoint(result.state_dict, "<learned soup>")
     after = float(ev.evaluate(soup, name="learned soup").score)
@@ -154,22 +166,28 @@ def _learn(
     return result, after
 
 
-def _model_names(model: nn.Module, path: Path, read: ReadOptions) -> dict[str, Any]:
-    """An ingredient's tensors under the model's names, tied weights filled in: what
-    `learned_soup` (which maps names one to one) expects."""
+def _model_names(model: nn.Module, path: Path, read: ReadOptions) -> LazyCheckpoint:
+    """An ingredient under the model's tensor names, tied weights filled in (what
+    `learned_soup`, which maps names one to one, expects), read from the file when
+    `learned_soup` stacks it: the ingredients are held once, in its stack."""
+    from ..candidate import LazyCheckpoint
     from ..io import open_checkpoint
     from ..metrics.model import checkpoint_names
 
     target = model.state_dict()
-    with open_checkpoint(path, key=read.key, unsafe_pickle=read.unsafe_pickle) as ckpt:
-        names = checkpoint_names(model, list(ckpt.infos), target)
-        sd = {names[k]: ckpt.get(k).clone() for k in ckpt.infos}
-    by_storage = {(t.data_ptr(), tuple(t.shape)): k for k, t in target.items() if k in sd}
-    for k, t in target.items():
-        twin = by_storage.get((t.data_ptr(), tuple(t.shape)))
-        if k not in sd and twin is not None:
-            sd[k] = sd[twin]
-    return sd
+    ckpt = open_checkpoint(path, key=read.key, unsafe_pickle=read.unsafe_pickle)
+    try:
+        source = {m: k for k, m in checkpoint_names(model, list(ckpt.infos), target).items()}
+        by_storage = {(t.data_ptr(), tuple(t.shape)): k for k, t in target.items() if k in source}
+        for k, t in target.items():
+            twin = by_storage.get((t.data_ptr(), tuple(t.shape)))
+            if k not in source and twin is not None:
+                source[k] = source[twin]
+    except BaseException:
+        ckpt.close()
+        raise
+    infos = {m: ckpt.infos[k] for m, k in source.items()}
+    return LazyCheckpoint(str(path), infos, lambda m: ckpt.get(source[m]), on_close=ckpt.close)
 
 
 def register(app: typer.Typer) -> None:

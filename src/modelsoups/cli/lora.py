@@ -10,7 +10,7 @@ from pathlib import Path
 
 from ..errors import SoupError
 from .common import progress_bar, report_result, say
-from .options import LoraOptions, MeanOptions
+from .options import LoraOptions, MeanOptions, WeightOptions, linear_weights
 
 
 def refuse_lora_options(lora: LoraOptions) -> None:
@@ -24,17 +24,15 @@ def refuse_lora_options(lora: LoraOptions) -> None:
 def soup_adapters(
     paths: list[Path],
     output: Path,
-    weights: list[float] | None,
     recipe: str,
     mean: MeanOptions,
-    *,
-    normalize: bool = True,
-    allow_negative: bool = False,
+    weighting: WeightOptions | None,
 ) -> None:
     """`soup uniform/weighted` on adapters: the exact soup (or what the options ask).
     `--key` and `--non-float` have no meaning for adapters and are not passed on."""
     from ..recipes.lora import lora_soup
 
+    weights, normalize, allow_negative = linear_weights(weighting)
     read, write, average = mean.read, mean.write, mean.average
     given = mean.lora.given()
     dtype, max_shard_size = write.output_dtype(), write.shard_bytes()

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..errors import OutputError
 from .common import progress_bar, report_result
-from .options import AverageOptions, ReadOptions, RecordOptions, WriteOptions
+from .options import AdapterOutput, AverageOptions, ReadOptions, RecordOptions, WriteOptions
 
 if TYPE_CHECKING:
     from ..types import SoupResult
@@ -39,10 +39,12 @@ def check_outputs(
     write: WriteOptions,
     records: RecordOptions = RecordOptions(),
     scores: Path | None = None,
+    adapters: AdapterOutput = AdapterOutput(),
 ) -> None:
     """Fail before any evaluation if the output could not be written at the end, or if any
     path the run writes (report, history, candidate folder) is an input, the `scores` file
     it reads, or another output."""
+    from ..adapters import check_adapter_output
     from ..candidate import CANDIDATES
     from ..io.writer import check_destination, check_output, check_sharding, temporary_name
     from .options import parse_size
@@ -54,6 +56,7 @@ def check_outputs(
     check_output(out, [*inputs, *given], sidecars=sidecars)
     check_sharding(out, parse_size(write.max_shard_size))
     check_destination(out, overwrite=write.overwrite)
+    check_adapter_output(inputs, out, adapters.merge_into)
     try:  # the candidate folder, history and report go there too: fail now, not at the end
         os.rmdir(tempfile.mkdtemp(prefix=f".{out.name[:64]}.soup-check-", dir=out.parent))
     except OSError as e:
@@ -80,21 +83,22 @@ def write_mean(
     normalize: bool = True,
     allow_negative: bool = False,
     shown: Sequence[str] = (),
+    adapters: AdapterOutput = AdapterOutput(),
 ) -> SoupResult:
     """Stream the (weighted) mean of `paths` into `out` with a progress bar; print the result.
 
     Warnings in `shown` (printed already, e.g. by the selection) are dropped, not repeated.
     """
-    from ..stream import average_checkpoints
+    from ..recipes.uniform import soup_files  # models, or LoRA adapters (exact)
 
     dtype, max_shard_size = write.output_dtype(), write.shard_bytes()
     with progress_bar(f"{recipe} soup") as bar:
-        result = average_checkpoints(
+        result = soup_files(
             paths, out, weights=weights, normalize=normalize, allow_negative=allow_negative,
             accumulate=average.accumulate, dtype=dtype, non_float=average.non_float,
             allow_nonfinite=average.allow_nonfinite, max_shard_size=max_shard_size,
             key=read.key, unsafe_pickle=read.unsafe_pickle, overwrite=write.overwrite,
-            recipe=recipe, progress=bar,
+            recipe=recipe, progress=bar, merge_into=adapters.merge_into,
         )  # fmt: skip
     result.warnings = [w for w in result.warnings if w not in shown]
     report_result(result)

@@ -7,7 +7,7 @@ from typing import Any
 
 import typer
 import typer.main
-from typer.core import TyperArgument, TyperOption
+from typer.core import TyperArgument, TyperGroup, TyperOption
 
 from .common import STATE
 
@@ -31,13 +31,14 @@ def _options(
     STATE["debug"] = STATE["debug"] or debug
 
 
-def command() -> Any:
+def command() -> TyperGroup:
     """The click group of `app`, drawn in click's usual help style.
 
     This typer draws every option's type, flags included (`--resume <bool>`), and required
     arguments as `{inputs}...`; flags are shown bare and arguments as `INPUTS...` instead.
     """
-    group: Any = typer.main.get_command(app)
+    group = typer.main.get_command(app)
+    assert isinstance(group, TyperGroup)  # `app` has subcommands (typer's own click)
     for sub in [group, *group.commands.values()]:
         setattr(sub, "get_help_option", _bare_help(sub.get_help_option))  # noqa: B010
         for param in sub.params:
@@ -53,7 +54,8 @@ def command() -> Any:
 
 
 def _bare_help(get_help_option: Any) -> Any:
-    """`--help` is a flag too, made afresh for each context."""
+    """`--help` is a flag too, made afresh for each context (click's types are typer's
+    private copy, hence Any)."""
 
     def bare(ctx: Any) -> Any:
         option = get_help_option(ctx)

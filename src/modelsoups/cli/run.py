@@ -22,8 +22,6 @@ from ..errors import SoupError
 from .common import say
 
 if TYPE_CHECKING:
-    import click
-
     from ..recipe_file import Recipe
 
 # command parameter -> recipe field, where the two names differ
@@ -31,15 +29,15 @@ _RENAMES = {"eval_timeout": "evaluator", "eval_command": "evaluator", "test_eval
 _POSITIONAL = {"inputs", "finetuned", "zeroshot"}
 
 
-def command_params(method: str) -> list[click.Parameter]:
-    """The click parameters of `soup <method>`."""
+def command_params(method: str) -> list[Any]:
+    """The click parameters of `soup <method>` (typer's private copy of click's
+    `Parameter`, hence Any)."""
     from .root import command
 
-    group: Any = command()
-    return list(group.commands[method].params)
+    return list(command().commands[method].params)
 
 
-def _value(recipe: Recipe, name: str) -> Any:
+def _value(recipe: Recipe, name: str) -> object:
     splits = recipe.splits
     if name == "eval_command":
         return recipe.eval_command(splits.held_out if splits else "held_out")
@@ -151,8 +149,7 @@ def run_recipe(path: Path, *, dry_run: bool = False) -> list[str]:
         if dry_run:
             return argv
         _check_report(recipe, inputs, path.resolve())
-        group: Any = command()
-        group.main(args=argv, prog_name="soup", standalone_mode=False)
+        command().main(args=argv, prog_name="soup", standalone_mode=False)
         report = _store_recipe(recipe, inputs, source, argv)
     say(f"recipe {path} → {recipe.output}; report {report}")
     return argv

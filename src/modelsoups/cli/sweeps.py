@@ -104,7 +104,7 @@ def _write_mix(
 
     search, read, write = options.search, options.read, options.write
     started, what, records = time.perf_counter(), mix.coefficient, search.records
-    check_outputs(output, mix.paths, write, records)
+    check_outputs(output, mix.paths, write, records, adapters=options.adapters)
     scored: list[dict[str, Any]] = []
     metric, _ = scoring_evaluators(search.scoring, mix.paths[0])
     if values is not None:
@@ -119,7 +119,7 @@ def _write_mix(
     weights = mix.weights_of(value)
     result = write_mean(mix.paths, output, weights, recipe=mix.recipe, read=read, write=write,
                         average=AverageOptions(accumulate="float64"), normalize=False,
-                        allow_negative=True)  # fmt: skip
+                        allow_negative=True, adapters=options.adapters)  # fmt: skip
     write_report(sidecar(output, ".report.json", records.report), {
         "recipe": mix.recipe, "output": str(output), what: value, "weights": weights,
         "ingredients": [str(p) for p in mix.paths], "sweep": scored, "dataset": records.dataset,

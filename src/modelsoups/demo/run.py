@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 from rich.console import Console
@@ -48,6 +48,10 @@ from .soups import (
     soup_job,
     soup_key,
 )
+
+if TYPE_CHECKING:
+    from ..executor import LocalExecutor
+    from ..executor_ray import RayExecutor
 from .train import IngredientTask, cached_result, fine_tune, sample_hypers, task_key
 
 __all__ = ["DemoConfig", "run_demo"]
@@ -89,7 +93,7 @@ def warm_up(_: int) -> None:
     from . import soups, train  # noqa: F401
 
 
-def _executor(cfg: DemoConfig) -> Any:
+def _executor(cfg: DemoConfig) -> LocalExecutor | RayExecutor:
     """The project's executor, one for the whole run (a `with` block keeps its workers):
     `--workers` local processes, or Ray with `--ray`.
 

@@ -30,6 +30,7 @@ __all__ = [
     "ADAPTER_WEIGHTS",
     "LoraAdapter",
     "LoraModule",
+    "adapter_base",
     "adapter_folder",
     "open_adapter",
 ]
@@ -123,6 +124,21 @@ def adapter_folder(path: str | os.PathLike[str]) -> Path | None:
     if has_config and not has_weights:
         raise CheckpointError(f"{folder}: {ADAPTER_CONFIG} without {' or '.join(ADAPTER_WEIGHTS)}")
     return folder if has_config else None
+
+
+def adapter_base(path: str | os.PathLike[str]) -> Path | None:
+    """The local base model folder an adapter folder names (`base_model_name_or_path`), or
+    None if `path` is not an adapter folder; raises if the base is not a local folder."""
+    folder = adapter_folder(path) if Path(path).is_dir() else None
+    if folder is None:
+        return None
+    base = _read_config(folder).get("base_model_name_or_path")
+    if not base or not (Path(base) / "config.json").is_file():
+        raise CheckpointError(
+            f"{folder}: a PEFT adapter of {base!r}, which is not a local model folder with "
+            "config.json; pass model= (CLI: --model) naming the base model's folder"
+        )
+    return Path(base)
 
 
 def _read_config(folder: Path) -> dict[str, Any]:

@@ -10,7 +10,8 @@ A soup reads its inputs through memory maps, which makes three OS facts matter:
 - A mapped file that another process truncates kills the reader with SIGBUS the moment it
   touches a page past the new end, and one rewritten in place feeds it a mix of old and new
   bytes. Each file's identity, size and modification time are recorded when it is opened
-  (`Stamp`) and compared before tensors are read and before a soup is published. For the
+  (`Stamp`) and compared before tensors are read and before a soup is published (the same
+  stamps tell whether an eval command's run changed an input: `stamps`, sandbox.py). For the
   last race, a truncation between that check and the read, the `soup` command runs its
   work in a child process (`cli/supervise.py`); the records of `journal` tell the parent
   which inputs to check and which temporaries to remove.
@@ -34,6 +35,7 @@ __all__ = [
     "ensure_descriptors",
     "journal",
     "open_error",
+    "stamps",
 ]
 
 # Descriptors kept free for everything else a run opens: the output, its shards, pipes to
@@ -113,10 +115,21 @@ class Stamp:
 
     @classmethod
     def of(cls, path: Path, st: os.stat_result) -> Stamp:
+        """The stamp of an input being opened (`st`: its fstat), journaled for the
+        supervising parent."""
         stamp = cls(path, st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
         journal("input", path, size=stamp.size, dev=stamp.dev, ino=stamp.ino,
                 mtime_ns=stamp.mtime_ns)  # fmt: skip
         return stamp
+
+    @classmethod
+    def now(cls, path: Path) -> Stamp | None:
+        """The stamp of the file at `path` as it is now (not journaled); None if it is gone."""
+        try:
+            st = os.stat(path)
+        except OSError:
+            return None
+        return cls(path, st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
 
     def change(self, size: int | None = None) -> str | None:
         """How the file changed since it was stamped, or None.
@@ -144,6 +157,12 @@ class Stamp:
         change = self.change(size)
         if change is not None:
             raise InputChangedError(changed_message(self.path, change))
+
+
+def stamps(path: Path) -> dict[Path, Stamp | None]:
+    """The stamps of a file, or of every file in a folder (None: gone since listed)."""
+    files = [path] if not path.is_dir() else sorted(p for p in path.rglob("*") if p.is_file())
+    return {p: Stamp.now(p) for p in files}
 
 
 def changed_message(path: Path | str, change: str) -> str:

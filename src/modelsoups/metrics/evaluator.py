@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from ..candidate import adapter_config
 from ..errors import EvaluationError, SoupError
 from ..evaluate import Score, to_score
 from .base import Metric, Settings
@@ -98,10 +99,15 @@ class MetricEvaluator:
         return build_model(self.model_dir, self.metric.auto_class, device, dtype)
 
     def evaluate(self, candidate: Checkpoint, *, name: str) -> Score:
-        model = self.module(candidate)
+        if adapter_config(candidate) is not None:  # a PEFT adapter: loaded over its base
+            from .peft_model import adapter_model
+
+            model = adapter_model(self, candidate)
+        else:
+            model = self.module(candidate)
+            assert self.model_dir is not None
+            load_into(model, candidate, self.model_dir)
         prepared = self._prepare()
-        assert self.model_dir is not None
-        load_into(model, candidate, self.model_dir)
         try:
             with torch.no_grad():
                 value = self.metric.run(model, prepared, self.settings, self.progress)
@@ -118,6 +124,13 @@ class MetricEvaluator:
             config = load_config(self.model_dir, self.metric.auto_class)
             self._prepared = self.metric.prepare(self.data, self.model_dir, config, self.settings)
         return self._prepared
+
+    def spec(self) -> dict[str, Any]:
+        """What scores (for reports): the metric, its data and how its model runs."""
+        s = self.settings
+        return {"metric": self.metric.name, "data": str(self.data), "model": str(self.model_dir),
+                "device": self.device, "dtype": s.dtype, "batch_size": s.batch_size,
+                "max_length": s.max_length}  # fmt: skip
 
     def __getstate__(self) -> dict[str, Any]:  # the spec: workers re-read data, build a model
         return {**self.__dict__, "_prepared": None, "progress": None}

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ..errors import IncompatibleError, SoupError
+from ..io.adapter import adapter_base
 
 if TYPE_CHECKING:
     from torch import nn
@@ -60,6 +61,7 @@ def find_model_dir(model: Path | None, candidate: Checkpoint | None) -> Path:
             f"{where}: no config.json to build the model from (a file, not an HF folder); "
             "pass model= (CLI: --model) naming a folder with config and tokenizer"
         )
+    folder = adapter_base(folder) or folder  # a PEFT adapter folder: its base model's
     if not (folder / "config.json").is_file():
         raise SoupError(
             f"{folder}: no config.json to build the model from; pass model= (CLI: --model) "

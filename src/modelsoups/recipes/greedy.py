@@ -34,6 +34,7 @@ from typing import Any
 
 import torch
 
+from ..adapter_space import adapter_ingredients
 from ..candidate import materialize, model_files_source
 from ..check import check_compatible, check_non_float
 from ..errors import EvaluationError, SoupError
@@ -75,6 +76,8 @@ class GreedyResult:
         return materialize(self.soup)
 
 
+# Over 60 lines: more than half is the public keyword list and its docstring; the body
+# opens, scores and ranks, and the loop itself (Recipe 1) is `_select`.
 def greedy_soup(
     ingredients: Sequence[Ingredient],
     evaluator: Evaluator | Callable[[dict[str, torch.Tensor]], object],
@@ -96,7 +99,9 @@ def greedy_soup(
     """Greedy soup of `ingredients` chosen by `evaluator` on held-out data.
 
     Args:
-        ingredients: checkpoint paths, state dicts or modules of one architecture.
+        ingredients: checkpoint paths, state dicts or modules of one architecture; or PEFT
+            LoRA adapter folders, whose candidates are exact adapter soups (`AdapterSpace`)
+            scored as adapters (`{ckpt}`: an adapter folder; a metric: in a `PeftModel`).
         evaluator: scores a candidate on HELD-OUT data (`Evaluator`, or `fn(state_dict)`).
             The candidate (and the state dict `fn` gets) may reuse memory from one step to
             the next: it is only valid during the call; copy what you want to keep.
@@ -122,6 +127,9 @@ def greedy_soup(
     if isinstance(memory, bool) or not isinstance(memory, int) or memory < 0:
         raise SoupError(f"memory must be a number of bytes >= 0, got {memory!r}")
     all_names = ingredient_names(ingredients, names)
+    ingredients, (ev, test_evaluator) = adapter_ingredients(  # adapter folders: exact soups
+        ingredients, ev, test_evaluator, unsafe_pickle=unsafe_pickle
+    )
     ckpts = open_ingredients(ingredients, key=key, unsafe_pickle=unsafe_pickle)
     try:
         check_compatible(ckpts)

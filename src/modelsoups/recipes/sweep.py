@@ -20,6 +20,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
+from ..adapter_space import adapter_ingredients
 from ..average import output_dtype, soup_tensor
 from ..check import check_compatible, check_non_float
 from ..dtypes import F64, DType, to_torch
@@ -51,6 +52,8 @@ class SweepResult:
     records: list[dict[str, Any]] = field(default_factory=list)  # one history record per value
 
 
+# Over 60 lines: half of it is the public keyword list and its docstring; the body is
+# check once, score the values not yet logged, pick the best.
 def sweep(
     ingredients: Sequence[Ingredient],
     weights_of: Callable[[float], Sequence[float]],
@@ -71,7 +74,10 @@ def sweep(
     """Score the mix `Σ weights_of(v)[i]·ingredients[i]` for every v; keep the best.
 
     Args:
-        ingredients: checkpoint paths, state dicts or modules of one architecture.
+        ingredients: checkpoint paths, state dicts or modules of one architecture; or PEFT
+            LoRA adapter folders, optionally after their base model (WiSE-FT's zero-shot,
+            task arithmetic's θ₀): candidates are then exact adapters (`AdapterSpace`) and
+            the best mix is returned as one (PEFT keys, rank Σrᵢ, scale 1).
         weights_of: the ingredients' weights for a value (not normalised; may be negative).
         evaluator: scores a candidate on HELD-OUT data (`Evaluator`, or `fn(state_dict)`).
         name, recipe: the candidate for v is named `{recipe}_{name}={v:g}` in the history.
@@ -86,6 +92,7 @@ def sweep(
     if not values:
         raise SoupError(f"give at least one {name}")
     out_dtype, ev = output_dtype(dtype), as_evaluator(evaluator)
+    ingredients, (ev,) = adapter_ingredients(ingredients, ev, unsafe_pickle=unsafe_pickle)
     ckpts = open_ingredients(ingredients, key=key, unsafe_pickle=unsafe_pickle)
     try:  # checked once, here, before any evaluation
         check_compatible(ckpts)

@@ -4,7 +4,8 @@ Uniform soup (Wortsman et al. 2022, https://arxiv.org/abs/2203.05482, §3):
     θ_soup = 1/N · Σᵢ θᵢ
 Weighted soup: θ_soup = Σᵢ wᵢ·θᵢ with user weights (normalised to sum to one by default).
 Both stream one tensor at a time (see `stream.average_checkpoints`). When every input is a
-PEFT LoRA adapter, both are the exact adapter soup of `recipes/lora.py` (`lora_soup`).
+PEFT LoRA adapter, both are the exact adapter soup of `recipes/lora.py` (`lora_soup`); a base
+model followed by adapters of it is a mix of the base and its task vectors (`soup_files`).
 """
 
 from __future__ import annotations
@@ -12,11 +13,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from ..adapters import is_adapter_set
+from ..adapters import split_adapter_inputs
+from ..check import resolve_weights
+from ..errors import SoupError
 from ..stream import average_checkpoints
 from ..types import PathLike, SoupResult
 
-__all__ = ["uniform", "weighted"]
+__all__ = ["soup_files", "uniform", "weighted"]
 
 
 def uniform(inputs: Sequence[PathLike], out: PathLike, **options: Any) -> SoupResult:
@@ -49,10 +52,38 @@ def _soup(
     recipe: str,
     options: dict[str, Any],
 ) -> SoupResult:
-    if is_adapter_set(inputs):
-        from .lora import lora_soup
+    return soup_files(inputs, out, weights=weights, recipe=recipe, **options)
 
-        for name in ("key", "non_float"):  # no meaning for adapters
-            options.pop(name, None)
-        return lora_soup(inputs, out, weights=weights, recipe=recipe, **options)
-    return average_checkpoints(inputs, out, weights=weights, recipe=recipe, **options)
+
+def soup_files(
+    inputs: Sequence[PathLike],
+    out: PathLike,
+    *,
+    weights: Sequence[float] | None = None,
+    recipe: str = "weighted",
+    **options: Any,
+) -> SoupResult:
+    """Σ wᵢ·θᵢ of checkpoint files into `out`, whatever they are (what every soup command
+    writes with): `average_checkpoints` for models; `lora_soup` for PEFT LoRA adapters; for
+    a base model followed by adapters of it, the base plus the weighted adapters (their
+    task vectors): weights (w₀, w₁, …) with w₀ = 1 − Σ wᵢ≥1 give W₀ + Σ wᵢ·ΔWᵢ exactly."""
+    split = split_adapter_inputs(inputs)
+    if split is None:
+        if options.pop("merge_into", None) is not None:
+            raise SoupError("--merge-into applies to PEFT LoRA adapters; these are not adapters")
+        return average_checkpoints(inputs, out, weights=weights, recipe=recipe, **options)
+    from .lora import lora_soup
+
+    for name in ("key", "non_float"):  # no meaning for adapters
+        options.pop(name, None)
+    base, adapters = split
+    if base is not None:
+        w = resolve_weights(weights, len(inputs), normalize=options.pop("normalize", True),
+                            allow_negative=bool(options.get("allow_negative")))  # fmt: skip
+        if abs(sum(w) - 1.0) > 1e-9:
+            raise SoupError(
+                f"weights {w} of the base {base} and its adapters sum to {sum(w):g}: a soup "
+                "of adapters keeps the base once (weights summing to 1); scale the others"
+            )
+        weights, options["normalize"], options["base"] = w[1:], False, base
+    return lora_soup(adapters, out, weights=weights, recipe=recipe, **options)
