@@ -51,9 +51,8 @@ def accumulate_dtype(name: str | DType | torch.dtype) -> DType:
         dtype = as_dtype(name)
     except ValueError:
         dtype = None
-    if dtype not in (F32, F64):
+    if dtype is None or dtype not in (F32, F64):
         raise SoupError(f"accumulate must be 'float32' or 'float64', got {name!r}")
-    assert dtype is not None
     return dtype
 
 
@@ -110,8 +109,7 @@ def widen_buffer() -> np.ndarray:
 
 
 def _result_array(shape: tuple[int, ...], dtype: DType, buffer: np.ndarray | None) -> np.ndarray:
-    """An array of `shape` holding `dtype`: new, or the start of a byte `buffer` that the
-    caller reuses from one tensor to the next."""
+    """An array of `shape` holding `dtype`: new, or the start of the caller's byte `buffer`."""
     if buffer is None:
         return np.empty(shape, dtype=dtype.numpy)
     size = math.prod(shape) * dtype.itemsize

@@ -1,10 +1,10 @@
-"""Every option of the soup commands, declared once; the bundles commands pass on; parsers.
+"""Every option of the soup commands, declared once, and the bundles commands pass on.
 
 An option is an `Annotated` alias: its type, flag names and help live here and nowhere
 else. Options that travel together are fields of a frozen dataclass (`ReadOptions`,
 `WriteOptions`, `EvalOptions`, ...), each field an alias with its default. A command names
-a bundle as one parameter, and `expand_bundles` shows typer the bundle's fields as the
-command's options, then hands the command the bundle built from them:
+a bundle as one parameter, and `expand_bundles` (expand.py) shows typer the bundle's
+fields as the command's options, then hands the command the bundle built from them:
 
     @expand_bundles
     def stock(finetuned: Inputs, output: Output, base: Base, *, read: ReadOptions, ...):
@@ -12,25 +12,24 @@ command's options, then hands the command the bundle built from them:
 
 So `soup stock --help` lists `--key` and `--unsafe-pickle` as before, and the recipe file's
 fields are checked against the same parameters (tests/test_recipe_file.py). Values are
-parsed where they are used (`parse_size`, `parse_dtype`, ...), so errors stay one line
-from the library's checks, in the order the commands meet them.
+parsed where they are used (parse.py), so errors stay one line from the library's checks,
+in the order the commands meet them. The decorator and the parsers are importable from
+here too, next to the options a command imports.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import functools
-import inspect
-import math
-import re
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, get_type_hints
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from ..errors import SoupError
+from .expand import expand_bundles as expand_bundles
+from .parse import parse_dtype as parse_dtype
+from .parse import parse_floats as parse_floats
+from .parse import parse_memory as parse_memory
+from .parse import parse_size as parse_size
 
 if TYPE_CHECKING:
     from ..dtypes import DType
@@ -356,111 +355,3 @@ class SelectionOptions:
     memory: Memory = "2GiB"
     workdir: Workdir = None
     allow_nonfinite: AllowNonfinite = False
-
-
-def expand_bundles(command: Callable[..., None]) -> Callable[..., None]:
-    """`command` as typer should see it: each bundle parameter replaced by its fields.
-
-    The command is called with the bundles built from those fields. Bundles nest (a field
-    typed with a bundle is expanded too); every option ends up keyword-only, in the order
-    of the signature and then of the fields, which is the order `--help` shows.
-    """
-    hints = get_type_hints(command, include_extras=True)
-    params: list[inspect.Parameter] = []
-    for p in inspect.signature(command).parameters.values():
-        if _is_bundle(hints[p.name]):
-            params += _fields_as_params(hints[p.name])
-        else:
-            params.append(p.replace(annotation=hints[p.name], kind=p.KEYWORD_ONLY))
-    names = [p.name for p in params]
-    if len(set(names)) != len(names):
-        raise TypeError(f"{command.__name__}: an option is in two bundles: {names}")
-
-    @functools.wraps(command)
-    def called(**values: Any) -> None:
-        for name, hint in hints.items():
-            if name != "return" and _is_bundle(hint):
-                values[name] = _build(hint, values)
-        return command(**values)
-
-    called.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
-    called.__annotations__ = {p.name: p.annotation for p in params}
-    return called
-
-
-def _is_bundle(hint: Any) -> bool:
-    return isinstance(hint, type) and dataclasses.is_dataclass(hint)
-
-
-@functools.cache
-def _hints(bundle: type) -> dict[str, Any]:
-    """The bundle's field types, aliases resolved (once: `soup --help` builds every command)."""
-    return get_type_hints(bundle, include_extras=True)
-
-
-def _fields_as_params(bundle: type) -> list[inspect.Parameter]:
-    hints = _hints(bundle)
-    params = []
-    for f in dataclasses.fields(bundle):
-        if _is_bundle(hints[f.name]):
-            params += _fields_as_params(hints[f.name])
-            continue
-        default = f.default if f.default is not dataclasses.MISSING else inspect.Parameter.empty
-        params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY,
-                                        default=default, annotation=hints[f.name]))  # fmt: skip
-    return params
-
-
-def _build(bundle: type, values: dict[str, Any]) -> object:
-    """The bundle from the options' values (taken out of `values`)."""
-    hints = _hints(bundle)
-    kwargs = {}
-    for f in dataclasses.fields(bundle):
-        is_nested = _is_bundle(hints[f.name])
-        kwargs[f.name] = _build(hints[f.name], values) if is_nested else values.pop(f.name)
-    return bundle(**kwargs)
-
-
-# -- parsers: option text -> value, one-line SoupError on anything else ----------------------
-def parse_dtype(name: str | None) -> DType | None:
-    """'bf16' -> the BF16 `DType`; None stays None (keep the inputs' dtype). The library's
-    `output_dtype`, minus float8: readable as an input, not offered as an output here."""
-    from ..average import output_dtype
-
-    dtype = output_dtype(name)
-    if dtype is not None and dtype.name.startswith("F8"):
-        raise SoupError(f"unknown dtype {name!r}; use one of fp32, fp16, bf16, fp64")
-    return dtype
-
-
-def parse_size(text: str | None) -> int | None:
-    """'5GB' -> 5_000_000_000, '2GiB' -> 2*2**30, '1000' -> 1000 bytes."""
-    if text is None:
-        return None
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(i?)B?\s*", text, re.IGNORECASE)
-    if not m:
-        raise SoupError(f"cannot read size {text!r}; write e.g. 500MB, 5GB or 2GiB")
-    base = 1024 if m.group(3) else 1000
-    power = " KMGT".index(m.group(2).upper() or " ")
-    value = float(m.group(1)) * base**power
-    if not math.isfinite(value) or value >= 2**63:
-        raise SoupError(f"size {text[:40]!r} is too large")
-    size = int(value)
-    if size <= 0:
-        raise SoupError(f"size must be positive, got {text!r}")
-    return size
-
-
-def parse_memory(text: str) -> int:
-    """`--memory`: a size ('2GiB', '500MB') or 0."""
-    return 0 if text.strip() == "0" else parse_size(text) or 0
-
-
-def parse_floats(text: str, what: str) -> list[float]:
-    """'0.5,0.3,0.2' -> [0.5, 0.3, 0.2]."""
-    try:
-        return [float(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise SoupError(
-            f"cannot read {what} {text[:80]!r}; write numbers separated by commas"
-        ) from None

@@ -1,8 +1,9 @@
-"""Functions in src/ stay readable: none is over 60 lines unless it says why at its top.
+"""src/ stays readable: no module over 400 lines, and no function over 60 lines unless it
+says why at its top.
 
-Counted from the first decorator to the last line, with the signature and the docstring
-(the way a reader meets it). The reason is the comment block right above the function, starting
-`# Over 60 lines: ...`. Read with `ast`; nothing is imported.
+A function is counted from its first decorator to its last line, with the signature and
+the docstring (the way a reader meets it). The reason is the comment block right above
+it, starting `# Over 60 lines: ...`. Read with `ast`; nothing is imported.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1] / "src" / "modelsoups"
 LIMIT = 60
+MODULE_LIMIT = 400
 REASON = "# Over 60 lines:"
 
 
@@ -48,3 +50,9 @@ def test_the_counter_counts_decorators_signature_and_body(tmp_path: Path) -> Non
     assert [(name, n) for _, _, name, n in long_functions(tmp_path)] == []
     (tmp_path / "m.py").write_text(f"@decorator\ndef f(\n    a,\n):\n{body}\n")
     assert [(name, n) for _, _, name, n in long_functions(tmp_path)] == [("f", LIMIT + 2)]
+
+
+def test_no_module_is_over_400_lines() -> None:
+    sizes = {p: len(p.read_text().splitlines()) for p in ROOT.rglob("*.py")}
+    over = sorted(f"{p.relative_to(ROOT)} ({n})" for p, n in sizes.items() if n > MODULE_LIMIT)
+    assert not over, "split these modules: " + ", ".join(over)
