@@ -7,12 +7,18 @@ loads each candidate file in a new Python process and computes the same loss. Pr
 table of seconds per evaluation and the ratio; both runs must select the same soup.
 
     python benchmarks/bench_eval.py [--n 3] [--layers 10] [--workdir /tmp/bench-eval]
+        [--out benchmarks/results/eval-95M-N3.md]
+
+With `--out`, the table is also written there with the commit, the date and the machine's
+load average at start and end (numbers taken under load are slower than the machine can do;
+the ratio is what compares, both runs sharing the load).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -73,7 +79,9 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=3)
     ap.add_argument("--layers", type=int, default=10)
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/bench-eval"))
+    ap.add_argument("--out", type=Path, default=None, help="also write the results here (.md)")
     a = ap.parse_args()
+    load_start = os.getloadavg()
     shutil.rmtree(a.workdir, ignore_errors=True)
     a.workdir.mkdir(parents=True)
     paths, data, params = make_job(a.workdir, a.n, a.layers)
@@ -83,12 +91,28 @@ def main() -> None:
     t_in, r_in = run_greedy(a.workdir, "in_process", paths, metric)
     t_cmd, r_cmd = run_greedy(a.workdir, "command", paths, ["--eval", command])
     assert r_in["selected"] == r_cmd["selected"], (r_in["selected"], r_cmd["selected"])
-    print(f"greedy soup of {a.n} x {params / 1e6:.1f}M-parameter Llama, {evals} evaluations "
-          f"each, 8 x 64 held-out tokens; selected {r_in['selected']}")  # fmt: skip
-    print(f"{'evaluator':<28}{'total s':>10}{'s / evaluation':>16}{'ratio':>8}")
+    lines = [f"greedy soup of {a.n} x {params / 1e6:.1f}M-parameter Llama, {evals} evaluations "
+             f"each, 8 x 64 held-out tokens; selected {r_in['selected']}",
+             f"{'evaluator':<28}{'total s':>10}{'s / evaluation':>16}{'ratio':>8}"]  # fmt: skip
     for label, t in (("in process (--metric)", t_in), ("command (--eval)", t_cmd)):
-        print(f"{label:<28}{t:>10.1f}{t / evals:>16.2f}{t / t_in:>8.2f}")
+        lines.append(f"{label:<28}{t:>10.1f}{t / evals:>16.2f}{t / t_in:>8.2f}")
+    print("\n".join(lines))
+    if a.out is not None:
+        a.out.write_text(_results(lines, load_start, os.getloadavg()))
     shutil.rmtree(a.workdir, ignore_errors=True)
+
+
+def _results(lines: list[str], load_start: tuple[float, ...], load_end: tuple[float, ...]) -> str:
+    """The table as markdown, with what it was measured on and under which load."""
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                            text=True, cwd=Path(__file__).parent).stdout.strip()  # fmt: skip
+    when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    load = "/".join(f"{x:.2f}" for x in load_start), "/".join(f"{x:.2f}" for x in load_end)
+    return (f"# In-process metric vs eval command, per greedy evaluation — {when}\n\n"
+            f"git {commit}, Python {sys.version.split()[0]}, {os.cpu_count()} CPUs. Load average "
+            f"(1/5/15 min) at start {load[0]}, at end {load[1]}: other work shared the machine, "
+            "and both runs shared it alike.\n\n"
+            "```\n" + "\n".join(lines) + "\n```\n")  # fmt: skip
 
 
 if __name__ == "__main__":
