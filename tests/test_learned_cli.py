@@ -72,3 +72,18 @@ def test_a_half_precision_metric_dtype_is_refused_before_anything_is_written(
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "soup learned learns in float32" in err, err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_job_beyond_the_memory_available_is_refused_before_anything_is_written(
+    runs: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The estimate counts the whole job (the CLI holds the ingredients once, in the stack):
+    on a machine with 64 KiB free, the one-line refusal says what would fit."""
+    import modelsoups.recipes.learned as learned
+
+    monkeypatch.setattr(learned, "_available", lambda device: 64 * 1024)
+    args = ["--metric", "lm-loss", "--data", runs / "val.jsonl", "--device", "cpu"]
+    assert soup("learned", runs / "a", runs / "b", "-o", tmp_path / "s", *args) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "learned soup of 2 ingredients held in fp32 needs" in err, err
+    assert list(tmp_path.iterdir()) == []
