@@ -173,8 +173,12 @@ def greedy_models(folder: Path, small_tensors: int) -> list[Path]:
 
 def greedy_peak(inputs: list[Path], out: Path, memory: str) -> int:
     """Peak RssAnon above the baseline of `soup greedy` keeping every ingredient (ties)."""
-    argv = ["greedy", *map(str, inputs), "-o", str(out), "--eval", "echo 1; : {ckpt}", "-q",
-            "--memory", memory]  # fmt: skip
+    return soup_peak(["greedy", *map(str, inputs), "-o", str(out), "--eval",
+                      "echo 1; : {ckpt}", "-q", "--memory", memory])  # fmt: skip
+
+
+def soup_peak(argv: list[str]) -> int:
+    """Peak RssAnon above the baseline of `soup ARGV` run in a sampled child."""
     proc = subprocess.run([sys.executable, "-c", GREEDY_CHILD, *argv], capture_output=True,
                           text=True, timeout=300)  # fmt: skip
     assert proc.returncode == 0, proc.stderr
@@ -205,15 +209,8 @@ def test_greedy_peak_memory_does_not_grow_with_model_size(tmp_path: Path) -> Non
 
 def stock_peak(inputs: list[Path], out: Path) -> int:
     """Peak RssAnon above the baseline of `soup stock` (the first input is the base)."""
-    argv = ["stock", *map(str, inputs[1:]), "--base", str(inputs[0]), "-o", str(out), "-q"]
-    proc = subprocess.run([sys.executable, "-c", GREEDY_CHILD, *argv], capture_output=True,
-                          text=True, timeout=300)  # fmt: skip
-    assert proc.returncode == 0, proc.stderr
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert result["code"] == 0, proc.stderr
-    if not result["baseline"]:
-        pytest.skip("this kernel's /proc/PID/status has no RssAnon (Linux < 4.5)")
-    return int(result["peak_anon"] - result["baseline"])
+    return soup_peak(["stock", *map(str, inputs[1:]), "--base", str(inputs[0]), "-o", str(out),
+                      "-q"])  # fmt: skip
 
 
 @pytest.mark.slow  # two children that import torch
