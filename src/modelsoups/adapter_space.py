@@ -111,7 +111,9 @@ class AdapterSpace:
     def state_dicts(self) -> list[StateDict]:
         """The adapters' padded state dicts, all built now: N·(Σ rᵢ) ranks in memory
         (`ingredients` gives the same tensors lazily, one at a time)."""
-        return [{k: c.get(k) for k in c.infos} for c in self.spread]
+        shared = {k: self.spread[0].get(k) for k in self.spread[0].stacks}  # A: built once
+        return [{k: shared[k] if k in shared else c.get(k) for k in c.infos}
+                for c in self.spread]  # fmt: skip
 
     def evaluator(self, inner: Evaluator | None) -> AdapterEvaluator | None:
         """`inner` scoring this space's soups as PEFT adapters (None stays None)."""
