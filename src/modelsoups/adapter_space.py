@@ -9,8 +9,14 @@ writing each one in a shared rank-R space, R = Σ rᵢ over all N adapters:
 so Bᵢ'·Aᵢ' = sᵢ·Bᵢ·Aᵢ, and for weights summing to one Σ wᵢAᵢ' is the stacked A again while
 Σ wᵢBᵢ' = [w₁s₁B₁ | … | w_N s_N B_N]: any weighted mean of these state dicts *is* the
 exact adapter soup of `recipes/lora.py` (zero columns where an adapter has weight 0), with
-scale 1. `modules_to_save` tensors are averaged as they are. The state dicts are small
-(adapters, not models) and share their A tensors.
+scale 1. `modules_to_save` tensors are averaged as they are.
+
+Memory: the padded tensors are never stored. Each ingredient is a lazy `SpreadAdapter`
+checkpoint that builds Aᵢ' or Bᵢ' when a recipe reads that key (recipes read one key at a
+time), from the adapters' own unpadded tensors, which the space holds once (float32): the
+space costs the size of the N adapters, not N padded copies of rank Σ rᵢ (O(N²·r·d)).
+`space.state_dicts` still materialises every padded state dict, for callers that want plain
+dicts (e.g. `weighted_state_dict`); the recipes use `space.ingredients`.
 
     space = AdapterSpace(["runs/a", "runs/b", "runs/c"])
     result = greedy_soup(space.state_dicts, evaluator)
@@ -38,19 +44,22 @@ from typing import TYPE_CHECKING, Any
 
 from .adapters import check_adapters, open_adapters, soup_config, split_adapter_inputs
 from .candidate import as_adapter
+from .dtypes import as_dtype
 from .errors import IncompatibleError, NonFiniteError, SoupError
 from .io.adapter import ADAPTER_CONFIG, ADAPTER_WEIGHTS
+from .io.base import Checkpoint, TensorInfo
+from .io.pickle_file import tensor_dtype
 from .io.writer import atomic_path
 from .types import PathLike
 
 if TYPE_CHECKING:
+    import torch
     from torch import nn
 
     from .evaluate import Evaluator, Score
-    from .io.base import Checkpoint
     from .types import StateDict
 
-__all__ = ["AdapterEvaluator", "AdapterSpace", "adapter_ingredients"]
+__all__ = ["AdapterEvaluator", "AdapterSpace", "SpreadAdapter", "adapter_ingredients"]
 
 
 class AdapterSpace:
@@ -81,16 +90,28 @@ class AdapterSpace:
                                                        for m in first.modules})  # fmt: skip
             with one_thread():  # small tensors (see lora_plan)
                 _check_finite(opened)
-                self.state_dicts = _spread(opened)
-                self.zero = None if base is None else _zero(self.state_dicts[0], first, Path(base))
+                self.spread = _spread(opened)
+                zero = None if base is None else _zero(self.spread[0], first, Path(base))
+                self.zero = zero
         finally:
             for a in opened:
                 a.close()
 
     @property
-    def ingredients(self) -> list[StateDict]:
-        """The state dicts a recipe mixes: the zero adapter first if there is a base."""
-        return self.state_dicts if self.zero is None else [self.zero, *self.state_dicts]
+    def keys(self) -> list[str]:
+        """The tensor names of every ingredient (and of their soups)."""
+        return self.spread[0].keys()
+
+    @property
+    def ingredients(self) -> list[SpreadAdapter]:
+        """The lazy checkpoints a recipe mixes: the zero adapter first if there is a base."""
+        return self.spread if self.zero is None else [self.zero, *self.spread]
+
+    @property
+    def state_dicts(self) -> list[StateDict]:
+        """The adapters' padded state dicts, all built now: N·(Σ rᵢ) ranks in memory
+        (`ingredients` gives the same tensors lazily, one at a time)."""
+        return [{k: c.get(k) for k in c.infos} for c in self.spread]
 
     def evaluator(self, inner: Evaluator | None) -> AdapterEvaluator | None:
         """`inner` scoring this space's soups as PEFT adapters (None stays None)."""
@@ -136,30 +157,81 @@ class AdapterSpace:
         return model
 
     def _check(self, state_dict: StateDict) -> None:
-        if set(state_dict) != set(self.state_dicts[0]):
+        if set(state_dict) != set(self.keys):
             raise SoupError("not a soup of this AdapterSpace's state dicts (keys differ)")
 
 
-def _spread(opened: Sequence[Any]) -> list[StateDict]:
-    """Each adapter's state dict in the shared rank-R space (see the module doc)."""
+class SpreadAdapter(Checkpoint):
+    """One adapter in the shared rank-R space, built a tensor at a time on `get`.
+
+    It holds no padded tensor: `stacks` (A key -> every adapter's A, shared by all the
+    ingredients of a space), `blocks` (B key -> this adapter's scaled B and its first of
+    the R columns; None for the zero adapter) and `whole` (`modules_to_save` tensors).
+    `get` builds a new tensor (A stacked, B padded with zeros) or returns a `whole` tensor
+    itself (read-only). Plain tensors and dicts: it pickles into a worker process.
+    """
+
+    portable = True
+
+    def __init__(
+        self,
+        label: str,
+        shapes: dict[str, tuple[int, ...]],  # every key, in order: the padded shapes
+        stacks: dict[str, list[torch.Tensor]],
+        blocks: dict[str, tuple[torch.Tensor | None, int]],
+        whole: dict[str, torch.Tensor],
+    ) -> None:
+        super().__init__(Path(label), "adapter space")
+        self.stacks, self.blocks, self.whole = stacks, blocks, whole
+        float32 = as_dtype("float32")
+        for k, shape in shapes.items():
+            dtype = tensor_dtype(whole[k], k, self.path) if k in whole else float32
+            self.infos[k] = TensorInfo(k, shape, dtype, self.path)
+
+    def get(self, name: str) -> torch.Tensor:
+        import torch
+
+        if name in self.stacks:
+            return torch.cat(self.stacks[name], dim=0)
+        if name in self.blocks:
+            b, offset = self.blocks[name]
+            wide = torch.zeros(self.infos[name].shape, dtype=torch.float32)
+            if b is not None:
+                wide[:, offset : offset + b.shape[1]] = b
+            return wide
+        return self.whole[name]
+
+    def zero(self, label: str, whole: dict[str, torch.Tensor]) -> SpreadAdapter:
+        """The adapter whose ΔW is zero in the same space (B = 0), with `whole` tensors."""
+        shapes = {k: i.shape for k, i in self.infos.items()}
+        blocks: dict[str, tuple[torch.Tensor | None, int]] = {k: (None, 0) for k in self.blocks}
+        return SpreadAdapter(label, shapes, self.stacks, blocks, whole)
+
+
+def _spread(opened: Sequence[Any]) -> list[SpreadAdapter]:
+    """Each adapter as a lazy checkpoint in the shared rank-R space (see the module doc)."""
     import torch
 
     first = opened[0]
-    state_dicts: list[StateDict] = [{} for _ in opened]
+    shapes: dict[str, tuple[int, ...]] = {}
+    stacks: dict[str, list[torch.Tensor]] = {}
+    blocks: list[dict[str, tuple[torch.Tensor | None, int]]] = [{} for _ in opened]
     for name, m in first.modules.items():
-        As = [a.weights.get(a.modules[name].a_key).float() for a in opened]
-        stacked = torch.cat(As, dim=0)
-        offset = 0
-        for sd, a in zip(state_dicts, opened, strict=True):
+        # copies: never views of an adapter's memory map (closed once the space is built)
+        As = [a.weights.get(a.modules[name].a_key).to(torch.float32, copy=True) for a in opened]
+        stacks[m.a_key], rank, offset = As, sum(x.shape[0] for x in As), 0
+        for own, a in zip(blocks, opened, strict=True):
             b = a.weights.get(a.modules[name].b_key).float() * a.scale(name)
-            wide = b.new_zeros((b.shape[0], stacked.shape[0], *b.shape[2:]))
-            wide[:, offset : offset + b.shape[1]] = b
-            offset += b.shape[1]
-            sd[m.a_key], sd[m.b_key] = stacked, wide
+            own[m.b_key], offset = (b, offset), offset + b.shape[1]
+        shapes[m.a_key] = (rank, *As[0].shape[1:])
+        shapes[m.b_key] = (b.shape[0], rank, *b.shape[2:])
     for key in first.extras.values():
-        for sd, a in zip(state_dicts, opened, strict=True):
-            sd[key] = a.weights.get(key).clone()
-    return state_dicts
+        shapes[key] = tuple(first.weights.infos[key].shape)
+    return [
+        SpreadAdapter(str(a.path), shapes, stacks, own,
+                      {key: a.weights.get(key).clone() for key in first.extras.values()})
+        for own, a in zip(blocks, opened, strict=True)
+    ]  # fmt: skip
 
 
 def _check_finite(adapters: Sequence[Any]) -> None:
@@ -173,23 +245,22 @@ def _check_finite(adapters: Sequence[Any]) -> None:
                 raise NonFiniteError(f"{a.weights.path}: tensor {key!r} holds NaN or Inf")
 
 
-def _zero(like: StateDict, first: Any, base: Path) -> StateDict:
+def _zero(like: SpreadAdapter, first: Any, base: Path) -> SpreadAdapter:
     """The base model in the space: the stacked A, B = 0, its `modules_to_save` tensors."""
     from .io import open_checkpoint
 
-    zero = {k: (v if ".lora_A" in k else v.new_zeros(v.shape)) for k, v in like.items()}
-    if not first.extras:
-        return zero
-    with open_checkpoint(base) as ckpt:
-        for name, key in first.extras.items():
-            info = ckpt.infos.get(name)
-            if info is None or info.shape != tuple(like[key].shape):
-                raise IncompatibleError(
-                    f"{base}: has no tensor {name!r} of shape {list(like[key].shape)} (the "
-                    f"adapters' modules_to_save); is it the base model of {first.path}?"
-                )
-            zero[key] = ckpt.get(name).to(like[key].dtype).clone()
-    return zero
+    whole = {}
+    if first.extras:
+        with open_checkpoint(base) as ckpt:
+            for name, key in first.extras.items():
+                info, want = ckpt.infos.get(name), like.whole[key]
+                if info is None or info.shape != tuple(want.shape):
+                    raise IncompatibleError(
+                        f"{base}: has no tensor {name!r} of shape {list(want.shape)} (the "
+                        f"adapters' modules_to_save); is it the base model of {first.path}?"
+                    )
+                whole[key] = ckpt.get(name).to(want.dtype).clone()
+    return like.zero(f"<base {base}>", whole)
 
 
 @dataclass

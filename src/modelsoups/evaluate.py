@@ -245,14 +245,19 @@ def _score_source(
     """Open one ingredient (a path or a state dict) and score it; errors are returned, so
     that the scores of the other ingredients are still logged."""
     name, source = item
-    is_dict = isinstance(source, dict)
-    ckpt = MemoryCheckpoint(source) if is_dict else open_checkpoint(source, **options)  # type: ignore[arg-type]
+    if isinstance(source, Checkpoint):  # a portable one (see ingredient_sources)
+        ckpt = source
+    elif isinstance(source, dict):
+        ckpt = MemoryCheckpoint(source)
+    else:
+        ckpt = open_checkpoint(source, **options)  # type: ignore[arg-type]
     try:
         return evaluator.evaluate(ckpt, name=name)
     except EvaluationError as e:
         return e
     finally:
-        ckpt.close()
+        if ckpt is not source:  # the caller's own checkpoint stays open
+            ckpt.close()
 
 
 def as_evaluator(x: Evaluator | Callable[[StateDict], object]) -> Evaluator:

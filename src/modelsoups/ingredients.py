@@ -92,11 +92,16 @@ def _require_some(ingredients: Sequence[Ingredient]) -> None:
 def ingredient_sources(
     ingredients: Sequence[Ingredient], names: Sequence[str]
 ) -> list[tuple[str, object]]:
-    """`(name, path or state dict)` pairs, small enough to send to a worker process."""
+    """`(name, path, state dict or portable checkpoint)` pairs, small enough to send to a
+    worker process."""
     return [
-        (n, x if isinstance(x, str | os.PathLike | dict) else _tensors(x))
+        (n, x if isinstance(x, str | os.PathLike | dict) or _portable(x) else _tensors(x))
         for n, x in zip(names, ingredients, strict=True)
     ]
+
+
+def _portable(x: object) -> bool:
+    return isinstance(x, Checkpoint) and x.portable
 
 
 def _tensors(x: nn.Module | Checkpoint) -> StateDict:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from ..dtypes import DType, to_numpy, to_torch
 from ..errors import CheckpointError
@@ -115,6 +115,10 @@ class Checkpoint:
     (torch, for the Python API); each defaults to a zero-copy conversion of the other. Both
     may return a view of a memory map or of an input tensor: treat them as read-only.
     """
+
+    # True if it pickles into a worker process and reads there as well as here: recipes
+    # then send it as it is, instead of a copy of all its tensors (`ingredient_sources`).
+    portable: ClassVar[bool] = False
 
     path: Path
     format: str
