@@ -165,6 +165,44 @@ def test_resume_with_other_ingredients_is_an_error(tmp_path: Path) -> None:
                     names=["ingredient_0", "ingredient_2", "ingredient_3"])  # fmt: skip
 
 
+def test_resume_refuses_a_history_scored_by_another_scorer(tmp_path: Path) -> None:
+    sds, target = ingredients(3, n=4)
+    score = make_score(target, decimals=2)
+    hist, loss = tmp_path / "h.jsonl", {"metric": "lm-loss", "data": "val.jsonl"}
+    with pytest.raises(EvaluationError):
+        greedy_soup(sds, Crashing(score, 5), history=str(hist), scorer=loss)
+    logged = hist.read_bytes()
+    assert all(json.loads(x)["scorer"] == loss for x in logged.splitlines())
+    for other in ({**loss, "metric": "lm-choice"}, {**loss, "data": "test.jsonl"}, {"eval": "x"}):
+        with pytest.raises(SoupError, match="was scored by") as e:
+            greedy_soup(sds, Crashing(score), history=str(hist), resume=True, scorer=other)
+        changed = [k for k in {*loss, *other} if loss.get(k) != other.get(k)]
+        assert all(f"{k}={loss.get(k)!r}" in str(e.value) for k in changed), e.value
+        assert all(f"{k}={other.get(k)!r}" in str(e.value) for k in changed), e.value
+        assert hist.read_bytes() == logged
+    again = Crashing(score)
+    resumed = greedy_soup(sds, again, history=str(hist), resume=True, scorer=dict(loss))
+    assert resumed.selected == greedy_soup(sds, score).selected
+    assert again.calls == 7 - 5  # the logged scores were used
+
+
+def test_a_history_without_a_scorer_resumes_and_records_it(tmp_path: Path) -> None:
+    sds, target = ingredients(4, n=4)
+    score = make_score(target, decimals=2)
+    hist, spec = tmp_path / "h.jsonl", {"eval": "python ev.py {ckpt}"}
+    with pytest.raises(EvaluationError):  # as older versions logged it: no scorer field
+        greedy_soup(sds, Crashing(score, 5), history=str(hist))
+    old = hist.read_text().splitlines()
+    assert len(old) == 6 and not any("scorer" in json.loads(x) for x in old)
+    resumed = greedy_soup(sds, score, history=str(hist), resume=True, scorer=spec)
+    assert resumed.selected == greedy_soup(sds, score).selected
+    lines = hist.read_text().splitlines()
+    assert lines[:6] == old and all(json.loads(x)["scorer"] == spec for x in lines[6:])
+    assert len(lines) == 6 + 2  # the two steps not logged before
+    with pytest.raises(SoupError, match=r"eval='python ev.py \{ckpt\}'"):
+        greedy_soup(sds, score, history=str(hist), resume=True, scorer={"eval": "other"})
+
+
 def test_existing_history_without_resume_is_an_error(tmp_path: Path) -> None:
     hist = tmp_path / "h.jsonl"
     hist.write_text("")

@@ -75,3 +75,44 @@ def test_greedy_cli_with_scores_file_and_workers(tmp_path: Path, capsys) -> None
     assert main(["greedy", *paths, "-o", str(out2), "--eval", cmd,
                  "--scores", str(tmp_path / "bad.csv")]) == 1  # fmt: skip
     assert "no score for ingredient" in capsys.readouterr().err
+
+
+def test_resume_with_another_eval_command_is_refused_and_changes_nothing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    paths = distance_ingredients(tmp_path)
+    monkeypatch.chdir(tmp_path)  # short commands: the error line names both in full
+    cmd = f"{sys.executable} ev.py {{ckpt}} run0.safetensors"
+    assert _greedy(tmp_path, paths, cmd) == 0
+    history = tmp_path / "soup.history.jsonl"
+    logged = history.read_bytes()
+    assert {json.loads(x)["scorer"]["eval"] for x in logged.splitlines()} == {cmd}
+    for f in ("soup.safetensors", "soup.report.json"):
+        (tmp_path / f).unlink()
+    capsys.readouterr()
+    other = f"{sys.executable} ev.py {{ckpt}} run1.safetensors"
+    assert _greedy(tmp_path, paths, other, "--resume") == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("soup: error: "), err
+    assert f"eval={cmd!r}" in err and f"eval={other!r}" in err, err
+    assert history.read_bytes() == logged
+    assert sorted(p.name for p in tmp_path.glob("soup*")) == ["soup.history.jsonl"]
+    assert _greedy(tmp_path, paths, cmd, "--resume") == 0  # the same command: replayed
+    assert history.read_bytes() == logged
+
+
+def test_an_old_history_without_scorer_fields_resumes(tmp_path: Path) -> None:
+    paths = distance_ingredients(tmp_path)
+    cmd = f"{sys.executable} {tmp_path / 'ev.py'} {{ckpt}} {paths[0]}"
+    assert _greedy(tmp_path, paths, cmd) == 0
+    report = json.loads((tmp_path / "soup.report.json").read_text())
+    history = tmp_path / "soup.history.jsonl"
+    old = [json.loads(x) for x in history.read_text().splitlines()][:-1]  # crashed: last step
+    history.write_text("".join(json.dumps({k: v for k, v in r.items() if k != "scorer"}) + "\n"
+                               for r in old))  # fmt: skip
+    for f in ("soup.safetensors", "soup.report.json"):
+        (tmp_path / f).unlink()
+    assert _greedy(tmp_path, paths, cmd, "--resume") == 0
+    assert json.loads((tmp_path / "soup.report.json").read_text())["selected"] == report["selected"]
+    lines = [json.loads(x) for x in history.read_text().splitlines()]
+    assert ["scorer" in r for r in lines] == [False] * len(old) + [True]

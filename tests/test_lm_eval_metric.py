@@ -175,3 +175,20 @@ def test_bad_lm_eval_input_is_one_line_exit_1(
     out, err = capsys.readouterr()
     assert out == "" and err.count("\n") == 1 and err.startswith("soup: error: "), err
     assert says in err, err
+
+
+def test_greedy_over_lm_eval_with_two_workers_equals_one_worker(job: Path, tmp_path: Path) -> None:
+    # ingredient scores run in a process pool: each worker builds its own model and tasks
+    causal_lm(tmp_path / "c", noise_seed=3)
+    inputs = [job / "a", job / "b", tmp_path / "c"]
+    args = ["--metric", "lm-eval:tiny_choice,tiny_ppl", "--data", job / "tasks", "--device", "cpu"]
+    reports = []
+    for workers in (1, 2):
+        out = tmp_path / f"soup{workers}"
+        assert soup("greedy", *inputs, "-o", out, "--workers", workers, *args) == 0
+        reports.append(json.loads((tmp_path / f"soup{workers}.report.json").read_text()))
+    one, two = reports
+    for key in ("selected", "weights", "held_out", "ingredients"):
+        assert one[key] == two[key] is not None, key
+    hist = [json.loads(ln) for ln in (tmp_path / "soup2.history.jsonl").read_text().splitlines()]
+    assert [r["model_name"] for r in hist if r["kind"] == "ingredient"] == ["a", "b", "c"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -137,3 +138,29 @@ def test_a_recipe_file_runs_the_metric_options(runs: Path, tmp_path: Path) -> No
     assert argv[argv.index("--metric") + 1] == "lm-loss" and "--batch-size" in argv
     assert argv[argv.index("--metric-dtype") + 1] == "bf16"
     assert "--eval" not in argv and "--device" not in argv
+
+
+def test_greedy_resume_with_other_metric_data_or_an_eval_command_is_refused(
+    runs: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out, val = tmp_path / "g", runs / "val.jsonl"
+    write_jsonl(tmp_path / "val2.jsonl", [{"text": t} for t in reversed(TEXTS)])
+    metric = ["--metric", "lm-loss", "--device", "cpu"]
+    assert soup("greedy", runs / "a", runs / "b", "-o", out, *metric, "--data", val) == 0
+    history = tmp_path / "g.history.jsonl"
+    logged = history.read_bytes()
+    shutil.rmtree(out)
+    (tmp_path / "g.report.json").unlink()
+    capsys.readouterr()
+    others = [[*metric, "--data", tmp_path / "val2.jsonl"], ["--eval", "python e.py {ckpt}"]]
+    for other, says in zip(
+        others, [f"data={str(val)!r}", "eval='python e.py {ckpt}'"], strict=True
+    ):
+        assert soup("greedy", runs / "a", runs / "b", "-o", out, *other, "--resume") == 1
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "lm-loss" in err and says in err, err
+        assert history.read_bytes() == logged
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["g.history.jsonl", "val2.jsonl"]
+    assert soup("greedy", runs / "a", runs / "b", "-o", out, *metric, "--data", val,
+                "--resume") == 0  # fmt: skip
+    assert history.read_bytes() == logged

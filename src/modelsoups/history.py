@@ -2,7 +2,8 @@
 
 Greedy selection and the held-out sweeps append one record per evaluation (ingredient
 scores, greedy steps, sweep points, the final score) and fsync each line, so a crash loses
-at most the evaluation that was running; `resume=True` replays what was logged.
+at most the evaluation that was running; `resume=True` replays what was logged. Greedy's
+records name their `scorer` (`check_scorer`): a resume that scores otherwise is refused.
 
 One run at a time: the file is held under an exclusive `flock` while it is open, so a
 second run on the same history is refused with one line instead of interleaving its
@@ -23,10 +24,12 @@ from typing import IO, Any
 
 from .errors import OutputError, SoupError
 
-__all__ = ["RESERVED", "History", "check_dataset", "record"]
+__all__ = ["RESERVED", "History", "check_dataset", "check_scorer", "record"]
 
 # Fields every record kind may carry; a metric or a --dataset of that name would overwrite one.
-RESERVED = frozenset({"kind", "model_name", "accepted", "soup_size", "given", "alpha", "scale"})
+RESERVED = frozenset(
+    {"kind", "model_name", "accepted", "soup_size", "given", "alpha", "scale", "scorer"}
+)
 _SCORED = ("ingredient", "greedy", "sweep", "final")
 
 
@@ -38,6 +41,32 @@ def check_dataset(dataset: str) -> str:
             f"({', '.join(sorted(RESERVED))}); choose another --dataset"
         )
     return dataset
+
+
+def check_scorer(log: History, scorer: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The `scorer` field of this run's records (what scores: a metric's spec, an eval
+    command). A resumed history whose records were scored by another is refused, naming
+    both, before anything is written; records without one (older versions) resume."""
+    if scorer is None:
+        return {}
+    new = json.loads(json.dumps(dict(scorer)))  # as it reads back from the file
+    for r in log.records:
+        old = r.get("scorer")
+        if isinstance(old, dict) and old != new:  # not a dict: an older evaluator's metric
+            named = [k for k in ("metric", "eval") if k in old or k in new]  # always shown
+            keys = named + sorted(k for k in {*old, *new} - {*named} if old.get(k) != new.get(k))
+            raise SoupError(
+                f"{log.path}: {r['model_name']!r} was scored by {_fields(old, keys)}, this run "
+                f"scores by {_fields(new, keys)}; resume with the same scorer, or start "
+                "another history"
+            )
+    return {"scorer": new}
+
+
+def _fields(spec: Mapping[str, Any], keys: list[str]) -> str:
+    """`k=value, ...`, each value cut in its middle to fit one error line with the other."""
+    shown = [f"{k}={spec.get(k)!r}" for k in keys]
+    return ", ".join(s if len(s) <= 150 else f"{s[:70]}...{s[-70:]}" for s in shown)
 
 
 def record(

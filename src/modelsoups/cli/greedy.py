@@ -149,6 +149,7 @@ def _run_selection(
         allow_nonfinite=select.allow_nonfinite,
         key=read.key,
         unsafe_pickle=read.unsafe_pickle,
+        scorer=scorer(held_out, search.scoring.eval_command),
     )
 
 

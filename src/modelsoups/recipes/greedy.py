@@ -9,7 +9,8 @@
 `greedy_soup` below, then `_select`, which is Recipe 1 line for line. Selection only sees
 the held-out `evaluator`; `test_evaluator` scores the final soup once, after selection.
 Every evaluation is logged to `history` (JSON lines); `resume=True` replays it after a
-crash (`_Steps`), evaluating nothing twice.
+crash (`_Steps`), evaluating nothing twice, and only with the scorer that logged it
+(`scorer`, on each record).
 
 Ties. Ingredients with equal held-out scores keep their input order (a stable sort, best
 first): the one listed first starts the soup, or is tried first. The paper's code sorts
@@ -39,7 +40,7 @@ from ..candidate import materialize, model_files_source
 from ..check import check_compatible, check_non_float
 from ..errors import EvaluationError, SoupError
 from ..evaluate import Evaluator, Score, acceptance, as_evaluator, score_ingredients
-from ..history import History, check_dataset, record
+from ..history import History, check_dataset, check_scorer, record
 from ..ingredients import (
     Ingredient,
     close_all,
@@ -95,6 +96,7 @@ def greedy_soup(
     allow_nonfinite: bool = False,
     key: str | None = None,
     unsafe_pickle: bool = False,
+    scorer: Mapping[str, Any] | None = None,
 ) -> GreedyResult:
     """Greedy soup of `ingredients` chosen by `evaluator` on held-out data.
 
@@ -117,6 +119,8 @@ def greedy_soup(
             streams each candidate from its inputs instead (default 2 GiB; 0: always).
         allow_nonfinite: score candidates holding NaN/Inf instead of raising
             `NonFiniteError` (which names the ingredient that holds one).
+        scorer: what `evaluator` is (JSON), logged in the history; `resume` refuses a
+            history logged by another scorer (default: `evaluator.spec()` if it has one).
 
     Ingredients with equal held-out scores are tried in input order (see the module).
 
@@ -124,6 +128,8 @@ def greedy_soup(
         >>> model.load_state_dict(greedy_soup(sds, val_acc).state_dict())  # doctest: +SKIP
     """
     ev, better = as_evaluator(evaluator), acceptance(accept, tolerance)
+    spec = getattr(evaluator, "spec", None)
+    scorer = spec() if scorer is None and callable(spec) else scorer
     if isinstance(memory, bool) or not isinstance(memory, int) or memory < 0:
         raise SoupError(f"memory must be a number of bytes >= 0, got {memory!r}")
     all_names = ingredient_names(ingredients, names)
@@ -136,13 +142,14 @@ def greedy_soup(
         check_non_float(ckpts)
         warning = init_warning(ckpts)
         with History(history, resume=resume, dataset=check_dataset(dataset)) as log:
+            tag = check_scorer(log, scorer)  # {"scorer": ...} on each record it scores
             todo = ingredient_sources(ingredients, all_names)
             opts = {"executor": executor, "key": key, "unsafe_pickle": unsafe_pickle}
-            known = _score_ingredients(ev, todo, log, dataset, scores or {}, opts)
+            known = _score_ingredients(ev, todo, log, dataset, scores or {}, opts, tag)
             ranked = sorted(zip(all_names, ckpts, strict=True), key=lambda x: -known[x[0]])
             store = choose_store(ranked[0][1], model_files_source(ckpts), memory, allow_nonfinite)
             try:
-                steps = _Steps(log, dataset, ranked[0][0], known[ranked[0][0]])
+                steps = _Steps(log, dataset, ranked[0][0], known[ranked[0][0]], tag)
                 selected, best = _select(ev, better, ranked, store, steps)
             finally:
                 store.close()
@@ -187,8 +194,10 @@ class _Steps:
     """The greedy steps of the history: those logged before a crash are replayed in order
     (each must name the ingredient the selection reaches), new ones are appended."""
 
-    def __init__(self, log: History, dataset: str, first: str, first_score: float) -> None:
-        self.log, self.dataset, self.first_score = log, dataset, first_score
+    def __init__(
+        self, log: History, dataset: str, first: str, first_score: float, tag: dict[str, Any]
+    ) -> None:
+        self.log, self.dataset, self.first_score, self.tag = log, dataset, first_score, tag
         self.logged = [r for r in log.records if r.get("kind") == "greedy"]
         if not self.logged:  # the soup of the best ingredient alone: scored already
             self.record(first, Score(first_score), True, 0)
@@ -210,8 +219,8 @@ class _Steps:
 
     def record(self, name: str, s: Score, accepted: bool, size: int) -> tuple[bool, float]:
         """Log a step that tried `name` on a soup of `size` ingredients."""
-        self.log.append(record("greedy", name, self.dataset, s.score, s.metrics,
-                               accepted=accepted, soup_size=size + accepted))  # fmt: skip
+        fields = {"accepted": accepted, "soup_size": size + accepted, **self.tag}
+        self.log.append(record("greedy", name, self.dataset, s.score, s.metrics, **fields))
         return accepted, s.score
 
 
@@ -222,6 +231,7 @@ def _score_ingredients(
     dataset: str,
     given: Mapping[str, float],
     opts: dict[str, Any],
+    tag: dict[str, Any],
 ) -> dict[str, float]:
     """Held-out score of every ingredient: logged, given, or evaluated (and logged) now."""
     names = [n for n, _ in todo]
@@ -238,7 +248,7 @@ def _score_ingredients(
     results = score_ingredients(ev, todo, **opts)
     for (n, _), r in zip(todo, results, strict=True):
         if isinstance(r, Score):
-            log.append(record("ingredient", n, dataset, r.score, r.metrics))
+            log.append(record("ingredient", n, dataset, r.score, r.metrics, **tag))
             known[n] = r.score
     if errors := [r for r in results if isinstance(r, EvaluationError)]:
         raise errors[0]  # the others' scores are logged: --resume will not redo them
