@@ -25,7 +25,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
-from typing import Protocol, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from .errors import SoupError
 
@@ -62,11 +62,11 @@ class LocalExecutor:
         items = list(items)
         if self.workers == 1 or len(items) <= 1:
             return [fn(x) for x in items]
-        _check_picklable(fn, items)
+        jobs = _pickled(fn, items)
         pool = self._pool or _pool(min(self.workers, len(items)))
         try:
             with _signals_deferred() as caught:
-                futures = [pool.submit(fn, x) for x in items]
+                futures = [pool.submit(_run_pickled, job) for job in jobs]
                 pending = set(futures)
                 while pending and not caught:  # until all done, one failed, or a signal
                     done, pending = wait(pending, 0.1, FIRST_EXCEPTION)
@@ -102,18 +102,24 @@ class LocalExecutor:
         return f"LocalExecutor(workers={self.workers})"
 
 
-def _check_picklable(fn: Callable[[T], R], items: Sequence[T]) -> None:
-    """Refuse work that cannot be sent to a worker before any worker starts: failing inside
-    the pool leaves its bookkeeping broken in Python 3.11 (a graceful shutdown then waits
-    forever, and a forced one kills its manager thread with InvalidStateError)."""
-    for what in (fn, *items):
-        try:
-            pickle.dumps(what)
-        except (pickle.PicklingError, AttributeError, TypeError) as e:
-            raise SoupError(
-                f"cannot send work to worker processes ({e}); with workers > 1, use "
-                "module-level functions (not lambdas or closures), or workers=1"
-            ) from e
+def _pickled(fn: Callable[[T], R], items: Sequence[T]) -> list[bytes]:
+    """Each job pickled here, once, so that work which cannot be sent to a worker is refused
+    before any worker starts: failing inside the pool leaves its bookkeeping broken in
+    Python 3.11 (a graceful shutdown then waits forever, and a forced one kills its manager
+    thread with InvalidStateError)."""
+    try:
+        return [pickle.dumps((fn, x)) for x in items]
+    except (pickle.PicklingError, AttributeError, TypeError) as e:
+        raise SoupError(
+            f"cannot send work to worker processes ({e}); with workers > 1, use "
+            "module-level functions (not lambdas or closures), or workers=1"
+        ) from e
+
+
+def _run_pickled(job: bytes) -> Any:
+    """In a worker: one job of `_pickled` (its result's type is the job's `fn`'s)."""
+    fn, x = pickle.loads(job)
+    return fn(x)
 
 
 def _pool(workers: int) -> ProcessPoolExecutor:
