@@ -143,14 +143,17 @@ def weighted_sum_arrays(
     # w₀·a₀ + w·Σ aᵢ (Model Stock, task arithmetic, WiSE-FT): sum the rest first, scale once
     rest_uniform = not uniform and all(w == weights[-1] for w in weights[1:])
     acc_np, finite = accumulate.numpy, True
+    acc_f32 = acc_np == np.float32
     with np.errstate(all="ignore"):  # overflow gives inf, as in torch; checked below
         for start in range(0, numel, CHUNK):
             stop = min(start + CHUNK, numel)
             m = stop - start
             acc = flat_out[start:stop] if acc_buf is None else acc_buf[:m]
             first = 1 if rest_uniform else 0
-            np.copyto(acc, widen(flats[first][start:stop], dtypes[first], s.wide),
-                      casting="unsafe")  # fmt: skip
+            # bf16 into a float32 accumulator: widened in place, no copy
+            x = widen(flats[first][start:stop], dtypes[first], acc if acc_f32 else s.wide)
+            if dtypes[first].native or not acc_f32:
+                np.copyto(acc, x, casting="unsafe")
             if uniform:  # sum first, scale once
                 for a, d in zip(flats[1:], dtypes[1:], strict=True):
                     np.add(acc, widen(a[start:stop], d, s.wide), out=acc, dtype=acc_np)
