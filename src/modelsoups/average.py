@@ -316,7 +316,7 @@ def check_finite(
 
 
 def weighted_state_dict(
-    state_dicts: Sequence[StateDict | nn.Module],
+    state_dicts: Sequence[StateDict | nn.Module | Checkpoint],
     weights: Sequence[float] | None = None,
     *,
     normalize: bool = True,
@@ -329,7 +329,8 @@ def weighted_state_dict(
     """Weighted mean of in-memory state dicts (or modules), checked like files are.
 
     Args:
-        state_dicts: ingredients; `nn.Module`s are read through `.state_dict()`.
+        state_dicts: ingredients; `nn.Module`s are read through `.state_dict()`, lazy
+            `Checkpoint`s (e.g. `AdapterSpace.state_dicts`) one tensor at a time.
         weights: one per ingredient; `None` is uniform. Normalised unless `normalize=False`.
         accumulate: `"float32"` or `"float64"`. dtype: output float dtype (default: input's).
         non_float: `"error"` if integer buffers differ, or `"first"` to copy the first's.
@@ -340,7 +341,8 @@ def weighted_state_dict(
     Example:
         >>> soup = weighted_state_dict([m1, m2, m3], [0.5, 0.3, 0.2])  # doctest: +SKIP
     """
-    ckpts = [MemoryCheckpoint(s, f"<state dict {i}>") for i, s in enumerate(state_dicts)]
+    ckpts = [s if isinstance(s, Checkpoint) else MemoryCheckpoint(s, f"<state dict {i}>")
+             for i, s in enumerate(state_dicts)]  # fmt: skip
     w = resolve_weights(weights, len(ckpts), normalize=normalize, allow_negative=allow_negative)
     check_compatible(ckpts)
     check_non_float(ckpts, non_float=non_float)
@@ -349,13 +351,10 @@ def weighted_state_dict(
     seen: dict[tuple[object, ...], str] = {}
     for name, info in ckpts[0].infos.items():
         first = ckpts[0].get(name)
-        tie = (
-            first.untyped_storage().data_ptr(),
-            first.storage_offset(),
-            tuple(first.shape),
-            first.stride(),
-        )
-        if first.numel() and tie in seen:  # tied weights stay tied
+        storage = first.untyped_storage().data_ptr()
+        tie = (storage, first.storage_offset(), tuple(first.shape), first.stride())
+        # tied weights stay tied (a lazy checkpoint's tensors are new: addresses mean nothing)
+        if first.numel() and tie in seen and isinstance(ckpts[0], MemoryCheckpoint):
             out[name] = out[seen[tie]]
             continue
         seen[tie] = name
