@@ -142,15 +142,16 @@ def weighted_sum_arrays(
     uniform = all(w == weights[0] for w in weights)
     # w₀·a₀ + w·Σ aᵢ (Model Stock, task arithmetic, WiSE-FT): sum the rest first, scale once
     rest_uniform = not uniform and all(w == weights[-1] for w in weights[1:])
-    acc_np, finite = accumulate.numpy, True
+    acc_np, finite, acc_f32 = accumulate.numpy, True, accumulate == F32
     with np.errstate(all="ignore"):  # overflow gives inf, as in torch; checked below
         for start in range(0, numel, CHUNK):
             stop = min(start + CHUNK, numel)
             m = stop - start
             acc = flat_out[start:stop] if acc_buf is None else acc_buf[:m]
             first = 1 if rest_uniform else 0
-            np.copyto(acc, widen(flats[first][start:stop], dtypes[first], s.wide),
-                      casting="unsafe")  # fmt: skip
+            x = widen(flats[first][start:stop], dtypes[first], acc if acc_f32 else s.wide)
+            if dtypes[first].native or not acc_f32:  # else bf16 was widened into acc itself
+                np.copyto(acc, x, casting="unsafe")
             if uniform:  # sum first, scale once
                 for a, d in zip(flats[1:], dtypes[1:], strict=True):
                     np.add(acc, widen(a[start:stop], d, s.wide), out=acc, dtype=acc_np)
@@ -379,14 +380,8 @@ def uniform_state_dict(
     Example:
         >>> model.load_state_dict(uniform_state_dict([sd1, sd2, sd3]))  # doctest: +SKIP
     """
-    return weighted_state_dict(
-        state_dicts,
-        None,
-        accumulate=accumulate,
-        dtype=dtype,
-        non_float=non_float,
-        allow_nonfinite=allow_nonfinite,
-    )
+    return weighted_state_dict(state_dicts, None, accumulate=accumulate, dtype=dtype,
+                               non_float=non_float, allow_nonfinite=allow_nonfinite)  # fmt: skip
 
 
 def load_soup(module: nn.Module, state_dict: StateDict, *, strict: bool = True) -> nn.Module:
