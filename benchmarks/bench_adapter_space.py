@@ -110,8 +110,9 @@ def main() -> None:
         own = 2 * args.d * args.r * 4 * args.modules  # bytes of one adapter
         print(f"d={args.d} r={args.r} modules={args.modules}, one adapter {own / MiB:.1f} MiB; "
               f"before = {args.before}")  # fmt: skip
-        header = ("N", "held before", "held now", "peak before", "peak now", "wall now/before")
-        print("{:>4} {:>12} {:>9} {:>12} {:>9} {:>16}".format(*header))
+        header = ("N", "held before", "held now", "peak before", "peak now", "mean s before",
+                  "mean s now")  # fmt: skip
+        print("{:>4} {:>12} {:>9} {:>12} {:>9} {:>14} {:>11}".format(*header))
         base = {k: measure(src, ["baseline"])[0] for k, src in srcs.items()}
         for n in args.n:
             got = {k: measure(src, ["space", *map(str, runs[:n])]) for k, src in srcs.items()}
@@ -122,7 +123,7 @@ def main() -> None:
                 hn - base["now"],
                 pn - base["now"],
             )
-            print(f"{n:>4} {hb:>12.1f} {hn:>9.1f} {pb:>12.1f} {pn:>9.1f} {wn / wb:>16.2f}")
+            print(f"{n:>4} {hb:>12.1f} {hn:>9.1f} {pb:>12.1f} {pn:>9.1f} {wb:>14.2f} {wn:>11.2f}")
     finally:
         shutil.rmtree(root, ignore_errors=True)
 
