@@ -152,7 +152,8 @@ def _read_config(folder: Path) -> dict[str, Any]:
     kind = str(config.get("peft_type", "")).upper()
     if kind != "LORA":
         raise CheckpointError(
-            f"{path}: a {kind or 'untyped'} adapter; only plain LoRA adapters can be souped"
+            f"{path}: {'an' if kind[:1] in tuple('AEIOU') else 'a'} {kind or 'untyped'} adapter; "
+            "only plain LoRA adapters can be souped"
         )
     for key, what in _VARIANTS.items():
         if config.get(key):
