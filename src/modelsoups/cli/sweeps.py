@@ -19,7 +19,7 @@ import typer
 
 from ..errors import SoupError
 from .common import STATE, say
-from .evaluate import command_evaluator, scoring_evaluators
+from .evaluate import command_evaluator, merged_for, scoring_evaluators
 from .options import (
     Alpha,
     Alphas,
@@ -143,7 +143,8 @@ def _sweep(
     scoring, records = search.scoring, search.records
     executor = search.parallel.executor()
     with candidate_folder(output) as work:
-        evaluator = metric or command_evaluator(scoring.eval_command, scoring.eval_timeout, work)
+        command = command_evaluator(scoring.eval_command, scoring.eval_timeout, work)
+        evaluator = metric or merged_for(command, options.adapters.merge_into)
         assert evaluator is not None  # checked by the caller: --eval or --metric was given
         result = sweep(
             mix.paths, mix.weights_of, evaluator, values, name=mix.coefficient,
