@@ -66,7 +66,7 @@ def greedy(
     memory = parse_memory(select.memory)
     with candidate_folder(_work_name(output, select.workdir)) as work:
         r = _run_selection(paths, work, hist, metric_evaluators, memory, search=search,
-                           test=test, select=select, read=read)  # fmt: skip
+                           test=test, select=select, read=read, adapters=adapters)  # fmt: skip
     r.soup.close()  # frees the running sum (or the inputs it reads) before the final write
     for w in r.warnings:
         err(f"soup: warning: {w}")
@@ -121,6 +121,7 @@ def _run_selection(
     test: TestOptions,
     select: SelectionOptions,
     read: ReadOptions,
+    adapters: AdapterOutput,
 ) -> GreedyResult:
     """Run `greedy_soup` on the files with `soup greedy`'s options (candidates are written
     under `work`); returns its result."""
@@ -150,6 +151,7 @@ def _run_selection(
         key=read.key,
         unsafe_pickle=read.unsafe_pickle,
         scorer=scorer(held_out, search.scoring.eval_command),
+        allow_different_base=adapters.allow_different_base,
     )
 
 

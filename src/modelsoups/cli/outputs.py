@@ -56,7 +56,7 @@ def check_outputs(
     check_output(out, [*inputs, *given], sidecars=sidecars)
     check_sharding(out, parse_size(write.max_shard_size))
     check_destination(out, overwrite=write.overwrite)
-    check_adapter_output(inputs, out, adapters.merge_into)
+    check_adapter_output(inputs, out, adapters.merge_into, adapters.allow_different_base)
     try:  # the candidate folder, history and report go there too: fail now, not at the end
         os.rmdir(tempfile.mkdtemp(prefix=f".{out.name[:64]}.soup-check-", dir=out.parent))
     except OSError as e:
@@ -99,6 +99,7 @@ def write_mean(
             allow_nonfinite=average.allow_nonfinite, max_shard_size=max_shard_size,
             key=read.key, unsafe_pickle=read.unsafe_pickle, overwrite=write.overwrite,
             recipe=recipe, progress=bar, merge_into=adapters.merge_into,
+            **({"allow_different_base": True} if adapters.allow_different_base else {}),
         )  # fmt: skip
     result.warnings = [w for w in result.warnings if w not in shown]
     report_result(result)

@@ -12,6 +12,7 @@ import typer
 from .common import STATE, progress_bar, say
 from .evaluate import command_evaluator, scoring_evaluators
 from .options import (
+    Accumulate,
     Base,
     EvalOptions,
     Inputs,
@@ -39,6 +40,7 @@ def stock(
     records: RecordOptions,
     read: ReadOptions,
     write: WriteOptions,
+    accumulate: Accumulate = "float32",
     quiet: Quiet = False,
 ) -> None:
     """Model Stock: per layer, pull the fine-tunes' mean towards θ₀ by their angle."""
@@ -51,7 +53,7 @@ def stock(
     started, paths = time.perf_counter(), [Path(base), *expand_inputs(finetuned)]
     check_outputs(output, paths, write, records)
     metric, _ = scoring_evaluators(scoring, paths[0])
-    ratios = _write_stock(paths, output, read, write)
+    ratios = _write_stock(paths, output, read, write, accumulate)
     say(f"wrote {output} (model stock of {len(paths) - 1} over {paths[0]}, mean t = "
         f"{sum(t for _, t in ratios.values()) / max(len(ratios), 1):.3f})")  # fmt: skip
     held_out = None
@@ -84,14 +86,14 @@ def _score(ev: MetricEvaluator | CommandEvaluator, output: Path) -> Score:
 
 
 def _write_stock(
-    paths: list[Path], output: Path, read: ReadOptions, write: WriteOptions
+    paths: list[Path], output: Path, read: ReadOptions, write: WriteOptions, accumulate: str
 ) -> dict[str, tuple[float, float]]:
     """Stream Model Stock of `paths` (base first) into `output`; the per-tensor (cos θ, t)."""
     from ..recipes.stock import write_model_stock
 
     with progress_bar("model stock") as bar:
         _, ratios = write_model_stock(
-            paths[0], paths[1:], output, dtype=write.output_dtype(),
+            paths[0], paths[1:], output, dtype=write.output_dtype(), accumulate=accumulate,
             max_shard_size=write.shard_bytes(), key=read.key, unsafe_pickle=read.unsafe_pickle,
             overwrite=write.overwrite, progress=bar,
         )  # fmt: skip

@@ -149,6 +149,7 @@ def _sweep(
             recipe=mix.recipe, dtype=write.output_dtype(), dataset=records.dataset,
             history=sidecar(output, ".history.jsonl", records.history), resume=search.resume,
             executor=executor, keep_best=False, key=read.key, unsafe_pickle=read.unsafe_pickle,
+            allow_different_base=options.adapters.allow_different_base,
         )  # fmt: skip
     return result.best, result.records
 
