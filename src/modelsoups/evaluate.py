@@ -41,7 +41,7 @@ import torch
 
 from .candidate import load_candidate, materialize, write_candidate
 from .errors import EvaluationError, SoupError
-from .ingredients import open_ingredients
+from .ingredients import LocalSource, open_ingredients
 from .io import MemoryCheckpoint, open_checkpoint
 from .io.base import Checkpoint
 
@@ -247,6 +247,8 @@ def _score_source(
     name, source = item
     if isinstance(source, Checkpoint):  # a portable one (see ingredient_sources)
         ckpt = source
+    elif isinstance(source, LocalSource):  # read through, in this process
+        ckpt = source.open()
     elif isinstance(source, dict):
         ckpt = MemoryCheckpoint(source)
     else:

@@ -18,6 +18,7 @@ import json
 import os
 import shutil
 import socket
+import stat
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -252,12 +253,32 @@ def check_output(out: Path, inputs: Sequence[Path], *, sidecars: Sequence[Path] 
 
 
 def _overlap(a: Path, b: Path) -> bool:
-    """`a` and `b` name the same file (links included), or one lies inside the other."""
+    """`a` and `b` name the same file (links included), one lies inside the other, or `a` is
+    a hard link to a file inside folder `b` (writing through it would change `b`)."""
     ra, rb = Path(os.path.realpath(a)), Path(os.path.realpath(b))  # no error on a loop
     with contextlib.suppress(OSError):
         if a.exists() and b.exists() and os.path.samefile(a, b):
             return True
-    return ra == rb or ra in rb.parents or rb in ra.parents
+    if ra == rb or ra in rb.parents or rb in ra.parents:
+        return True
+    return _linked_inside(a, b)
+
+
+def _linked_inside(a: Path, folder: Path) -> bool:
+    """`a` is a file with several names, one of them inside `folder` (a model folder: few
+    files; only files with more than one link are looked for)."""
+    try:
+        st = os.stat(a)
+        if st.st_nlink < 2 or not stat.S_ISREG(st.st_mode) or not folder.is_dir():
+            return False
+        for root, _, names in os.walk(folder):
+            for n in names:
+                other = os.stat(os.path.join(root, n), follow_symlinks=False)
+                if (other.st_dev, other.st_ino) == (st.st_dev, st.st_ino):
+                    return True
+    except OSError:
+        return False
+    return False
 
 
 def check_sharding(out: Path, max_shard_size: int | None) -> None:
