@@ -166,3 +166,24 @@ def test_task_arithmetic_of_adapters_adds_their_scaled_updates_to_the_base(
     assert_matches(peft_merged(base, out), want)
     assert main([*args, "--merge-into", str(base), "-o", str(merged), "-q"]) == 0
     assert_matches(dict(AutoModelForCausalLM.from_pretrained(merged).state_dict()), want)
+
+
+def test_two_worker_processes_choose_what_one_process_chooses_over_adapters(
+    made: dict[str, Path], tmp_path: Path
+) -> None:
+    """Adapter candidates sent to `--workers 2` (pickled as paths and keys, their files
+    opened in the workers) get the scores and the selection of `--workers 1`."""
+    runs = [str(made[f"run{i}"]) for i in range(3)]
+    args = ["greedy", *runs, "--metric", "lm-loss", "--data", str(made["data"])]
+    reports = []
+    for workers in ("1", "2"):
+        out = tmp_path / f"w{workers}"
+        assert main([*args, "--workers", workers, "-o", str(out), "-q"]) == 0
+        reports.append(json.loads((tmp_path / f"w{workers}.report.json").read_text()))
+        assert (out / "adapter_config.json").is_file()
+    one, two = reports
+    assert one["selected"] == two["selected"]
+    got = [i["held_out"] for i in two["ingredients"]]
+    assert got == pytest.approx([i["held_out"] for i in one["ingredients"]], abs=1e-6)
+    assert len(set(got)) == 3  # three different adapters, really scored
+    assert two["held_out"] == pytest.approx(one["held_out"], abs=1e-6)

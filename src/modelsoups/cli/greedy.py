@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 import typer
 
-from ..errors import OutputError, SoupError
+from ..errors import SoupError
 from .common import STATE, err, say
 from .evaluate import command_evaluator, scoring_evaluators
 from .options import (
@@ -29,7 +29,7 @@ from .options import (
     expand_bundles,
     parse_memory,
 )
-from .outputs import check_outputs, sidecar, write_mean, write_report
+from .outputs import check_outputs, scoring_reads, sidecar, work_name, write_mean, write_report
 
 if TYPE_CHECKING:
     from ..metrics import MetricEvaluator
@@ -57,14 +57,15 @@ def greedy(
     STATE["quiet"] = STATE["quiet"] or quiet
     scoring, records = search.scoring, search.records
     started, paths = time.perf_counter(), expand_inputs(inputs)
-    check_outputs(output, paths, write, records, select.scores, adapters)
+    reads = [select.scores, *scoring_reads(search.scoring, test)]
+    check_outputs(output, paths, write, records, reads, adapters, workdir=select.workdir)
     if not scoring.given:
         raise SoupError("greedy needs --eval or --metric to score candidate soups (--scores "
                         "only replaces the N individual evaluations)")  # fmt: skip
     metric_evaluators = scoring_evaluators(scoring, paths[0], test)
     hist = sidecar(output, ".history.jsonl", records.history)
     memory = parse_memory(select.memory)
-    with candidate_folder(_work_name(output, select.workdir)) as work:
+    with candidate_folder(work_name(output, select.workdir)) as work:
         r = _run_selection(paths, work, hist, metric_evaluators, memory, search=search,
                            test=test, select=select, read=read, adapters=adapters)  # fmt: skip
     r.soup.close()  # frees the running sum (or the inputs it reads) before the final write
@@ -90,15 +91,6 @@ def greedy(
 def scorer(metric: MetricEvaluator | None, command: str | None) -> dict[str, Any] | None:
     """What scored (the report's record): a metric with its data file, or a command."""
     return metric.spec() if metric is not None else None if command is None else {"eval": command}
-
-
-def _work_name(output: Path, workdir: Path | None) -> Path:
-    """Candidate files go in a folder named after `output`, beside it or in `workdir`."""
-    if workdir is None:
-        return output
-    if not workdir.is_dir():
-        raise OutputError(f"{workdir}: --workdir is not an existing folder")
-    return workdir / output.name
 
 
 def _store_summary(r: GreedyResult) -> str:

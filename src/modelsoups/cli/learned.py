@@ -32,6 +32,7 @@ from .options import (
     Overwrite,
     Quiet,
     ReadOptions,
+    RecordOptions,
     Report,
     WriteOptions,
     expand_bundles,
@@ -76,8 +77,9 @@ def learned(
                         f"got --metric {metric!r}")  # fmt: skip
     if not (epochs >= 0 and 0 < lr < float("inf")):
         raise SoupError(f"--epochs must be >= 0 and --lr a positive number, got {epochs}, {lr}")
-    check_outputs(output, paths, WriteOptions(overwrite=overwrite))
     coefs_path = sidecar(output, ".coefficients.json", coefficients)
+    check_outputs(output, paths, WriteOptions(overwrite=overwrite), RecordOptions(report=report),
+                  [data, run.model], sidecars=[coefs_path])  # fmt: skip
     ev = metric_evaluator(metric, data, run, paths[0])
     assert ev is not None
     if ev.settings.dtype not in ("float32", "fp32"):

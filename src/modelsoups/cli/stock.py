@@ -24,7 +24,7 @@ from .options import (
     WriteOptions,
     expand_bundles,
 )
-from .outputs import check_outputs, sidecar, write_report
+from .outputs import check_outputs, scoring_reads, sidecar, write_report
 
 if TYPE_CHECKING:
     from ..evaluate import CommandEvaluator, Score
@@ -52,7 +52,7 @@ def stock(
     dataset = records.dataset
     check_dataset(dataset)
     started, paths = time.perf_counter(), [Path(base), *expand_inputs(finetuned)]
-    check_outputs(output, paths, write, records)
+    check_outputs(output, paths, write, records, scoring_reads(scoring))
     metric, _ = scoring_evaluators(scoring, paths[0])
     ratios = _write_stock(paths, output, read, write, accumulate)
     say(f"wrote {output} (model stock of {len(paths) - 1} over {paths[0]}, mean t = "
@@ -77,11 +77,8 @@ def stock(
 
 
 def _score(ev: MetricEvaluator | CommandEvaluator, output: Path) -> Score:
-    """The held-out score of the written soup (a command reads the file, a metric loads it)."""
-    from ..evaluate import CommandEvaluator
-
-    if isinstance(ev, CommandEvaluator):
-        return ev.run(output, "model stock")
+    """The held-out score of the written soup: a metric loads it, a command gets a private
+    copy (as for any ingredient), so that `rm {ckpt}` cannot delete the soup."""
     from ..io import open_checkpoint
 
     with contextlib.closing(open_checkpoint(output)) as soup:

@@ -36,7 +36,7 @@ from .options import (
     Zeroshot,
     expand_bundles,
 )
-from .outputs import check_outputs, sidecar, write_mean, write_report
+from .outputs import check_outputs, scoring_reads, sidecar, write_mean, write_report
 
 if TYPE_CHECKING:
     from ..metrics import MetricEvaluator
@@ -105,7 +105,8 @@ def _write_mix(
 
     search, read, write = options.search, options.read, options.write
     started, what, records = time.perf_counter(), mix.coefficient, search.records
-    check_outputs(output, mix.paths, write, records, adapters=options.adapters)
+    reads = scoring_reads(search.scoring)
+    check_outputs(output, mix.paths, write, records, reads, options.adapters)
     scored: list[dict[str, Any]] = []
     metric, _ = scoring_evaluators(search.scoring, mix.paths[0])
     if values is not None:
