@@ -20,6 +20,7 @@ import typer
 from ..errors import SoupError
 from .common import STATE, say
 from .evaluate import command_evaluator, merged_for, scoring_evaluators
+from .greedy import scorer
 from .options import (
     Alpha,
     Alphas,
@@ -152,6 +153,7 @@ def _sweep(
             history=sidecar(output, ".history.jsonl", records.history), resume=search.resume,
             executor=executor, keep_best=False, key=read.key, unsafe_pickle=read.unsafe_pickle,
             allow_different_base=options.adapters.allow_different_base,
+            scorer=scorer(metric, scoring.eval_command),
         )  # fmt: skip
     return result.best, result.records
 
