@@ -93,7 +93,6 @@ class AdapterSpace:
         if not adapters:
             raise SoupError("no ingredients: give at least one adapter")
         self.base = None if base is None else Path(base)
-        self.unsafe_pickle = unsafe_pickle
         opened, self.spread, self.zero = spread_adapters(
             [Path(a) for a in adapters], self.base,
             allow_different_base=allow_different_base, unsafe_pickle=unsafe_pickle,
