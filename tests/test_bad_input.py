@@ -694,8 +694,14 @@ def test_readme_states_the_size_of_each_battery() -> None:
 
     import test_bad_input_cli
     import test_bad_input_io
+    import test_bad_input_paths
 
     readme = (Path(__file__).parents[1] / "README.md").read_text()
     guarantees = readme[readme.index("## Guarantees") : readme.index("## Layout")]
     stated = [int(n) for n in re.findall(r"(\d+) (?:such|more) cases", guarantees)]
-    assert stated == [len(CASES), len(test_bad_input_io.CASES), len(test_bad_input_cli.CASES)]
+    assert stated == [
+        len(CASES),
+        len(test_bad_input_io.CASES),
+        len(test_bad_input_cli.CASES),
+        len(test_bad_input_paths.CASES),
+    ]

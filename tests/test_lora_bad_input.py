@@ -24,7 +24,8 @@ pytest.importorskip("peft")
 
 @pytest.fixture(scope="module")
 def made(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """base, other-base, a, b (plain LoRA), qk (other targets), dora, loha."""
+    """base, other-base, a, b (plain LoRA), qk (other targets), dora, loha, lokr, ia3,
+    prompt (prompt tuning)."""
     root = tmp_path_factory.mktemp("lora-bad")
     base = make_base(root / "base")
     other = make_base(root / "other-base", hidden=48)
@@ -34,6 +35,8 @@ def made(tmp_path_factory: pytest.TempPathFactory) -> Path:
     make_adapter(base, root / "qk", targets=("q_proj", "k_proj"), seed=4)
     make_adapter(base, root / "dora", kind="dora", seed=5)
     make_adapter(base, root / "loha", kind="loha", modules_to_save=None, seed=6)
+    for kind in ("lokr", "ia3", "prompt"):
+        make_adapter(base, root / kind, kind=kind, modules_to_save=None, seed=7)
     return root
 
 
@@ -44,6 +47,25 @@ def _same_name_base(root: Path) -> list[str]:
     config["base_model_name_or_path"] = "org/another-model"
     cfg.write_text(json.dumps(config))
     return ["uniform", "a", "b", "-o", "out"]
+
+
+# the recipes that search or mix adapters refuse other base names as uniform does
+SEARCHES = {
+    "greedy": ["greedy", "a", "b", "--eval", "echo 1; : {ckpt}", "-o", "out"],
+    "wise-ft": ["wise-ft", "a", "b", "--alpha", "0.3", "-o", "out"],
+    "wise-ft sweep": ["wise-ft", "a", "b", "--alphas", "0,1", "--eval", "echo 1; : {ckpt}",
+                      "-o", "out"],
+    "task arithmetic": ["task-arithmetic", "a", "b", "--base", "base", "--scale", "0.5",
+                        "-o", "out"],
+}  # fmt: skip
+
+
+def _after_renaming_base(argv: list[str]) -> Callable[[Path], list[str]]:
+    def make(root: Path) -> list[str]:
+        _same_name_base(root)
+        return argv
+
+    return make
 
 
 def _missing_config(root: Path) -> list[str]:
@@ -87,6 +109,11 @@ CASES: list[tuple[str, list[str] | Callable[[Path], list[str]], list[str]]] = [
     ("different target modules", ["uniform", "a", "qk", "-o", "out"], ["qk", "k_proj"]),
     ("DoRA adapter", ["uniform", "a", "dora", "-o", "out"], ["dora", "DoRA"]),
     ("LoHa adapter", ["uniform", "a", "loha", "-o", "out"], ["loha", "LOHA"]),
+    ("LoKr adapter", ["uniform", "a", "lokr", "-o", "out"], ["lokr", "a LOKR adapter"]),
+    ("IA3 adapter", ["weighted", "ia3", "a", "--weights", "1,1", "-o", "out"],
+     ["ia3", "an IA3 adapter"]),
+    ("prompt tuning adapter", ["greedy", "a", "prompt", *["--eval", "false {ckpt}", "-o", "out"]],
+     ["prompt", "PROMPT_TUNING"]),
     ("missing adapter_config.json", _missing_config, ["b", "adapter_config.json"]),
     ("adapter weights file alone", _bare_weights, ["b", "adapter_config.json"]),
     ("adapter next to a full checkpoint", _full_checkpoint, ["full.safetensors", "adapters"]),
@@ -131,6 +158,12 @@ CASES: list[tuple[str, list[str] | Callable[[Path], list[str]], list[str]]] = [
     ("merge-into on full checkpoints", lambda r: [
         "wise-ft", _full_checkpoint(r)[2], "full.safetensors", "-o", "o.safetensors",
         "--merge-into", "base"], ["--merge-into", "adapters"]),
+    *[(f"{name} over adapters of other base names",
+       _after_renaming_base(argv),
+       ["org/another-model", "--allow-different-base"]) for name, argv in SEARCHES.items()],
+    ("--allow-different-base on full checkpoints", lambda r: [
+        "wise-ft", _full_checkpoint(r)[2], "full.safetensors", "-o", "o.safetensors",
+        "--allow-different-base"], ["--allow-different-base", "adapters"]),
     ("rank on full checkpoints", lambda r: [
         *_full_checkpoint(r)[:1], "full.safetensors", "full.safetensors", "-o", "o.safetensors",
         "--rank", "2"], ["--rank", "adapters"]),
@@ -169,3 +202,18 @@ def test_allow_different_base_soups_adapters_with_other_base_names(
     assert main(args) == 1
     assert main([*args, "--allow-different-base", "-q"]) == 0
     assert json.loads((root / "out" / "adapter_config.json").read_text())["r"] == 12
+
+
+@pytest.mark.parametrize("argv", list(SEARCHES.values()), ids=list(SEARCHES))
+def test_allow_different_base_lets_searches_and_mixes_take_other_base_names(
+    argv: list[str], made: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """greedy, wise-ft and task arithmetic over adapters whose base names differ: refused,
+    then accepted with --allow-different-base, writing an adapter of rank 4 + 8."""
+    root = tmp_path / "work"
+    shutil.copytree(made, root)
+    monkeypatch.chdir(root)
+    _same_name_base(root)
+    assert main([*argv, "-q"]) == 1 and not (root / "out").exists()
+    assert main([*argv, "--allow-different-base", "-q"]) == 0
+    assert json.loads((root / "out" / "adapter_config.json").read_text())["r"] in (4, 8, 12)

@@ -205,3 +205,32 @@ def test_cli_greedy_metric_with_ray_equals_local(
         assert a["held_out"] == pytest.approx(b["held_out"], abs=1e-6)
     assert on_ray["held_out"] == pytest.approx(local["held_out"], abs=1e-6)
     assert on_ray["scorer"]["held_out"]["metric"] == "lm-loss"
+
+
+def test_cli_greedy_over_adapters_with_ray_equals_local(
+    ray_runtime: Any, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """Adapter candidates on Ray: each task opens the adapters' files by path (the space's
+    ingredients pickle as metadata) and scores them in its own PeftModel."""
+    pytest.importorskip("peft")
+    from lora_models import make_adapter, make_base
+
+    root = tmp_path_factory.mktemp("ray-lora")
+    base = make_base(root / "base")
+    runs = [make_adapter(base, root / f"run{i}", r=r, seed=i + 1) for i, r in enumerate((4, 8, 4))]
+    data = root / "ids.jsonl"
+    data.write_text("".join(json.dumps({"input_ids": [(7 * i + j) % 64 for j in range(16)]})
+                            + "\n" for i in range(3)))  # fmt: skip
+    reports = []
+    for extra in ([], ["--ray"]):
+        out = root / f"soup{len(extra)}"
+        argv = ["greedy", *map(str, runs), "--metric", "lm-loss", "--data", str(data)]
+        assert main([*argv, *extra, "-o", str(out), "-q"]) == 0
+        reports.append(json.loads((root / f"soup{len(extra)}.report.json").read_text()))
+        assert (out / "adapter_config.json").is_file()
+    local, on_ray = reports
+    assert on_ray["selected"] == local["selected"]
+    got = [i["held_out"] for i in on_ray["ingredients"]]
+    assert got == pytest.approx([i["held_out"] for i in local["ingredients"]], abs=1e-6)
+    assert len(set(got)) == 3
+    assert on_ray["held_out"] == pytest.approx(local["held_out"], abs=1e-6)

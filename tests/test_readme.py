@@ -33,6 +33,7 @@ def test_every_tour_command_runs(
         assert (tmp_path / f"{out}.safetensors").is_file(), out
     assert (tmp_path / "weighted" / "model.safetensors.index.json").is_file()
     assert (tmp_path / "adapter-soup" / "adapter_config.json").is_file()
+    assert (tmp_path / "mix-adapter" / "adapter_config.json").is_file()
     assert (tmp_path / "llama-soup" / "config.json").is_file()
     assert load_file(tmp_path / "uniform.safetensors")["steps"].item() == 7
     assert (tmp_path / "greedy.png").stat().st_size > 1000

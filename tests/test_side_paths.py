@@ -118,6 +118,22 @@ def test_evaluator_damaging_ckpt_never_touches_an_input(
     ]
 
 
+def test_stock_evaluator_damaging_ckpt_keeps_the_soup(
+    tmp_path: Path, make_ingredients: Maker
+) -> None:
+    """Model Stock scores the soup it wrote: the eval command gets a private copy of it, so
+    `rm -rf {ckpt}` deletes the copy, not the soup."""
+    base, a, b = make_ingredients(3)
+    out = tmp_path / "soup.safetensors"
+    command = "rm -rf {ckpt}; echo 1"
+    assert (
+        main(["stock", str(a), str(b), "--base", str(base), "-o", str(out), "--eval", command]) == 0
+    )
+    assert (
+        out.is_file() and json.loads(out.with_name("soup.report.json").read_text())["held_out"] == 1
+    )
+
+
 def test_input_changed_while_the_evaluator_ran_stops_the_run(
     tmp_path: Path, make_ingredients: Maker, capsys: pytest.CaptureFixture[str]
 ) -> None:

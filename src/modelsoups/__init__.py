@@ -65,12 +65,14 @@ _EXPORTS: dict[str, str] = {
     "lora_soup": "recipes.lora",
     "inspect_adapters": "adapters",
     "AdapterSpace": "adapter_space",
+    "save_adapter": "adapter_space",
 }
 
 __all__ = ["__version__", *_EXPORTS]
 
 if TYPE_CHECKING:
     from .adapter_space import AdapterSpace as AdapterSpace
+    from .adapter_space import save_adapter as save_adapter
     from .adapters import inspect_adapters as inspect_adapters
     from .average import load_soup as load_soup
     from .average import uniform_state_dict as uniform_state_dict

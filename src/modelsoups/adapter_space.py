@@ -11,44 +11,44 @@ so Bᵢ'·Aᵢ' = sᵢ·Bᵢ·Aᵢ, and for weights summing to one Σ wᵢAᵢ' 
 exact adapter soup of `recipes/lora.py` (zero columns where an adapter has weight 0), with
 scale 1. `modules_to_save` tensors are averaged as they are.
 
-Memory: the padded tensors are never stored. Each ingredient is a lazy `SpreadAdapter`
-checkpoint that builds Aᵢ' or Bᵢ' when a recipe reads that key (recipes read one key at a
-time), from the adapters' own unpadded tensors, which the space holds once (float32): the
-space costs the size of the N adapters, not N padded copies of rank Σ rᵢ (O(N²·r·d)).
-`space.state_dicts` still materialises every padded state dict, for callers that want plain
-dicts (e.g. `weighted_state_dict`); the recipes use `space.ingredients`.
+Memory is flat in N: the space holds no tensor. Each ingredient is a lazy `SpreadAdapter`
+(`adapter_spread.py`) that builds Aᵢ' or Bᵢ' when a recipe reads that key (recipes read
+one key at a time) from the adapters' files, memory-mapped in whichever process reads
+them (a `.bin` adapter is converted once to a private safetensors copy; see
+`io/adapter_files.py`). `space.state_dicts` are the same objects: read-only mappings whose
+tensors are built when read.
 
     space = AdapterSpace(["runs/a", "runs/b", "runs/c"])
     result = greedy_soup(space.state_dicts, evaluator)
-    space.save(result.state_dict(), "greedy-adapter")      # a PEFT adapter folder
-    space.load_into(peft_model, result.state_dict())        # or evaluate it in place
+    state_dict, config = space.adapter(result.weights)   # the exact soup, as PEFT has it
+    save_adapter(state_dict, config, "greedy-adapter")   # a PEFT adapter folder
+    space.load_into(peft_model, state_dict, config=config)  # or evaluate it in place
 
 With `base` (the base model), `space.ingredients` starts with the base itself written in
 the same space: Z = (the stacked A, B = 0, the base's own `modules_to_save` tensors M₀), the
 adapter whose ΔW is zero. Task arithmetic and WiSE-FT over adapters are then ordinary
 weighted means with weights summing to one, and exact: θ₀ + s·Σᵢ ΔWᵢ has weights
 (1 − N·s, s, …, s) on (Z, P₁, …, P_N), and its `modules_to_save` tensors come out as
-M₀ + s·Σᵢ(Mᵢ − M₀), the task-vector sum. `adapter_ingredients` makes this switch for the
-recipes (`greedy_soup`, `sweep`) when they are given adapter folders, and wraps their
-evaluators so that candidates are scored as adapters (`candidate.as_adapter`).
+M₀ + s·Σᵢ(Mᵢ − M₀), the task-vector sum. `adapter_space` makes this switch for the
+recipes (`greedy_soup`, `sweep`) when they are given adapter folders, and `evaluator` wraps
+theirs so that candidates are scored as adapters (`candidate.as_adapter`).
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .adapters import check_adapters, open_adapters, soup_config, split_adapter_inputs
+from .adapter_spread import SpreadAdapter, spread_adapters
+from .adapters import open_adapters, soup_config, split_adapter_inputs
 from .candidate import as_adapter
-from .dtypes import as_dtype
-from .errors import IncompatibleError, NonFiniteError, SoupError
+from .errors import SoupError
 from .io.adapter import ADAPTER_CONFIG, ADAPTER_WEIGHTS
-from .io.base import Checkpoint, TensorInfo
-from .io.pickle_file import tensor_dtype
 from .io.writer import atomic_path
 from .types import PathLike
 
@@ -56,10 +56,20 @@ if TYPE_CHECKING:
     import torch
     from torch import nn
 
+    from .dtypes import DType
     from .evaluate import Evaluator, Score
+    from .io.base import Checkpoint
     from .types import StateDict
 
-__all__ = ["AdapterEvaluator", "AdapterSpace", "SpreadAdapter", "adapter_ingredients"]
+__all__ = [
+    "AdapterEvaluator",
+    "AdapterSpace",
+    "MergedEvaluator",
+    "SpreadAdapter",
+    "adapter_ingredients",
+    "adapter_space",
+    "save_adapter",
+]
 
 
 class AdapterSpace:
@@ -69,6 +79,7 @@ class AdapterSpace:
         adapters: PEFT adapter folders of one base model (checked as `soup inspect` does).
         base: the base model (file or folder): adds the zero adapter Z (see the module doc).
         allow_different_base: accept differing `base_model_name_or_path`.
+        unsafe_pickle: allow `.bin` adapters that execute code when loaded.
     """
 
     def __init__(
@@ -79,23 +90,18 @@ class AdapterSpace:
         allow_different_base: bool = False,
         unsafe_pickle: bool = False,
     ) -> None:
-        from .lora_plan import one_thread
-
-        opened = open_adapters(adapters, unsafe_pickle=unsafe_pickle)
-        try:
-            check_adapters(opened, allow_different_base=allow_different_base)
-            first = opened[0]
-            self.paths = [a.path for a in opened]
-            self.config = soup_config(first.config, {m: sum(a.modules[m].rank for a in opened)
-                                                       for m in first.modules})  # fmt: skip
-            with one_thread():  # small tensors (see lora_plan)
-                _check_finite(opened)
-                self.spread = _spread(opened)
-                zero = None if base is None else _zero(self.spread[0], first, Path(base))
-                self.zero = zero
-        finally:
-            for a in opened:
-                a.close()
+        if not adapters:
+            raise SoupError("no ingredients: give at least one adapter")
+        self.base = None if base is None else Path(base)
+        self.unsafe_pickle = unsafe_pickle
+        opened, self.spread, self.zero = spread_adapters(
+            [Path(a) for a in adapters], self.base,
+            allow_different_base=allow_different_base, unsafe_pickle=unsafe_pickle,
+        )  # fmt: skip
+        first = opened[0]
+        self.paths = [a.path for a in opened]
+        self.config = soup_config(first.config, {m: sum(a.modules[m].rank for a in opened)
+                                                   for m in first.modules})  # fmt: skip
 
     @property
     def keys(self) -> list[str]:
@@ -108,47 +114,84 @@ class AdapterSpace:
         return self.spread if self.zero is None else [self.zero, *self.spread]
 
     @property
-    def state_dicts(self) -> list[StateDict]:
-        """The adapters' padded state dicts, all built now: N·(Σ rᵢ) ranks in memory
-        (`ingredients` gives the same tensors lazily, one at a time)."""
-        shared = {k: self.spread[0].get(k) for k in self.spread[0].stacks}  # A: built once
-        return [{k: shared[k] if k in shared else c.get(k) for k in c.infos}
-                for c in self.spread]  # fmt: skip
+    def state_dicts(self) -> list[SpreadAdapter]:
+        """The adapters' padded state dicts: read-only mappings (`sd[key]`, `items()`,
+        `dict(sd)`) whose tensors are built when read, the same objects as `ingredients`
+        (without the zero adapter); every recipe and `weighted_state_dict` take them."""
+        return list(self.spread)
+
+    def adapter(
+        self, weights: Sequence[float], *, dtype: str | DType | torch.dtype | None = None
+    ) -> tuple[StateDict, dict[str, Any]]:
+        """The mix Σ wᵢ·ingredientsᵢ (one weight per `ingredients`, summing to 1, e.g. a
+        greedy or sweep result's) as an exact PEFT adapter: its state dict, of rank Σ rᵢ
+        over the adapters of non-zero weight and scale 1, and its `adapter_config.json`
+        content; the soup `lora_soup` writes for those adapters and weights.
+
+        Example:
+            >>> result = greedy_soup(space.state_dicts, held_out)  # doctest: +SKIP
+            >>> sd, config = space.adapter(result.weights)  # doctest: +SKIP
+        """
+        from .average import output_dtype
+        from .candidate import materialize
+        from .dtypes import F64
+        from .io import open_checkpoint
+        from .lora_plan import LoraPlan, soup_checkpoint
+
+        w = [float(x) for x in weights]
+        if len(w) != len(self.ingredients) or not all(math.isfinite(x) for x in w):
+            raise SoupError(f"give {len(self.ingredients)} finite weights, one per ingredient, "
+                            f"got {list(weights)}")  # fmt: skip
+        if abs(sum(w) - 1.0) > 1e-6:
+            raise SoupError(f"the weights of a mix of adapters sum to 1, got {sum(w):g}")
+        w = w[1:] if self.zero is not None else w  # Z's weight is 1 − Σ wᵢ: LoraPlan's base
+        keep = [i for i, x in enumerate(w) if x != 0.0] or [0]
+        adapters = open_adapters([self.paths[i] for i in keep], unsafe_pickle=self.unsafe_pickle)
+        plan = LoraPlan(adapters, [w[i] for i in keep], accumulate=F64, dtype=output_dtype(dtype))
+        try:
+            if self.base is not None and adapters[0].extras:
+                plan.base = open_checkpoint(self.base)
+            state_dict = materialize(soup_checkpoint(plan))
+        finally:
+            for a in adapters:
+                a.close()
+            if plan.base is not None:
+                plan.base.close()
+        first = adapters[0]
+        return state_dict, soup_config(first.config, {m: plan.out_rank(m) for m in first.modules})
 
     def evaluator(self, inner: Evaluator | None) -> AdapterEvaluator | None:
         """`inner` scoring this space's soups as PEFT adapters (None stays None)."""
         return None if inner is None else AdapterEvaluator(inner, self.config)
 
     def save(self, state_dict: StateDict, out: PathLike, *, overwrite: bool = False) -> Path:
-        """Write a soup of these state dicts as a PEFT adapter folder (atomically)."""
-        from safetensors.torch import save_file
-
-        out = Path(out)
+        """Write a soup of these state dicts (rank Σ rᵢ, padded) as a PEFT adapter folder."""
         self._check(state_dict)
-        with atomic_path(out, folder=True, overwrite=overwrite) as tmp:
-            tensors = {k: v.contiguous() for k, v in state_dict.items()}
-            meta = {"format": "pt", "recipe": "adapter space",
-                    "ingredients": json.dumps([str(p) for p in self.paths])}  # fmt: skip
-            save_file(tensors, os.fspath(tmp / ADAPTER_WEIGHTS[0]), metadata=meta)
-            (tmp / ADAPTER_CONFIG).write_text(json.dumps(self.config, indent=2) + "\n")
-        return out
+        meta = {"recipe": "adapter space", "ingredients": json.dumps([str(p) for p in self.paths])}
+        return save_adapter(state_dict, self.config, out, overwrite=overwrite, metadata=meta)
 
     def load_into(
-        self, model: nn.Module, state_dict: StateDict, *, adapter_name: str = "soup"
+        self,
+        model: nn.Module,
+        state_dict: StateDict,
+        *,
+        adapter_name: str = "soup",
+        config: dict[str, Any] | None = None,
     ) -> nn.Module:
         """Load a soup into a `peft.PeftModel` as adapter `adapter_name` (added the first
-        time, overwritten in place afterwards) and make it the active one. The base model's
+        time, overwritten in place afterwards) and make it the active one. `config`: the
+        soup's (from `adapter`; default: the padded soups' `self.config`). The base model's
         weights are never written: evaluating a candidate costs the adapter, not a merge."""
         import peft
         import torch
+
+        from .metrics.peft_model import lora_config
 
         self._check(state_dict)
         if not isinstance(model, peft.PeftModel):
             raise SoupError(f"load_into needs a peft.PeftModel, got {type(model).__name__}")
         if adapter_name not in model.peft_config:
-            keys = set(peft.LoraConfig.__dataclass_fields__)
-            config = peft.LoraConfig(**{k: v for k, v in self.config.items() if k in keys})
-            model.add_adapter(adapter_name, config)
+            model.add_adapter(adapter_name, lora_config(config or self.config))
         with torch.no_grad():
             result = peft.set_peft_model_state_dict(model, state_dict, adapter_name=adapter_name)
         unexpected = list(getattr(result, "unexpected_keys", []))
@@ -163,106 +206,25 @@ class AdapterSpace:
             raise SoupError("not a soup of this AdapterSpace's state dicts (keys differ)")
 
 
-class SpreadAdapter(Checkpoint):
-    """One adapter in the shared rank-R space, built a tensor at a time on `get`.
+def save_adapter(
+    state_dict: StateDict,
+    config: dict[str, Any],
+    out: PathLike,
+    *,
+    overwrite: bool = False,
+    metadata: dict[str, str] | None = None,
+) -> Path:
+    """Write a LoRA adapter (`AdapterSpace.adapter`'s, a sweep's) as a PEFT adapter folder
+    (`adapter_config.json` + `adapter_model.safetensors`), atomically."""
+    from safetensors.torch import save_file
 
-    It holds no padded tensor: `stacks` (A key -> every adapter's A, shared by all the
-    ingredients of a space), `blocks` (B key -> this adapter's scaled B and its first of
-    the R columns; None for the zero adapter) and `whole` (`modules_to_save` tensors).
-    `get` builds a new tensor (A stacked, B padded with zeros) or returns a `whole` tensor
-    itself (read-only). Plain tensors and dicts: it pickles into a worker process.
-    """
-
-    portable = True
-
-    def __init__(
-        self,
-        label: str,
-        shapes: dict[str, tuple[int, ...]],  # every key, in order: the padded shapes
-        stacks: dict[str, list[torch.Tensor]],
-        blocks: dict[str, tuple[torch.Tensor | None, int]],
-        whole: dict[str, torch.Tensor],
-    ) -> None:
-        super().__init__(Path(label), "adapter space")
-        self.stacks, self.blocks, self.whole = stacks, blocks, whole
-        float32 = as_dtype("float32")
-        for k, shape in shapes.items():
-            dtype = tensor_dtype(whole[k], k, self.path) if k in whole else float32
-            self.infos[k] = TensorInfo(k, shape, dtype, self.path)
-
-    def get(self, name: str) -> torch.Tensor:
-        import torch
-
-        if name in self.stacks:
-            return torch.cat(self.stacks[name], dim=0)
-        if name in self.blocks:
-            b, offset = self.blocks[name]
-            wide = torch.zeros(self.infos[name].shape, dtype=torch.float32)
-            if b is not None:
-                wide[:, offset : offset + b.shape[1]] = b
-            return wide
-        return self.whole[name]
-
-    def zero(self, label: str, whole: dict[str, torch.Tensor]) -> SpreadAdapter:
-        """The adapter whose ΔW is zero in the same space (B = 0), with `whole` tensors."""
-        shapes = {k: i.shape for k, i in self.infos.items()}
-        blocks: dict[str, tuple[torch.Tensor | None, int]] = {k: (None, 0) for k in self.blocks}
-        return SpreadAdapter(label, shapes, self.stacks, blocks, whole)
-
-
-def _spread(opened: Sequence[Any]) -> list[SpreadAdapter]:
-    """Each adapter as a lazy checkpoint in the shared rank-R space (see the module doc)."""
-    import torch
-
-    first = opened[0]
-    shapes: dict[str, tuple[int, ...]] = {}
-    stacks: dict[str, list[torch.Tensor]] = {}
-    blocks: list[dict[str, tuple[torch.Tensor | None, int]]] = [{} for _ in opened]
-    for name, m in first.modules.items():
-        # copies: never views of an adapter's memory map (closed once the space is built)
-        As = [a.weights.get(a.modules[name].a_key).to(torch.float32, copy=True) for a in opened]
-        stacks[m.a_key], rank, offset = As, sum(x.shape[0] for x in As), 0
-        for own, a in zip(blocks, opened, strict=True):
-            b = a.weights.get(a.modules[name].b_key).float() * a.scale(name)
-            own[m.b_key], offset = (b, offset), offset + b.shape[1]
-        shapes[m.a_key] = (rank, *As[0].shape[1:])
-        shapes[m.b_key] = (b.shape[0], rank, *b.shape[2:])
-    for key in first.extras.values():
-        shapes[key] = tuple(first.weights.infos[key].shape)
-    return [
-        SpreadAdapter(str(a.path), shapes, stacks, own,
-                      {key: a.weights.get(key).clone() for key in first.extras.values()})
-        for own, a in zip(blocks, opened, strict=True)
-    ]  # fmt: skip
-
-
-def _check_finite(adapters: Sequence[Any]) -> None:
-    """A NaN or Inf in any adapter tensor raises, naming the file and the tensor."""
-    import torch
-
-    for a in adapters:
-        for key in a.weights.infos:
-            t = a.weights.get(key)
-            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-                raise NonFiniteError(f"{a.weights.path}: tensor {key!r} holds NaN or Inf")
-
-
-def _zero(like: SpreadAdapter, first: Any, base: Path) -> SpreadAdapter:
-    """The base model in the space: the stacked A, B = 0, its `modules_to_save` tensors."""
-    from .io import open_checkpoint
-
-    whole = {}
-    if first.extras:
-        with open_checkpoint(base) as ckpt:
-            for name, key in first.extras.items():
-                info, want = ckpt.infos.get(name), like.whole[key]
-                if info is None or info.shape != tuple(want.shape):
-                    raise IncompatibleError(
-                        f"{base}: has no tensor {name!r} of shape {list(want.shape)} (the "
-                        f"adapters' modules_to_save); is it the base model of {first.path}?"
-                    )
-                whole[key] = ckpt.get(name).to(want.dtype).clone()
-    return like.zero(f"<base {base}>", whole)
+    out = Path(out)
+    with atomic_path(out, folder=True, overwrite=overwrite) as tmp:
+        tensors = {k: v.contiguous() for k, v in state_dict.items()}
+        meta = {"format": "pt", **(metadata or {})}
+        save_file(tensors, os.fspath(tmp / ADAPTER_WEIGHTS[0]), metadata=meta)
+        (tmp / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
+    return out
 
 
 @dataclass
@@ -278,16 +240,51 @@ class AdapterEvaluator:
         return self.inner.evaluate(as_adapter(candidate, self.config), name=name)
 
 
+@dataclass
+class MergedEvaluator:
+    """Scores adapter candidates (an `AdapterEvaluator` hands them on) as full models: each
+    is merged into `base` tensor by tensor (`lora_merge.merged_candidate`) before `inner`
+    reads it, e.g. an eval command that loads models, not adapters (`--merge-into`)."""
+
+    inner: Evaluator
+    base: Path
+
+    def evaluate(self, candidate: Checkpoint, *, name: str) -> Score:
+        from .recipes.lora_merge import merged_candidate
+
+        merged = merged_candidate(candidate, self.base)
+        try:
+            return self.inner.evaluate(merged, name=name)
+        finally:
+            merged.close()
+
+
+def adapter_space(
+    ingredients: Sequence[object],
+    *,
+    allow_different_base: bool = False,
+    unsafe_pickle: bool = False,
+) -> AdapterSpace | None:
+    """The space of adapter folders (optionally after their base model), or None if the
+    ingredients are not adapters."""
+    split = split_adapter_inputs(ingredients)
+    if split is None:
+        return None
+    base, adapters = split
+    return AdapterSpace(adapters, base=base, allow_different_base=allow_different_base,
+                        unsafe_pickle=unsafe_pickle)  # fmt: skip
+
+
 def adapter_ingredients(
     ingredients: Sequence[object],
     *evaluators: Evaluator | None,
     unsafe_pickle: bool = False,
+    allow_different_base: bool = False,
 ) -> tuple[Sequence[Any], list[Any]]:
-    """Adapter folders (optionally after their base model) as `AdapterSpace` state dicts and
-    the evaluators wrapped to score them as adapters; anything else as it is."""
-    split = split_adapter_inputs(ingredients)
-    if split is None:
+    """Adapter folders (optionally after their base model) as `AdapterSpace` ingredients
+    and the evaluators wrapped to score them as adapters; anything else as it is."""
+    space = adapter_space(ingredients, allow_different_base=allow_different_base,
+                          unsafe_pickle=unsafe_pickle)  # fmt: skip
+    if space is None:
         return ingredients, list(evaluators)
-    base, adapters = split
-    space = AdapterSpace(adapters, base=base, unsafe_pickle=unsafe_pickle)
     return space.ingredients, [space.evaluator(e) for e in evaluators]

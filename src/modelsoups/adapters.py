@@ -55,12 +55,21 @@ def split_adapter_inputs(inputs: Sequence[object]) -> tuple[Path | None, list[Pa
     return (None, paths) if is_adapter_set(paths) else None
 
 
-def check_adapter_output(inputs: Sequence[PathLike], out: Path, merge_into: Path | None) -> None:
+def check_adapter_output(
+    inputs: Sequence[PathLike],
+    out: Path,
+    merge_into: Path | None,
+    allow_different_base: bool = False,
+) -> None:
     """Before any work: an adapter soup goes to a folder (or merged into an existing base),
-    and `merge_into` is only for adapters."""
+    and `merge_into` and `allow_different_base` are only for adapters."""
     split = split_adapter_inputs(inputs)
-    if split is None and merge_into is not None:
-        raise SoupError("--merge-into applies to PEFT LoRA adapters; these inputs are not adapters")
+    for given, flag in (
+        (merge_into, "--merge-into"),
+        (allow_different_base, "--allow-different-base"),
+    ):
+        if split is None and given:
+            raise SoupError(f"{flag} applies to PEFT LoRA adapters; these inputs are not adapters")
     if split is not None and merge_into is None and out.suffix == ".safetensors":
         raise OutputError(f"{out}: an adapter soup is a folder; drop the .safetensors suffix "
                           "(or pass --merge-into BASE for a merged model)")  # fmt: skip

@@ -142,15 +142,16 @@ def weighted_sum_arrays(
     uniform = all(w == weights[0] for w in weights)
     # w₀·a₀ + w·Σ aᵢ (Model Stock, task arithmetic, WiSE-FT): sum the rest first, scale once
     rest_uniform = not uniform and all(w == weights[-1] for w in weights[1:])
-    acc_np, finite = accumulate.numpy, True
+    acc_np, finite, acc_f32 = accumulate.numpy, True, accumulate == F32
     with np.errstate(all="ignore"):  # overflow gives inf, as in torch; checked below
         for start in range(0, numel, CHUNK):
             stop = min(start + CHUNK, numel)
             m = stop - start
             acc = flat_out[start:stop] if acc_buf is None else acc_buf[:m]
             first = 1 if rest_uniform else 0
-            np.copyto(acc, widen(flats[first][start:stop], dtypes[first], s.wide),
-                      casting="unsafe")  # fmt: skip
+            x = widen(flats[first][start:stop], dtypes[first], acc if acc_f32 else s.wide)
+            if dtypes[first].native or not acc_f32:  # else bf16 was widened into acc itself
+                np.copyto(acc, x, casting="unsafe")
             if uniform:  # sum first, scale once
                 for a, d in zip(flats[1:], dtypes[1:], strict=True):
                     np.add(acc, widen(a[start:stop], d, s.wide), out=acc, dtype=acc_np)
@@ -315,7 +316,7 @@ def check_finite(
 
 
 def weighted_state_dict(
-    state_dicts: Sequence[StateDict | nn.Module],
+    state_dicts: Sequence[StateDict | nn.Module | Checkpoint],
     weights: Sequence[float] | None = None,
     *,
     normalize: bool = True,
@@ -328,7 +329,8 @@ def weighted_state_dict(
     """Weighted mean of in-memory state dicts (or modules), checked like files are.
 
     Args:
-        state_dicts: ingredients; `nn.Module`s are read through `.state_dict()`.
+        state_dicts: ingredients; `nn.Module`s are read through `.state_dict()`, lazy
+            `Checkpoint`s (e.g. `AdapterSpace.state_dicts`) one tensor at a time.
         weights: one per ingredient; `None` is uniform. Normalised unless `normalize=False`.
         accumulate: `"float32"` or `"float64"`. dtype: output float dtype (default: input's).
         non_float: `"error"` if integer buffers differ, or `"first"` to copy the first's.
@@ -339,7 +341,8 @@ def weighted_state_dict(
     Example:
         >>> soup = weighted_state_dict([m1, m2, m3], [0.5, 0.3, 0.2])  # doctest: +SKIP
     """
-    ckpts = [MemoryCheckpoint(s, f"<state dict {i}>") for i, s in enumerate(state_dicts)]
+    ckpts = [s if isinstance(s, Checkpoint) else MemoryCheckpoint(s, f"<state dict {i}>")
+             for i, s in enumerate(state_dicts)]  # fmt: skip
     w = resolve_weights(weights, len(ckpts), normalize=normalize, allow_negative=allow_negative)
     check_compatible(ckpts)
     check_non_float(ckpts, non_float=non_float)
@@ -348,13 +351,10 @@ def weighted_state_dict(
     seen: dict[tuple[object, ...], str] = {}
     for name, info in ckpts[0].infos.items():
         first = ckpts[0].get(name)
-        tie = (
-            first.untyped_storage().data_ptr(),
-            first.storage_offset(),
-            tuple(first.shape),
-            first.stride(),
-        )
-        if first.numel() and tie in seen:  # tied weights stay tied
+        storage = first.untyped_storage().data_ptr()
+        tie = (storage, first.storage_offset(), tuple(first.shape), first.stride())
+        # tied weights stay tied (a lazy checkpoint's tensors are new: addresses mean nothing)
+        if first.numel() and tie in seen and isinstance(ckpts[0], MemoryCheckpoint):
             out[name] = out[seen[tie]]
             continue
         seen[tie] = name
@@ -380,14 +380,8 @@ def uniform_state_dict(
     Example:
         >>> model.load_state_dict(uniform_state_dict([sd1, sd2, sd3]))  # doctest: +SKIP
     """
-    return weighted_state_dict(
-        state_dicts,
-        None,
-        accumulate=accumulate,
-        dtype=dtype,
-        non_float=non_float,
-        allow_nonfinite=allow_nonfinite,
-    )
+    return weighted_state_dict(state_dicts, None, accumulate=accumulate, dtype=dtype,
+                               non_float=non_float, allow_nonfinite=allow_nonfinite)  # fmt: skip
 
 
 def load_soup(module: nn.Module, state_dict: StateDict, *, strict: bool = True) -> nn.Module:

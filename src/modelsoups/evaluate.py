@@ -41,7 +41,7 @@ import torch
 
 from .candidate import load_candidate, materialize, write_candidate
 from .errors import EvaluationError, SoupError
-from .ingredients import open_ingredients
+from .ingredients import LocalSource, open_ingredients
 from .io import MemoryCheckpoint, open_checkpoint
 from .io.base import Checkpoint
 
@@ -250,6 +250,8 @@ def _score_source(
     name, source = item
     if isinstance(source, Checkpoint):  # a portable one (see ingredient_sources)
         ckpt = source
+    elif isinstance(source, LocalSource):  # read through, in this process
+        ckpt = source.open()
     elif isinstance(source, dict):
         ckpt = MemoryCheckpoint(source)
     else:
@@ -329,7 +331,7 @@ class CommandEvaluator:
                 source = getattr(candidate, "model_files_from", None)
                 folder = source or getattr(candidate, "adapter_config", None)
                 path = Path(d) / ("candidate" if folder else "candidate.safetensors")
-                write_candidate(candidate, path, model_files_from=source)
+                write_candidate(candidate, path, model_files_from=source, scratch=True)
                 return self.run(path, name)
             before = stamps(candidate.path)
             try:

@@ -20,12 +20,15 @@ from .io.base import Checkpoint
 from .io.files import ensure_descriptors
 
 if TYPE_CHECKING:
+    import numpy as np
+    import torch
     from torch import nn
 
     from .types import StateDict
 
 __all__ = [
     "Ingredient",
+    "LocalSource",
     "close_all",
     "ingredient_names",
     "ingredient_sources",
@@ -76,6 +79,8 @@ def open_ingredients(
                 ckpts.append(open_checkpoint(x, key=key, unsafe_pickle=unsafe_pickle))
             elif isinstance(x, Checkpoint):
                 ckpts.append(x)
+            elif isinstance(x, LocalSource):
+                ckpts.append(x.open())
             else:
                 ckpts.append(MemoryCheckpoint(x, f"<state dict {i}>"))
     except BaseException:
@@ -92,10 +97,11 @@ def _require_some(ingredients: Sequence[Ingredient]) -> None:
 def ingredient_sources(
     ingredients: Sequence[Ingredient], names: Sequence[str]
 ) -> list[tuple[str, object]]:
-    """`(name, path, state dict or portable checkpoint)` pairs, small enough to send to a
-    worker process."""
+    """`(name, source)` pairs to send to a worker process: a path, a state dict or a
+    portable checkpoint as it is; anything else (a module, a checkpoint holding open files)
+    as a `LocalSource`, which copies nothing until it is pickled."""
     return [
-        (n, x if isinstance(x, str | os.PathLike | dict) or _portable(x) else _tensors(x))
+        (n, x if isinstance(x, str | os.PathLike | dict) or _portable(x) else LocalSource(x))
         for n, x in zip(names, ingredients, strict=True)
     ]
 
@@ -104,10 +110,43 @@ def _portable(x: object) -> bool:
     return isinstance(x, Checkpoint) and x.portable
 
 
-def _tensors(x: nn.Module | Checkpoint) -> StateDict:
-    if isinstance(x, Checkpoint):
-        return {k: x.get(k) for k in x.infos}
-    return dict(x.state_dict())
+class LocalSource:
+    """An ingredient that cannot travel as it is (a module, a checkpoint of open files).
+
+    In this process (`workers=1`) `open()` reads it through, copying nothing; pickled for
+    a worker it becomes a state dict of its tensors, copied then, when that one job is
+    pickled, instead of all ingredients copied before any is scored.
+    """
+
+    def __init__(self, ingredient: nn.Module | Checkpoint) -> None:
+        self.ingredient = ingredient
+
+    def open(self) -> Checkpoint:
+        """The ingredient as a checkpoint whose `close` leaves the caller's own open."""
+        x = self.ingredient
+        return _Borrowed(x) if isinstance(x, Checkpoint) else MemoryCheckpoint(x, "<module>")
+
+    def __reduce__(self) -> tuple[type, tuple[StateDict]]:
+        x = self.ingredient
+        tensors = {k: x.get(k) for k in x.infos} if isinstance(x, Checkpoint) else x.state_dict()
+        return dict, (dict(tensors),)
+
+
+class _Borrowed(Checkpoint):
+    """Another's checkpoint read through; closing it does not close that one."""
+
+    def __init__(self, ckpt: Checkpoint) -> None:
+        super().__init__(ckpt.path, ckpt.format, ckpt.infos)
+        self._ckpt = ckpt
+
+    def get(self, name: str) -> torch.Tensor:
+        return self._ckpt.get(name)
+
+    def array(self, name: str) -> np.ndarray:
+        return self._ckpt.array(name)
+
+    def check_unchanged(self) -> None:
+        self._ckpt.check_unchanged()
 
 
 def close_all(ckpts: Sequence[Checkpoint]) -> None:

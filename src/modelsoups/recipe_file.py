@@ -65,7 +65,7 @@ METHOD_FIELDS: dict[str, set[str]] = {
     | _PARALLEL
     | _METRIC
     | {"base", "alpha", "alphas", "merge_into"},
-    "stock": _COMMON | _WRITE | (_SCORED - {"resume"}) | _METRIC | {"base"},
+    "stock": _COMMON | _WRITE | (_SCORED - {"resume"}) | _METRIC | {"base", "accumulate"},
     "task-arithmetic": _COMMON
     | _WRITE
     | _SCORED

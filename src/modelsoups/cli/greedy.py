@@ -12,9 +12,9 @@ from typing import TYPE_CHECKING, Any
 
 import typer
 
-from ..errors import OutputError, SoupError
+from ..errors import SoupError
 from .common import STATE, err, say
-from .evaluate import command_evaluator, scoring_evaluators
+from .evaluate import command_evaluator, merged_for, scoring_evaluators
 from .options import (
     AdapterOutput,
     AverageOptions,
@@ -29,7 +29,7 @@ from .options import (
     expand_bundles,
     parse_memory,
 )
-from .outputs import check_outputs, sidecar, write_mean, write_report
+from .outputs import check_outputs, scoring_reads, sidecar, work_name, write_mean, write_report
 
 if TYPE_CHECKING:
     from ..metrics import MetricEvaluator
@@ -57,16 +57,17 @@ def greedy(
     STATE["quiet"] = STATE["quiet"] or quiet
     scoring, records = search.scoring, search.records
     started, paths = time.perf_counter(), expand_inputs(inputs)
-    check_outputs(output, paths, write, records, select.scores, adapters)
+    reads = [select.scores, *scoring_reads(search.scoring, test)]
+    check_outputs(output, paths, write, records, reads, adapters, workdir=select.workdir)
     if not scoring.given:
         raise SoupError("greedy needs --eval or --metric to score candidate soups (--scores "
                         "only replaces the N individual evaluations)")  # fmt: skip
     metric_evaluators = scoring_evaluators(scoring, paths[0], test)
     hist = sidecar(output, ".history.jsonl", records.history)
     memory = parse_memory(select.memory)
-    with candidate_folder(_work_name(output, select.workdir)) as work:
+    with candidate_folder(work_name(output, select.workdir)) as work:
         r = _run_selection(paths, work, hist, metric_evaluators, memory, search=search,
-                           test=test, select=select, read=read)  # fmt: skip
+                           test=test, select=select, read=read, adapters=adapters)  # fmt: skip
     r.soup.close()  # frees the running sum (or the inputs it reads) before the final write
     for w in r.warnings:
         err(f"soup: warning: {w}")
@@ -92,15 +93,6 @@ def scorer(metric: MetricEvaluator | None, command: str | None) -> dict[str, Any
     return metric.spec() if metric is not None else None if command is None else {"eval": command}
 
 
-def _work_name(output: Path, workdir: Path | None) -> Path:
-    """Candidate files go in a folder named after `output`, beside it or in `workdir`."""
-    if workdir is None:
-        return output
-    if not workdir.is_dir():
-        raise OutputError(f"{workdir}: --workdir is not an existing folder")
-    return workdir / output.name
-
-
 def _store_summary(r: GreedyResult) -> str:
     """Where the soup's sum lived, in one line, e.g. for `--memory` tuning."""
     need, budget = r.in_memory_bytes / 2**30, r.memory / 2**30
@@ -121,6 +113,7 @@ def _run_selection(
     test: TestOptions,
     select: SelectionOptions,
     read: ReadOptions,
+    adapters: AdapterOutput,
 ) -> GreedyResult:
     """Run `greedy_soup` on the files with `soup greedy`'s options (candidates are written
     under `work`); returns its result."""
@@ -131,7 +124,9 @@ def _run_selection(
     names = ingredient_names(paths)
     held_out, test_metric = metric_evaluators
     timeout = search.scoring.eval_timeout
-    evaluator = held_out or command_evaluator(search.scoring.eval_command, timeout, work)
+    merge = adapters.merge_into
+    command = command_evaluator(search.scoring.eval_command, timeout, work)
+    evaluator = held_out or merged_for(command, merge)
     assert evaluator is not None  # checked by the caller: --eval or --metric was given
     return greedy_soup(
         paths,
@@ -144,12 +139,14 @@ def _run_selection(
         history=str(hist),
         resume=search.resume,
         executor=search.parallel.executor(),
-        test_evaluator=test_metric or command_evaluator(test.test_eval, timeout, work),
+        test_evaluator=test_metric
+        or merged_for(command_evaluator(test.test_eval, timeout, work), merge),
         memory=memory,
         allow_nonfinite=select.allow_nonfinite,
         key=read.key,
         unsafe_pickle=read.unsafe_pickle,
         scorer=scorer(held_out, search.scoring.eval_command),
+        allow_different_base=adapters.allow_different_base,
     )
 
 

@@ -32,6 +32,7 @@ from .options import (
     Overwrite,
     Quiet,
     ReadOptions,
+    RecordOptions,
     Report,
     WriteOptions,
     expand_bundles,
@@ -78,8 +79,9 @@ def learned(
     if not (0 <= epochs <= MAX_EPOCHS and 0 < lr < float("inf")):
         raise SoupError(f"--epochs must be from 0 to {MAX_EPOCHS} and --lr a positive number, "
                         f"got {str(epochs)[:40]}, {lr}")  # fmt: skip
-    check_outputs(output, paths, WriteOptions(overwrite=overwrite))
     coefs_path = sidecar(output, ".coefficients.json", coefficients)
+    check_outputs(output, paths, WriteOptions(overwrite=overwrite), RecordOptions(report=report),
+                  [data, run.model], sidecars=[coefs_path])  # fmt: skip
     ev = metric_evaluator(metric, data, run, paths[0])
     assert ev is not None
     if ev.settings.dtype not in ("float32", "fp32"):

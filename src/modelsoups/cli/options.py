@@ -333,6 +333,7 @@ class AdapterOutput:
     folder, or with `--merge-into BASE` the merged model."""
 
     merge_into: MergeInto = None
+    allow_different_base: AllowDifferentBase = False
 
 
 @dataclass(frozen=True)

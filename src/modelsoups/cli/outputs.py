@@ -18,7 +18,15 @@ from typing import TYPE_CHECKING, Any
 
 from ..errors import OutputError
 from .common import progress_bar, report_result
-from .options import AdapterOutput, AverageOptions, ReadOptions, RecordOptions, WriteOptions
+from .options import (
+    AdapterOutput,
+    AverageOptions,
+    EvalOptions,
+    ReadOptions,
+    RecordOptions,
+    TestOptions,
+    WriteOptions,
+)
 
 if TYPE_CHECKING:
     from ..types import SoupResult
@@ -40,29 +48,47 @@ def check_outputs(
     inputs: list[Path],
     write: WriteOptions,
     records: RecordOptions = RecordOptions(),
-    scores: Path | None = None,
+    reads: Sequence[Path | None] = (),
     adapters: AdapterOutput = AdapterOutput(),
+    *,
+    workdir: Path | None = None,
+    sidecars: Sequence[Path] = (),
 ) -> None:
     """Fail before any evaluation if the output could not be written at the end, or if any
-    path the run writes (report, history, candidate folder) is an input, the `scores` file
-    it reads, or another output."""
+    path the run writes (report, history, candidate folder in `workdir`, `sidecars`) is an
+    input, a file the run `reads` besides them (`--scores`, `--data`, `--model`, the
+    `--merge-into` base), or another output."""
     from ..adapters import check_adapter_output
     from ..candidate import CANDIDATES
     from ..io.writer import check_destination, check_output, check_sharding, temporary_name
     from .options import parse_size
 
-    sidecars = [sidecar(out, ".report.json", records.report),
-                sidecar(out, ".history.jsonl", records.history),
-                temporary_name(out, CANDIDATES)]  # fmt: skip
-    given = [Path(scores)] if scores is not None else []
-    check_output(out, [*inputs, *given], sidecars=sidecars)
+    written = [sidecar(out, ".report.json", records.report),
+               sidecar(out, ".history.jsonl", records.history),
+               temporary_name(work_name(out, workdir), CANDIDATES), *sidecars]  # fmt: skip
+    given = [Path(p) for p in (*reads, adapters.merge_into) if p is not None]
+    check_output(out, [*inputs, *given], sidecars=written)
     check_sharding(out, parse_size(write.max_shard_size))
     check_destination(out, overwrite=write.overwrite)
-    check_adapter_output(inputs, out, adapters.merge_into)
+    check_adapter_output(inputs, out, adapters.merge_into, adapters.allow_different_base)
     try:  # the candidate folder, history and report go there too: fail now, not at the end
         os.rmdir(tempfile.mkdtemp(prefix=f".{out.name[:64]}.soup-check-", dir=out.parent))
     except OSError as e:
         raise OutputError(f"{out}: cannot write in {out.parent} ({e.strerror})") from None
+
+
+def scoring_reads(scoring: EvalOptions, test: TestOptions = TestOptions()) -> list[Path | None]:
+    """What scoring reads besides the ingredients: held-out and test data, the --model folder."""
+    return [scoring.data, scoring.run.model, test.test_data]
+
+
+def work_name(output: Path, workdir: Path | None) -> Path:
+    """Candidate files go in a folder named after `output`, beside it or in `workdir`."""
+    if workdir is None:
+        return output
+    if not workdir.is_dir():
+        raise OutputError(f"{workdir}: --workdir is not an existing folder")
+    return workdir / output.name
 
 
 def write_report(path: Path, report: dict[str, Any]) -> None:
@@ -101,6 +127,7 @@ def write_mean(
             allow_nonfinite=average.allow_nonfinite, max_shard_size=max_shard_size,
             key=read.key, unsafe_pickle=read.unsafe_pickle, overwrite=write.overwrite,
             recipe=recipe, progress=bar, merge_into=adapters.merge_into,
+            **({"allow_different_base": True} if adapters.allow_different_base else {}),
         )  # fmt: skip
     result.warnings = [w for w in result.warnings if w not in shown]
     report_result(result)

@@ -19,7 +19,8 @@ import typer
 
 from ..errors import SoupError
 from .common import STATE, say
-from .evaluate import command_evaluator, scoring_evaluators
+from .evaluate import command_evaluator, merged_for, scoring_evaluators
+from .greedy import scorer
 from .options import (
     Alpha,
     Alphas,
@@ -35,7 +36,7 @@ from .options import (
     Zeroshot,
     expand_bundles,
 )
-from .outputs import check_outputs, sidecar, write_mean, write_report
+from .outputs import check_outputs, scoring_reads, sidecar, write_mean, write_report
 
 if TYPE_CHECKING:
     from ..metrics import MetricEvaluator
@@ -104,7 +105,8 @@ def _write_mix(
 
     search, read, write = options.search, options.read, options.write
     started, what, records = time.perf_counter(), mix.coefficient, search.records
-    check_outputs(output, mix.paths, write, records, adapters=options.adapters)
+    reads = scoring_reads(search.scoring)
+    check_outputs(output, mix.paths, write, records, reads, options.adapters)
     scored: list[dict[str, Any]] = []
     metric, _ = scoring_evaluators(search.scoring, mix.paths[0])
     if values is not None:
@@ -142,13 +144,16 @@ def _sweep(
     scoring, records = search.scoring, search.records
     executor = search.parallel.executor()
     with candidate_folder(output) as work:
-        evaluator = metric or command_evaluator(scoring.eval_command, scoring.eval_timeout, work)
+        command = command_evaluator(scoring.eval_command, scoring.eval_timeout, work)
+        evaluator = metric or merged_for(command, options.adapters.merge_into)
         assert evaluator is not None  # checked by the caller: --eval or --metric was given
         result = sweep(
             mix.paths, mix.weights_of, evaluator, values, name=mix.coefficient,
             recipe=mix.recipe, dtype=write.output_dtype(), dataset=records.dataset,
             history=sidecar(output, ".history.jsonl", records.history), resume=search.resume,
             executor=executor, keep_best=False, key=read.key, unsafe_pickle=read.unsafe_pickle,
+            allow_different_base=options.adapters.allow_different_base,
+            scorer=scorer(metric, scoring.eval_command),
         )  # fmt: skip
     return result.best, result.records
 

@@ -18,6 +18,7 @@ import json
 import os
 import shutil
 import socket
+import stat
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +39,7 @@ __all__ = [
     "check_output",
     "check_sharding",
     "remove_stale_partials",
+    "safetensors_header",
     "temporary_name",
     "write_json",
 ]
@@ -63,23 +65,28 @@ class _Writable(Protocol):
     def write(self, data: bytes | memoryview, /) -> object: ...
 
 
+def safetensors_header(entries: Sequence[Entry], metadata: dict[str, str]) -> bytes:
+    """The start of a safetensors file holding `entries` in order, up to its data: the
+    header's length (8 bytes, little-endian) and the JSON header, padded to 8 bytes."""
+    header: dict[str, object] = {"__metadata__": metadata} if metadata else {}
+    offset = 0
+    for e in entries:
+        header[e.name] = {
+            "dtype": e.dtype.name,
+            "shape": list(e.shape),
+            "data_offsets": [offset, offset + e.nbytes],
+        }
+        offset += e.nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # align the data section to 8 bytes
+    return len(raw).to_bytes(8, "little") + raw
+
+
 class _FileWriter:
     """Writes one safetensors file whose entries are known up front, in order."""
 
     def __init__(self, f: _Writable, entries: list[Entry], metadata: dict[str, str]) -> None:
-        header: dict[str, object] = {"__metadata__": metadata} if metadata else {}
-        offset = 0
-        for e in entries:
-            header[e.name] = {
-                "dtype": e.dtype.name,
-                "shape": list(e.shape),
-                "data_offsets": [offset, offset + e.nbytes],
-            }
-            offset += e.nbytes
-        raw = json.dumps(header, separators=(",", ":")).encode()
-        raw += b" " * (-len(raw) % 8)  # align the data section to 8 bytes
-        f.write(len(raw).to_bytes(8, "little"))
-        f.write(raw)
+        f.write(safetensors_header(entries, metadata))
         self._f, self._pending = f, list(reversed(entries))
 
     def write(self, name: str, array: np.ndarray) -> None:
@@ -246,12 +253,32 @@ def check_output(out: Path, inputs: Sequence[Path], *, sidecars: Sequence[Path] 
 
 
 def _overlap(a: Path, b: Path) -> bool:
-    """`a` and `b` name the same file (links included), or one lies inside the other."""
+    """`a` and `b` name the same file (links included), one lies inside the other, or `a` is
+    a hard link to a file inside folder `b` (writing through it would change `b`)."""
     ra, rb = Path(os.path.realpath(a)), Path(os.path.realpath(b))  # no error on a loop
     with contextlib.suppress(OSError):
         if a.exists() and b.exists() and os.path.samefile(a, b):
             return True
-    return ra == rb or ra in rb.parents or rb in ra.parents
+    if ra == rb or ra in rb.parents or rb in ra.parents:
+        return True
+    return _linked_inside(a, b)
+
+
+def _linked_inside(a: Path, folder: Path) -> bool:
+    """`a` is a file with several names, one of them inside `folder` (a model folder: few
+    files; only files with more than one link are looked for)."""
+    try:
+        st = os.stat(a)
+        if st.st_nlink < 2 or not stat.S_ISREG(st.st_mode) or not folder.is_dir():
+            return False
+        for root, _, names in os.walk(folder):
+            for n in names:
+                other = os.stat(os.path.join(root, n), follow_symlinks=False)
+                if (other.st_dev, other.st_ino) == (st.st_dev, st.st_ino):
+                    return True
+    except OSError:
+        return False
+    return False
 
 
 def check_sharding(out: Path, max_shard_size: int | None) -> None:
@@ -271,8 +298,11 @@ def check_destination(dest: Path, *, overwrite: bool = False) -> None:
 
 
 @contextlib.contextmanager
-def atomic_path(dest: Path, *, folder: bool, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temporary path next to `dest`; rename it to `dest` only if the block succeeds."""
+def atomic_path(
+    dest: Path, *, folder: bool, overwrite: bool = False, durable: bool = True
+) -> Iterator[Path]:
+    """Yield a temporary path next to `dest`; rename it to `dest` only if the block succeeds
+    (and fsync the folders: `durable=False` skips that, for scratch files read once)."""
     check_destination(dest, overwrite=overwrite)
     remove_stale_partials(dest)
     tmp = temporary_name(dest)
@@ -285,7 +315,7 @@ def atomic_path(dest: Path, *, folder: bool, overwrite: bool = False) -> Iterato
         raise OutputError(f"{dest}: cannot write in {dest.parent} ({e.strerror})") from None
     try:
         yield tmp
-        _fsync_dir(tmp) if folder else None
+        _fsync_dir(tmp) if folder and durable else None
         if dest.exists() and not overwrite:  # another run finished first: never replace it
             raise OutputError(
                 f"{dest}: appeared while the soup was being written (another run?); it was "
@@ -300,7 +330,7 @@ def atomic_path(dest: Path, *, folder: bool, overwrite: bool = False) -> Iterato
             shutil.rmtree(old) if old.is_dir() else old.unlink()
         else:
             os.replace(tmp, dest)
-        _fsync_dir(dest.parent)
+        _fsync_dir(dest.parent) if durable else None
     except OSError as e:
         _remove(tmp)
         if e.errno == errno.ENOSPC:

@@ -25,7 +25,7 @@ if TYPE_CHECKING:
 
     from ..io.base import Checkpoint
 
-__all__ = ["adapter_model"]
+__all__ = ["adapter_model", "lora_config"]
 
 _BASES: dict[tuple[str, str, str, str], Any] = {}  # one PeftModel per process and base spec
 
@@ -40,7 +40,7 @@ def adapter_model(ev: Any, candidate: Checkpoint) -> nn.Module:
     model = _peft_base(ev, candidate, config)
     name = "soup-" + hashlib.sha1(json.dumps(config, sort_keys=True).encode()).hexdigest()[:12]
     if name not in model.peft_config:
-        model.add_adapter(name, _lora_config(config))
+        model.add_adapter(name, lora_config(config))
     model.set_adapter(name)
     for other in [n for n in model.peft_config if n != name]:  # keep one adapter's memory
         model.delete_adapter(other)
@@ -78,11 +78,13 @@ def _peft_base(ev: Any, candidate: Checkpoint, config: dict[str, Any]) -> Any:
         with open_checkpoint(folder) as weights:
             load_into(base, weights, folder)
         base = base.to(device=device, dtype=dtype)
-        _BASES[key] = peft.PeftModel(base, _lora_config(config), adapter_name="base")
+        _BASES[key] = peft.PeftModel(base, lora_config(config), adapter_name="base")
     return _BASES[key]
 
 
-def _lora_config(config: dict[str, Any]) -> Any:
+def lora_config(config: dict[str, Any]) -> Any:
+    """A `peft.LoraConfig` from an `adapter_config.json`'s content (fields PEFT does not
+    know, and `peft_type`, are left out)."""
     import peft
 
     fields = set(peft.LoraConfig.__dataclass_fields__) - {"peft_type"}

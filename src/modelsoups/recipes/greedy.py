@@ -97,6 +97,7 @@ def greedy_soup(
     key: str | None = None,
     unsafe_pickle: bool = False,
     scorer: Mapping[str, Any] | None = None,
+    allow_different_base: bool = False,
 ) -> GreedyResult:
     """Greedy soup of `ingredients` chosen by `evaluator` on held-out data.
 
@@ -121,6 +122,8 @@ def greedy_soup(
             `NonFiniteError` (which names the ingredient that holds one).
         scorer: what `evaluator` is (JSON), logged in the history; `resume` refuses a
             history logged by another scorer (default: `evaluator.spec()` if it has one).
+        allow_different_base: adapter ingredients whose `base_model_name_or_path` differ
+            (`AdapterSpace.adapter(result.weights)` gives their soup as a PEFT adapter).
 
     Ingredients with equal held-out scores are tried in input order (see the module).
 
@@ -134,7 +137,11 @@ def greedy_soup(
         raise SoupError(f"memory must be a number of bytes >= 0, got {memory!r}")
     all_names = ingredient_names(ingredients, names)
     ingredients, (ev, test_evaluator) = adapter_ingredients(  # adapter folders: exact soups
-        ingredients, ev, test_evaluator, unsafe_pickle=unsafe_pickle
+        ingredients,
+        ev,
+        test_evaluator,
+        unsafe_pickle=unsafe_pickle,
+        allow_different_base=allow_different_base,
     )
     ckpts = open_ingredients(ingredients, key=key, unsafe_pickle=unsafe_pickle)
     try:

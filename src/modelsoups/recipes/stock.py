@@ -11,10 +11,16 @@ Few, nearly orthogonal fine-tunes (small cos θ) are pulled towards θ₀; agree
 their average (identical ingredients: cos θ = 1, t = 1).
 
 Each tensor takes two passes over its inputs, in cache-sized slices, and never a copy of a
-whole tensor: the first sums the k×k Gram matrix ⟨θᵢ − θ₀, θⱼ − θ₀⟩ in float64 (its
-diagonal gives the norms), the second is the weighted mean of `average.py` with weights
-(1 − t) on θ₀ and t/k on each θᵢ, accumulated in float64 and rounded once to the output
-dtype, with the same non-finite and overflow checks as every soup.
+whole tensor: the first sums the k×k Gram matrix ⟨θᵢ − θ₀, θⱼ − θ₀⟩ (its diagonal gives
+the norms), the second is the weighted mean of `average.py` with weights (1 − t) on θ₀
+and t/k on each θᵢ, with the same non-finite and overflow checks as every soup.
+
+Rounding follows the uniform soup's `accumulate` (docs/guarantees.md, "Rounding"). By
+default both passes run in float32 (each slice's Gram by BLAS, the slices summed in
+float64): t is then within ~1e-7 of its float64 value (a float32 dot product's error) and
+the soup within (k + 2)·2⁻²⁴·Σ|wᵢ·xᵢ| of the weighted mean with that t, the bound of a
+uniform soup of k + 1 inputs. `accumulate="float64"` runs both in float64: every element
+is Eq. 6-7 evaluated exactly, rounded once to the output dtype (at 1.6× the compute).
 """
 
 from __future__ import annotations
@@ -26,9 +32,16 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from ..average import check_finite, output_dtype, soup_tensor, widen, widen_buffer
+from ..average import (
+    accumulate_dtype,
+    check_finite,
+    output_dtype,
+    soup_tensor,
+    widen,
+    widen_buffer,
+)
 from ..check import check_compatible, check_non_float
-from ..dtypes import F64, DType, to_torch
+from ..dtypes import BF16, F32, F64, DType, to_torch
 from ..errors import SoupError
 from ..ingredients import Ingredient, close_all, open_ingredients
 from ..io.base import Checkpoint
@@ -49,23 +62,26 @@ def model_stock(
     finetuned: Sequence[Ingredient],
     *,
     dtype: str | DType | torch.dtype | None = None,
+    accumulate: str = "float32",
 ) -> tuple[StateDict, Ratios]:
     """Model Stock of in-memory state dicts, modules or checkpoint paths.
 
     Returns the soup (floating tensors in `dtype`, default the base's) and the per-tensor
-    `(cos θ, t)` ratios.
+    `(cos θ, t)` ratios. `accumulate="float64"`: the Gram matrices and the mean in float64,
+    each element the exact formula rounded once (see `stock_tensor`).
 
     Example:
         >>> sd, ratios = model_stock(pretrained_sd, [ft1_sd, ft2_sd])  # doctest: +SKIP
     """
+    acc, out_dtype = accumulate_dtype(accumulate), output_dtype(dtype)
     ckpts = open_ingredients([base, *finetuned])
-    out_dtype = output_dtype(dtype)
     try:
         _check(ckpts)
         ratios: Ratios = {}
         soup = {}
         for name, info in ckpts[0].infos.items():
-            array = stock_tensor(name, ckpts[0], ckpts[1:], ratios, dtype=out_dtype)
+            array = stock_tensor(name, ckpts[0], ckpts[1:], ratios, dtype=out_dtype,
+                                 accumulate=acc)  # fmt: skip
             if info.is_float:
                 soup[name] = to_torch(array, out_dtype or info.dtype)
             else:  # the base's own buffer: copied, so that the soup owns its tensors
@@ -81,6 +97,7 @@ def write_model_stock(
     out: PathLike,
     *,
     dtype: str | DType | torch.dtype | None = None,
+    accumulate: str = "float32",
     max_shard_size: int | None = None,
     key: str | None = None,
     unsafe_pickle: bool = False,
@@ -95,16 +112,17 @@ def write_model_stock(
     started, out, paths = time.perf_counter(), Path(out), [Path(base), *map(Path, finetuned)]
     check_sharding(out, max_shard_size)
     check_output(out, paths)
-    out_dtype = output_dtype(dtype)
+    acc, out_dtype = accumulate_dtype(accumulate), output_dtype(dtype)
     ckpts = open_ingredients(paths, key=key, unsafe_pickle=unsafe_pickle)
     try:
         _check(ckpts)
         ratios: Ratios = {}
 
         def soup_of(name: str, buffer: np.ndarray) -> np.ndarray:
-            return stock_tensor(name, ckpts[0], ckpts[1:], ratios, dtype=out_dtype, buffer=buffer)
+            return stock_tensor(name, ckpts[0], ckpts[1:], ratios, dtype=out_dtype,
+                                accumulate=acc, buffer=buffer)  # fmt: skip
 
-        meta = provenance("model-stock", ckpts, [], accumulate="float64")
+        meta = provenance("model-stock", ckpts, [], accumulate=np.dtype(acc.numpy).name)
         result = write_streamed(ckpts, out, soup_of, out_dtype, meta,
                                 max_shard_size=max_shard_size, overwrite=overwrite,
                                 progress=progress)  # fmt: skip
@@ -121,22 +139,26 @@ def stock_tensor(
     ratios: Ratios,
     *,
     dtype: DType | None = None,
+    accumulate: DType = F32,
     buffer: np.ndarray | None = None,
 ) -> np.ndarray:
     """One tensor of Model Stock, as an array in its storage type (in `buffer` if given);
-    records its `(cos θ, t)` in `ratios`. Integer tensors are the base's."""
+    records its `(cos θ, t)` in `ratios`. Integer tensors are the base's.
+
+    Two passes over the inputs, both accumulated in `accumulate`: the Gram matrix of the
+    deltas (`delta_gram`), then the weighted mean with weights (1 − t, t/k, …, t/k)."""
     if not base.infos[name].is_float:
         return base.array(name)
     gram = delta_gram(base.array(name), base.infos[name].dtype,
                       [c.array(name) for c in finetuned],
-                      [c.infos[name].dtype for c in finetuned])  # fmt: skip
+                      [c.infos[name].dtype for c in finetuned], accumulate=accumulate)  # fmt: skip
     if not np.isfinite(gram).all():  # a NaN/Inf in an input: name it
         check_finite(name, dtype or base.infos[name].dtype, [base, *finetuned], suggest_allow=False)
     cos, t = ratio_from_gram(gram)
     ratios[name] = (round(cos, 6), round(t, 6))
     k = len(finetuned)
     weights = [1.0 - t] + [t / k] * k
-    return soup_tensor(name, [base, *finetuned], weights, accumulate=F64, dtype=dtype,
+    return soup_tensor(name, [base, *finetuned], weights, accumulate=accumulate, dtype=dtype,
                        buffer=buffer, suggest_allow=False)  # fmt: skip
 
 
@@ -153,10 +175,10 @@ def ratio_from_gram(gram: np.ndarray) -> tuple[float, float]:
     return cos, k * cos / (1 + (k - 1) * cos)
 
 
-# Pass 1 widens a slice of each fine-tune into one float64 row of a k×SLICE matrix (k·128
-# KiB: in a core's L2 cache for the few fine-tunes Model Stock is used with) that BLAS then
-# multiplies by its transpose.
-SLICE = 1 << 14
+# Pass 1 puts a slice of each fine-tune's delta into one row of a k×SLICE matrix that BLAS
+# then multiplies by its transpose. Float32 rows: k·256 KiB, in a core's L2 cache for the
+# few fine-tunes Model Stock is used with; float64 rows: k·128 KiB.
+SLICE = {F32: 1 << 16, F64: 1 << 14}
 
 
 def delta_gram(
@@ -164,29 +186,53 @@ def delta_gram(
     base_dtype: DType,
     finetuned: Sequence[np.ndarray],
     dtypes: Sequence[DType],
+    *,
+    accumulate: DType = F32,
 ) -> np.ndarray:
-    """G[i, j] = ⟨θᵢ − θ₀, θⱼ − θ₀⟩ over a whole tensor, in float64, slice by slice.
+    """G[i, j] = ⟨θᵢ − θ₀, θⱼ − θ₀⟩ over a whole tensor, slice by slice, as float64.
 
+    `accumulate=F32`: each slice's deltas and their products in float32 (the difference of
+    two bf16 or fp16 values is exact there), the slices' Gram matrices summed in float64.
+    `F64`: everything in float64 (exact products; the recipe's `--accumulate float64`).
     Arrays are in their storage type (`DType.storage`); memory is a few slices, never a
     whole tensor.
     """
     k, numel = len(finetuned), base.size
-    step = min(SLICE, max(numel, 1))
+    step = min(SLICE[accumulate], max(numel, 1))
+    acc, f32 = accumulate.numpy, accumulate == F32
+    pairs = f32 and numel % 2 == 0 and all(d == BF16 for d in (base_dtype, *dtypes))
+    pairs = pairs and all(a.ctypes.data % 4 == 0 for a in (base, *finetuned))
     flat_base, flats = base.reshape(-1), [a.reshape(-1) for a in finetuned]
-    wide, base64 = widen_buffer(), np.empty(step, np.float64)
-    deltas, gram = np.empty((k, step), np.float64), np.zeros((k, k), np.float64)
+    wide, wide_base = widen_buffer(), np.empty(step, acc)
+    deltas, gram = np.empty((k, step), acc), np.zeros((k, k), np.float64)
     with np.errstate(all="ignore"):  # a NaN or overflow shows in the Gram; checked by the caller
         for start in range(0, numel, step):
             stop = min(start + step, numel)
             m = stop - start
-            np.copyto(base64[:m], widen(flat_base[start:stop], base_dtype, wide))
+            b = _load(flat_base[start:stop], base_dtype, wide_base if f32 else wide, pairs)
+            if b.dtype != acc:  # float64, or fp16 into float32: the base once, not k times
+                np.copyto(wide_base[:m], b, casting="unsafe")
+                b = wide_base[:m]
             for i, (a, d) in enumerate(zip(flats, dtypes, strict=True)):
-                row = deltas[i, :m]  # widened, then the (exact) float64 difference
-                np.copyto(row, widen(a[start:stop], d, wide))
-                np.subtract(row, base64[:m], out=row)
+                row = deltas[i, :m]  # bf16: widened into the row itself, then the difference
+                np.subtract(_load(a[start:stop], d, row if f32 else wide, pairs), b, out=row,
+                            dtype=acc)  # fmt: skip
             rows = deltas[:, :m]
             gram += rows @ rows.T
     return gram
+
+
+def _load(x: np.ndarray, dtype: DType, buffer: np.ndarray, pairs: bool) -> np.ndarray:
+    """The 1-d slice `x` as floats: `widen(x, dtype, buffer)`, or with `pairs` (bf16, even
+    length, 4-byte aligned), read two elements at a time as uint32 into `buffer`: the odd
+    elements first, then the even ones, an order the Gram does not see, without widening
+    each uint16 to uint32 first (a third less work)."""
+    if not pairs:
+        return widen(x, dtype, buffer)
+    u, out, half = x.view(np.uint32), buffer[: x.size], x.size // 2
+    np.bitwise_and(u, 0xFFFF0000, out=out[:half].view(np.uint32))
+    np.left_shift(u, 16, out=out[half:].view(np.uint32))
+    return out
 
 
 def stock_ratio(deltas: torch.Tensor) -> tuple[float, float]:
@@ -195,7 +241,9 @@ def stock_ratio(deltas: torch.Tensor) -> tuple[float, float]:
     return ratio_from_gram(d @ d.T)
 
 
-def stock_checkpoint(base: Checkpoint, finetuned: Sequence[Checkpoint]) -> LazyCheckpoint:
+def stock_checkpoint(
+    base: Checkpoint, finetuned: Sequence[Checkpoint], *, accumulate: str = "float32"
+) -> LazyCheckpoint:
     """Model Stock as a lazy checkpoint: each tensor is computed when read.
 
     The per-layer (cos θ, t) are recorded in `.extra["ratios"]` as they are computed.
@@ -203,10 +251,10 @@ def stock_checkpoint(base: Checkpoint, finetuned: Sequence[Checkpoint]) -> LazyC
     from ..candidate import LazyCheckpoint
 
     _check([base, *finetuned])
-    ratios: Ratios = {}
+    acc, ratios = accumulate_dtype(accumulate), Ratios()
 
     def compute(name: str) -> torch.Tensor:
-        array = stock_tensor(name, base, finetuned, ratios)
+        array = stock_tensor(name, base, finetuned, ratios, accumulate=acc)
         return to_torch(array.copy(), base.infos[name].dtype)
 
     out = LazyCheckpoint("<model stock>", base.infos, compute)

@@ -16,17 +16,17 @@ from __future__ import annotations
 
 import functools
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
-from ..adapter_space import adapter_ingredients
+from ..adapter_space import adapter_space
 from ..average import output_dtype, soup_tensor
 from ..check import check_compatible, check_non_float
 from ..dtypes import F64, DType, to_torch
 from ..errors import EvaluationError, SoupError
 from ..evaluate import Evaluator, Score, as_evaluator
-from ..history import History, check_dataset, record
+from ..history import History, check_dataset, check_scorer, record
 from ..ingredients import Ingredient, close_all, ingredient_sources, open_ingredients
 from ..io.base import Checkpoint
 
@@ -50,6 +50,9 @@ class SweepResult:
     best: float
     state_dict: StateDict | None  # the best mix (None when the caller writes it instead)
     records: list[dict[str, Any]] = field(default_factory=list)  # one history record per value
+    # adapter ingredients: `state_dict` is a PEFT LoRA adapter and this its adapter_config
+    # (`adapter_space.save_adapter(r.state_dict, r.adapter_config, folder)` writes it)
+    adapter_config: dict[str, Any] | None = None
 
 
 # Over 60 lines: half of it is the public keyword list and its docstring; the body is
@@ -70,6 +73,8 @@ def sweep(
     keep_best: bool = True,
     key: str | None = None,
     unsafe_pickle: bool = False,
+    allow_different_base: bool = False,
+    scorer: Mapping[str, Any] | None = None,
 ) -> SweepResult:
     """Score the mix `Σ weights_of(v)[i]·ingredients[i]` for every v; keep the best.
 
@@ -77,7 +82,8 @@ def sweep(
         ingredients: checkpoint paths, state dicts or modules of one architecture; or PEFT
             LoRA adapter folders, optionally after their base model (WiSE-FT's zero-shot,
             task arithmetic's θ₀): candidates are then exact adapters (`AdapterSpace`) and
-            the best mix is returned as one (PEFT keys, rank Σrᵢ, scale 1).
+            the best mix is returned as one: `state_dict` with PEFT keys (rank Σrᵢ over
+            the adapters of non-zero weight, scale 1) and `adapter_config`.
         weights_of: the ingredients' weights for a value (not normalised; may be negative).
         evaluator: scores a candidate on HELD-OUT data (`Evaluator`, or `fn(state_dict)`).
         name, recipe: the candidate for v is named `{recipe}_{name}={v:g}` in the history.
@@ -85,6 +91,9 @@ def sweep(
         history, resume: JSON-lines log of the scores; `resume=True` skips logged values.
         executor: runs the evaluations (an int is that many local worker processes).
         keep_best: also return the best mix as a state dict (one full copy, made once).
+        allow_different_base: adapter ingredients whose `base_model_name_or_path` differ.
+        scorer: what `evaluator` is (JSON), logged on each record; `resume` refuses a
+            history logged by another scorer (default: `evaluator.spec()` if it has one).
 
     Example:
         >>> r = sweep([zs, ft], lambda a: [1 - a, a], val_acc, [0.3, 0.5])  # doctest: +SKIP
@@ -92,7 +101,12 @@ def sweep(
     if not values:
         raise SoupError(f"give at least one {name}")
     out_dtype, ev = output_dtype(dtype), as_evaluator(evaluator)
-    ingredients, (ev,) = adapter_ingredients(ingredients, ev, unsafe_pickle=unsafe_pickle)
+    spec = getattr(evaluator, "spec", None)
+    scorer = spec() if scorer is None and callable(spec) else scorer
+    space = adapter_space(ingredients, allow_different_base=allow_different_base,
+                          unsafe_pickle=unsafe_pickle)  # fmt: skip
+    if space is not None:  # adapter folders: exact adapter soups, scored as adapters
+        ingredients, ev = space.ingredients, space.evaluator(ev) or ev
     ckpts = open_ingredients(ingredients, key=key, unsafe_pickle=unsafe_pickle)
     try:  # checked once, here, before any evaluation
         check_compatible(ckpts)
@@ -101,6 +115,7 @@ def sweep(
         close_all(ckpts)
     named = {f"{recipe}_{name}={v:g}": v for v in values}
     with History(history, resume=resume, dataset=check_dataset(dataset)) as log:
+        tag = check_scorer(log, scorer)  # {"scorer": ...} on each record it scores
         done = {r["model_name"] for r in log.records if r.get("kind") == "sweep"}
         todo = [(n, list(weights_of(v))) for n, v in named.items() if n not in done]
         sources = [
@@ -113,19 +128,22 @@ def sweep(
         results = get_executor(executor).map(score, todo)
         for (n, _), s in zip(todo, results, strict=True):
             if isinstance(s, Score):
-                log.append(record("sweep", n, dataset, s.score, s.metrics, **{name: named[n]}))
+                log.append(record("sweep", n, dataset, s.score, s.metrics, **{name: named[n]},
+                                  **tag))  # fmt: skip
         if errors := [s for s in results if isinstance(s, EvaluationError)]:
             raise errors[0]  # the others' scores are logged: resume does not redo them
     by_name = {r["model_name"]: r for r in log.records if r.get("kind") == "sweep"}
     records = [{**by_name[n], name: v} for n, v in named.items()]
     best = max(records, key=lambda r: float(r[dataset]))  # the first of the best on ties
     scores = [_as_score(r, dataset, name) for r in records]
-    state_dict = None
-    if keep_best:
+    state_dict, config = None, None
+    if keep_best and space is not None:
+        state_dict, config = space.adapter(weights_of(best[name]), dtype=out_dtype)
+    elif keep_best:
         state_dict = mix_state_dict(
             ingredients, weights_of(best[name]), out_dtype, key, unsafe_pickle
         )
-    return SweepResult(list(values), scores, float(best[name]), state_dict, records)
+    return SweepResult(list(values), scores, float(best[name]), state_dict, records, config)
 
 
 def mix_checkpoint(

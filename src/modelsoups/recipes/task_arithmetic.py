@@ -63,6 +63,7 @@ def task_arithmetic_sweep(
     history: str | os.PathLike[str] | None = None,
     resume: bool = False,
     executor: Any = None,
+    allow_different_base: bool = False,
 ) -> SweepResult:
     """Score every `scale` on held-out data and keep the best (first on ties).
 
@@ -71,4 +72,4 @@ def task_arithmetic_sweep(
     weights_of = functools.partial(task_arithmetic_weights, len(finetuned))
     return sweep([base, *finetuned], weights_of, evaluator, scales, name="scale",
                  recipe="task-arithmetic", dtype=dtype, history=history, resume=resume,
-                 executor=executor)  # fmt: skip
+                 executor=executor, allow_different_base=allow_different_base)  # fmt: skip

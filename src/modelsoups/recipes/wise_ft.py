@@ -54,6 +54,7 @@ def wise_ft_sweep(
     history: str | os.PathLike[str] | None = None,
     resume: bool = False,
     executor: Any = None,
+    allow_different_base: bool = False,
 ) -> SweepResult:
     """Score `wise_ft(alpha)` for every alpha on held-out data; keep the best (first on ties).
 
@@ -66,7 +67,7 @@ def wise_ft_sweep(
     """
     return sweep([zeroshot, finetuned], wise_ft_weights, evaluator, alphas, name="alpha",
                  recipe="wise-ft", dtype=dtype, history=history, resume=resume,
-                 executor=executor)  # fmt: skip
+                 executor=executor, allow_different_base=allow_different_base)  # fmt: skip
 
 
 def wise_ft_weights(alpha: float) -> list[float]:
