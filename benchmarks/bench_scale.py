@@ -172,9 +172,11 @@ def bench_size(size: str, args: argparse.Namespace, env: dict[str, str]) -> list
                    "largest": shape.largest_tensor_numel(), "wall_s": m.wall_s,
                    "peak_anon": m.peak_anon_bytes, "rc": m.returncode,
                    "input_bytes": sum((d / "model.safetensors").stat().st_size for d in fine),
-                   "steps_s": greedy_steps(log), "stderr": m.stderr_tail[-300:]}  # fmt: skip
+                   "steps_s": greedy_steps(log), "stderr": m.stderr_tail[-300:],
+                   "load": os.getloadavg()[0]}  # fmt: skip
             print(f"  {size:5s} {name:22s} {m.wall_s:7.2f} s {m.peak_anon_bytes / MiB:8.0f} MiB "
-                  f"rc={m.returncode} {' '.join(f'{s:.2f}' for s in row['steps_s'])}",
+                  f"rc={m.returncode} load {row['load']:.1f} "
+                  f"{' '.join(f'{s:.2f}' for s in row['steps_s'])}",
                   flush=True)  # fmt: skip
             rows.append(row)
             for p in work.iterdir():  # outputs, reports, histories
@@ -202,6 +204,8 @@ def table(rows: list[dict], base: dict[str, int]) -> str:
         notes = "" if r["rc"] == 0 else f"exit {r['rc']}: {r['stderr'].strip().splitlines()[-1:]}"
         if r["steps_s"]:
             notes += "steps " + ", ".join(f"{s:.2f}" for s in r["steps_s"]) + " s"
+        if "load" in r:
+            notes += f"{'; ' if notes else ''}load {r['load']:.1f} after"
         ratio = "" if r["method"].startswith("cat") else f"{r['peak_anon'] / budget:.2f}"
         lines.append(f"| {r['size']} | {r['method']} | {r['wall_s']:.1f} | "
                      f"{r['peak_anon'] / MiB:.0f} | {ratio} | {notes} |")  # fmt: skip
