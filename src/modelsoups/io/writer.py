@@ -30,6 +30,7 @@ from ..dtypes import DType
 from ..errors import OutputError
 from .direct import DirectFile
 from .files import journal
+from .folder import MODEL_FILES
 
 __all__ = [
     "OutputPlan",
@@ -242,6 +243,7 @@ def check_output(out: Path, inputs: Sequence[Path], *, sidecars: Sequence[Path] 
         )
     written = [out, *sidecars]
     for i, w in enumerate(written):
+        _refuse_special(w)
         for p in inputs:
             if _overlap(w, p):
                 what = "output" if i == 0 else "path the soup writes"
@@ -250,6 +252,18 @@ def check_output(out: Path, inputs: Sequence[Path], *, sidecars: Sequence[Path] 
             if _overlap(w, other):
                 raise OutputError(f"{w}: is (or contains, or is inside) {other}, which this run "
                                   "also writes; give each output its own name")  # fmt: skip
+
+
+def _refuse_special(path: Path) -> bool:
+    """Refuse a `path` that exists but is neither a regular file nor a folder (a device, a
+    FIFO, a socket); True when it is a folder."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return False  # missing (or unreadable: the write itself will say so)
+    if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+        raise OutputError(f"{path}: is not a regular file or folder; soup never writes over it")
+    return stat.S_ISDIR(mode)
 
 
 def _overlap(a: Path, b: Path) -> bool:
@@ -295,6 +309,28 @@ def check_destination(dest: Path, *, overwrite: bool = False) -> None:
         raise OutputError(f"{dest}: output folder {dest.parent} does not exist")
     if dest.exists() and not overwrite:
         raise OutputError(f"{dest}: already exists; choose another name or pass --overwrite")
+    check_replaceable(dest)
+
+
+def check_replaceable(dest: Path) -> None:
+    """Refuse to replace what soup could not have written, even with `--overwrite`: a
+    device, FIFO or socket (`-o /dev/null` would swap the device for a file), or a folder
+    holding anything but model files (`-o ~ --overwrite` would delete a home folder)."""
+    if not _refuse_special(dest):
+        return
+    with os.scandir(dest) as entries:
+        foreign = [e.name for e in entries if not _model_file(e)]
+    if foreign:
+        raise OutputError(
+            f"{dest}: holds {foreign[0]!r}, which is not a model file; soup replaces only a "
+            "folder of model files: choose another output"
+        )
+
+
+def _model_file(entry: os.DirEntry[str]) -> bool:
+    name = entry.name
+    known = name.endswith((".safetensors", ".json")) or name in MODEL_FILES
+    return known and entry.is_file(follow_symlinks=False)
 
 
 @contextlib.contextmanager
@@ -321,6 +357,7 @@ def atomic_path(
                 f"{dest}: appeared while the soup was being written (another run?); it was "
                 "left as is and nothing was kept"
             )
+        check_replaceable(dest)  # what appeared meanwhile gets the same check
         if dest.exists() and (folder or dest.is_dir()):
             # A folder cannot be swapped in one step: move the old one aside first, delete
             # it after the swap. A file is replaced atomically by the rename below.
