@@ -74,6 +74,35 @@ def test_no_file_name_runs_code_whatever_the_quoting(
     assert out.is_file()
 
 
+@pytest.mark.parametrize("quoting", list(QUOTING), ids=list(QUOTING))
+def test_no_folder_name_runs_code_and_notes_stay_on_one_line(
+    quoting: str,
+    tmp_path: Path,
+    make_ingredients: Maker,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """HF folders with hostile names (a newline too): nothing runs, the evaluator finds the
+    folder's files, and every note or warning naming the folder stays one line."""
+    from modelsoups.cli.common import STATE
+
+    monkeypatch.chdir(tmp_path)  # where `touch PWNED` would land
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    made = make_ingredients(2, "hf-folder")
+    folders = [p.rename(runs / f"{HOSTILE[5 - i]}{i}") for i, p in enumerate(made)]
+    out = tmp_path / "soup"
+    command = f"test -f {QUOTING[quoting]}/config.json && echo 1"
+    STATE["quiet"] = False
+    capsys.readouterr()
+    assert main(["greedy", *map(str, folders), "-o", str(out), "--eval", command]) == 0
+    err = capsys.readouterr().err
+    assert all(line.startswith("soup: ") for line in err.splitlines()), err
+    assert "copied" in err  # the note naming the folder, its newline escaped
+    assert not list(tmp_path.rglob("PWNED"))
+    assert (out / "config.json").is_file()
+
+
 def test_soup_ckpt_environment_names_the_same_file(tmp_path: Path, make_ingredients: Maker) -> None:
     a, b = make_ingredients(2)
     log = tmp_path / "env.txt"
