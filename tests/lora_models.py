@@ -58,6 +58,12 @@ def make_adapter(
     save = list(modules_to_save) if modules_to_save else None
     if kind == "loha":
         config: object = peft.LoHaConfig(r=r, alpha=alpha, target_modules=list(targets))
+    elif kind == "lokr":
+        config = peft.LoKrConfig(r=r, alpha=alpha, target_modules=list(targets))
+    elif kind == "ia3":
+        config = peft.IA3Config(target_modules=list(targets), feedforward_modules=[])
+    elif kind == "prompt":
+        config = peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4)
     else:
         config = peft.LoraConfig(r=r, lora_alpha=alpha, use_rslora=rslora,
                                  target_modules=list(targets), modules_to_save=save,

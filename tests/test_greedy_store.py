@@ -1,4 +1,5 @@
-"""Greedy soup beyond RAM: the streamed store equals the in-memory one bit for bit, the
+"""Greedy soup beyond RAM: the streamed store equals the in-memory one bit for bit (their
+candidates as tensors, as arrays and as the scratch files an eval command reads), the
 memory budget picks between them, non-finite candidates are refused, `soup greedy
 --memory/--workdir`."""
 
@@ -6,15 +7,19 @@ from __future__ import annotations
 
 import json
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
+import safetensors.torch
 import torch
 from conftest import save_as, tiny_state_dict
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from modelsoups import greedy_soup
+from modelsoups.average import CHUNK
+from modelsoups.candidate import write_candidate
 from modelsoups.cli import main
 from modelsoups.errors import NonFiniteError, SoupError
 from modelsoups.evaluate import Score
@@ -29,8 +34,9 @@ def cast(sd: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Ten
 
 class Recording:
     """A held-out score (rounded, so that ties happen) that keeps a copy of every candidate
-    as `get` gives it (float32 for a soup) and as `array` does (the declared dtype, what a
-    command evaluator's file holds)."""
+    as `get` gives it (float32 for a soup), as `array` does (the declared dtype) and as a
+    command evaluator's scratch file holds it (written in parts, `scratch=True`), after
+    checking that file byte for byte against the durable writer's."""
 
     def __init__(self, target: dict[str, torch.Tensor]) -> None:
         self.target, self.seen = target, []
@@ -38,7 +44,13 @@ class Recording:
     def evaluate(self, candidate: Checkpoint, *, name: str) -> Score:
         sd = {k: candidate.get(k).clone() for k in candidate.infos}
         arrays = {k: torch.from_numpy(candidate.array(k).copy()) for k in candidate.infos}
-        self.seen += [sd, arrays]
+        with tempfile.TemporaryDirectory() as d:
+            scratch, durable = Path(d) / "scratch.safetensors", Path(d) / "durable.safetensors"
+            write_candidate(candidate, scratch, scratch=True)
+            write_candidate(candidate, durable)
+            assert scratch.read_bytes() == durable.read_bytes()
+            written = safetensors.torch.load(scratch.read_bytes())
+        self.seen += [sd, arrays, written]
         t = self.target
         return Score(
             round(-sum(float((sd[k].double() - t[k].double()).pow(2).sum()) for k in t), 1)
@@ -71,6 +83,23 @@ def test_streamed_and_in_memory_choose_the_same_soup_bit_for_bit(seeds, dtype, a
     assert len(streamed_seen) == len(mem_seen)
     assert all(same(a, b) for a, b in zip(mem_seen, streamed_seen, strict=True))
     assert same(mem_soup, streamed_soup)
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp32"])
+def test_stores_agree_on_tensors_split_across_threads(dtype: str) -> None:
+    """A tensor of over two slices (`CHUNK`) is computed, rounded and written by two
+    threads, each writing its own parts of the scratch file."""
+    g = torch.Generator().manual_seed(0)
+    sds = [{"big": torch.randn(3 * CHUNK + 5, generator=g).to(DTYPES[dtype]),
+            "steps": torch.tensor(7)} for _ in range(4)]  # fmt: skip
+    target = {"big": sds[0]["big"].float()}
+    runs = []
+    for memory in (2**40, 0):
+        ev = Recording(target)
+        runs.append((greedy_soup(sds, ev, memory=memory), ev.seen))
+    assert runs[0][0].selected == runs[1][0].selected
+    assert all(same(a, b) for a, b in zip(runs[0][1], runs[1][1], strict=True))
+    assert same(runs[0][0].state_dict(), runs[1][0].state_dict())
 
 
 def test_memory_budget_picks_the_store_and_is_checked() -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from pathlib import Path
 
 import pytest
@@ -88,10 +89,15 @@ def test_merge_into_writes_the_full_model_loadable_with_from_pretrained(
     from transformers import AutoModelForCausalLM
 
     base, runs = adapters
+    with_tokenizer = tmp_path / "base"  # the base, with tokenizer files to carry over
+    shutil.copytree(base, with_tokenizer)
+    (with_tokenizer / "tokenizer.json").write_text('{"version": "1.0", "model": {}}')
+    (with_tokenizer / "tokenizer_config.json").write_text('{"model_max_length": 64}')
     out = tmp_path / "merged"
-    args = ["weighted", *map(str, runs), "--weights", "1,2,1", "--merge-into", str(base)]
+    args = ["weighted", *map(str, runs), "--weights", "1,2,1", "--merge-into", str(with_tokenizer)]
     assert main([*args, "-o", str(out)]) == 0
-    assert (out / "config.json").read_bytes() == (base / "config.json").read_bytes()
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
+        assert (out / name).read_bytes() == (with_tokenizer / name).read_bytes(), name
     model = AutoModelForCausalLM.from_pretrained(out)
     assert_matches(dict(model.state_dict()), reference(base, runs, [0.25, 0.5, 0.25]))
 
@@ -230,3 +236,46 @@ def test_unnormalised_weights_make_a_task_vector_sum_also_for_modules_to_save(
     assert_matches(dict(AutoModelForCausalLM.from_pretrained(merged).state_dict()), want)
     ms.lora_soup(runs, tmp_path / "adapter", weights=weights, normalize=False, base=base)
     assert_matches(peft_merged(base, tmp_path / "adapter"), want)
+
+
+NO_PEFT = """import sys
+sys.modules["peft"] = None  # `import peft` fails from here on
+import modelsoups as ms
+from modelsoups.cli import main
+*runs, base, out = sys.argv[1:]
+assert main(["inspect", *runs]) == 0
+assert main(["uniform", *runs, "-o", out + "/soup", "-q"]) == 0
+assert main(["uniform", *runs, "--rank", "6", "-o", out + "/r6", "-q"]) == 0
+merged = ["--weights", "1,2,1", "--merge-into", base, "-o", out + "/merged", "-q"]
+assert main(["weighted", *runs, *merged]) == 0
+space = ms.AdapterSpace(runs)
+ms.save_adapter(*space.adapter([0.5, 0.5, 0.0]), out + "/mix")
+print(sorted(m for m in sys.modules if m.split(".")[0] == "peft" and sys.modules[m]))
+"""
+
+
+def test_adapters_are_read_and_written_without_peft(
+    adapters: tuple[Path, list[Path]], tmp_path: Path
+) -> None:
+    """inspect, the exact soup, --rank, --merge-into and AdapterSpace in a process where
+    `import peft` fails, a `.bin` adapter among the inputs; PEFT (here) loads the results."""
+    import subprocess
+    import sys
+
+    from transformers import AutoModelForCausalLM
+
+    base, runs = adapters
+    as_bin = tmp_path / "run2-bin"
+    as_bin.mkdir()
+    torch.save(load_file(runs[2] / "adapter_model.safetensors"), as_bin / "adapter_model.bin")
+    shutil.copy(runs[2] / "adapter_config.json", as_bin)
+    inputs = [*map(str, runs[:2]), str(as_bin)]
+    done = subprocess.run([sys.executable, "-c", NO_PEFT, *inputs, str(base), str(tmp_path)],
+                          capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().splitlines()[-1] == "[]"  # no peft module was imported
+    assert_matches(peft_merged(base, tmp_path / "soup"), reference(base, runs, [1 / 3] * 3))
+    assert_matches(peft_merged(base, tmp_path / "mix"), reference(base, runs[:2], [0.5, 0.5]))
+    peft_merged(base, tmp_path / "r6")  # loads: no missing or unexpected keys
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").state_dict()
+    assert_matches(dict(merged), reference(base, runs, [0.25, 0.5, 0.25]))

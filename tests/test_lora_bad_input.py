@@ -24,7 +24,8 @@ pytest.importorskip("peft")
 
 @pytest.fixture(scope="module")
 def made(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """base, other-base, a, b (plain LoRA), qk (other targets), dora, loha."""
+    """base, other-base, a, b (plain LoRA), qk (other targets), dora, loha, lokr, ia3,
+    prompt (prompt tuning)."""
     root = tmp_path_factory.mktemp("lora-bad")
     base = make_base(root / "base")
     other = make_base(root / "other-base", hidden=48)
@@ -34,6 +35,8 @@ def made(tmp_path_factory: pytest.TempPathFactory) -> Path:
     make_adapter(base, root / "qk", targets=("q_proj", "k_proj"), seed=4)
     make_adapter(base, root / "dora", kind="dora", seed=5)
     make_adapter(base, root / "loha", kind="loha", modules_to_save=None, seed=6)
+    for kind in ("lokr", "ia3", "prompt"):
+        make_adapter(base, root / kind, kind=kind, modules_to_save=None, seed=7)
     return root
 
 
@@ -106,6 +109,11 @@ CASES: list[tuple[str, list[str] | Callable[[Path], list[str]], list[str]]] = [
     ("different target modules", ["uniform", "a", "qk", "-o", "out"], ["qk", "k_proj"]),
     ("DoRA adapter", ["uniform", "a", "dora", "-o", "out"], ["dora", "DoRA"]),
     ("LoHa adapter", ["uniform", "a", "loha", "-o", "out"], ["loha", "LOHA"]),
+    ("LoKr adapter", ["uniform", "a", "lokr", "-o", "out"], ["lokr", "a LOKR adapter"]),
+    ("IA3 adapter", ["weighted", "ia3", "a", "--weights", "1,1", "-o", "out"],
+     ["ia3", "an IA3 adapter"]),
+    ("prompt tuning adapter", ["greedy", "a", "prompt", *["--eval", "false {ckpt}", "-o", "out"]],
+     ["prompt", "PROMPT_TUNING"]),
     ("missing adapter_config.json", _missing_config, ["b", "adapter_config.json"]),
     ("adapter weights file alone", _bare_weights, ["b", "adapter_config.json"]),
     ("adapter next to a full checkpoint", _full_checkpoint, ["full.safetensors", "adapters"]),

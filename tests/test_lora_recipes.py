@@ -130,6 +130,45 @@ def test_greedy_over_adapters_hands_the_eval_command_adapter_folders(
     assert a["held_out"] == pytest.approx(b["held_out"], abs=1e-5)
 
 
+MERGED_EVAL = """import sys, pathlib
+from safetensors.numpy import load_file
+ckpt, target = pathlib.Path(sys.argv[1]), load_file(sys.argv[2])
+assert (ckpt / "config.json").is_file() and not (ckpt / "adapter_config.json").exists()
+model = load_file(ckpt / "model.safetensors")
+print(-sum(float(((model[k].astype("f8") - t) ** 2).sum()) for k, t in target.items()))
+"""
+
+
+def test_greedy_merge_into_hands_the_eval_command_merged_models(
+    made: dict[str, Path], tmp_path: Path
+) -> None:
+    """With --merge-into BASE, `{ckpt}` is each candidate merged into the base (a model
+    folder with the base's config, no adapter): an eval script scoring closeness to the
+    merged soup of runs 0 and 2 gets the float64 reference's scores, greedy keeps those two,
+    and the output is their merged soup."""
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM
+
+    base, runs = made["base"], [made[f"run{i}"] for i in range(3)]
+    keys = ["model.layers.0.self_attn.q_proj.weight", "lm_head.weight"]
+    target = reference(base, [runs[0], runs[2]], [0.5, 0.5])
+    save_file({k: target[k] for k in keys}, tmp_path / "target.safetensors")
+    script = tmp_path / "eval.py"
+    script.write_text(MERGED_EVAL)
+    command = f"{sys.executable} {script} {{ckpt}} {tmp_path / 'target.safetensors'}"
+    out = tmp_path / "merged"
+    args = ["greedy", *map(str, runs), "--merge-into", str(base), "--eval", command]
+    assert main([*args, "-o", str(out), "-q"]) == 0
+    report = json.loads((tmp_path / "merged.report.json").read_text())
+    assert sorted(report["selected"]) == ["run0", "run2"]
+    for i, ingredient in enumerate(report["ingredients"]):
+        alone = reference(base, [runs[i]], [1.0])
+        want = -sum(float((alone[k] - target[k]).pow(2).sum()) for k in keys)
+        assert ingredient["held_out"] == pytest.approx(want, rel=1e-4)
+    assert report["held_out"] == pytest.approx(0.0, abs=1e-6)
+    assert_matches(dict(AutoModelForCausalLM.from_pretrained(out).state_dict()), target)
+
+
 def test_wise_ft_of_base_and_adapter_is_alpha_times_the_adapter_and_sweeps_exactly(
     made: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

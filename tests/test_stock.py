@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from conftest import save_as, tiny_state_dict
@@ -17,9 +19,10 @@ from hypothesis import strategies as st
 from modelsoups import model_stock
 from modelsoups.cli import main
 from modelsoups.cli.common import STATE
+from modelsoups.dtypes import BF16, F64
 from modelsoups.errors import NonFiniteError, SoupError
 from modelsoups.io import open_checkpoint
-from modelsoups.recipes.stock import stock_ratio
+from modelsoups.recipes.stock import delta_gram, stock_ratio
 
 BASE = tiny_state_dict(0, noise=0.0)
 
@@ -80,6 +83,19 @@ def test_cli_stock_streams_the_same_soup(tmp_path: Path) -> None:
         for k, v in expected.items():
             torch.testing.assert_close(c.get(k), v)
     assert (tmp_path / "stock.report.json").exists()
+
+
+def test_cli_stock_history_and_report_name_the_scorer(tmp_path: Path) -> None:
+    fts = [tiny_state_dict(i, noise=0.05) for i in range(2)]
+    base = save_as(BASE, tmp_path / "base", "safetensors")
+    paths = [str(save_as(sd, tmp_path / f"ft{i}", "safetensors")) for i, sd in enumerate(fts)]
+    cmd = f"{sys.executable} -c 'print(0.5)' {{ckpt}}"
+    out = tmp_path / "stock.safetensors"
+    assert main(["stock", *paths, "--base", str(base), "-o", str(out), "--eval", cmd, "-q"]) == 0
+    (line,) = (tmp_path / "stock.history.jsonl").read_text().splitlines()
+    assert json.loads(line)["scorer"] == {"eval": cmd}
+    report = json.loads((tmp_path / "stock.report.json").read_text())
+    assert report["scorer"] == {"eval": cmd} and report["held_out"] == 0.5
 
 
 def test_cli_stock_accumulate_float64_streams_the_float64_soup(tmp_path: Path) -> None:
@@ -258,6 +274,24 @@ def test_float64_fp32_soup_equals_the_float64_formula_rounded_once() -> None:
         assert torch.equal(out[name], ref.to(torch.float32)), name
     assert 0 < ratios["w"][1] < 1
     assert beyond_stated_bound(model_stock(base, fts)[0], base, fts) == []
+
+
+@pytest.mark.parametrize("offset", [0, 1])  # 1: not 4-byte aligned, so read one at a time
+@pytest.mark.parametrize("numel", [300_001, 300_002])  # several slices; odd: one at a time
+def test_float32_gram_of_bf16_slices_is_the_float64_gram(offset: int, numel: int) -> None:
+    """The float32 Gram (bf16 read two at a time when aligned, in another order) is the
+    exact Gram of the deltas within float32 dot-product rounding."""
+    g = torch.Generator().manual_seed(numel)
+    base = torch.randn(numel + 1, generator=g)
+    rows = [(base + 0.01 * torch.randn(numel + 1, generator=g)).bfloat16() for _ in range(3)]
+    bits = [r.view(torch.int16).numpy().view(np.uint16)[offset : offset + numel] for r in rows]
+    base_bits = base.bfloat16().view(torch.int16).numpy().view(np.uint16)[offset : offset + numel]
+    exact = torch.stack([r[offset : offset + numel].double() for r in rows])
+    exact = exact - base.bfloat16()[offset : offset + numel].double()
+    gram = delta_gram(base_bits, BF16, bits, [BF16] * 3)
+    np.testing.assert_allclose(gram, (exact @ exact.T).numpy(), rtol=1e-5)
+    exact64 = delta_gram(base_bits, BF16, bits, [BF16] * 3, accumulate=F64)
+    np.testing.assert_allclose(exact64, (exact @ exact.T).numpy(), rtol=1e-12)
 
 
 def test_stock_ratio_of_deltas_matches_hand_computation() -> None:

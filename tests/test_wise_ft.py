@@ -79,6 +79,29 @@ def test_cli_wise_ft_single_alpha_and_sweep(tmp_path: Path) -> None:
     assert main([*args, "-q"]) == 1  # output and history exist
 
 
+def test_cli_sweep_logs_its_scorer_and_resume_refuses_another(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    zs = save_as(ZS, tmp_path / "zs", "safetensors")
+    ft = save_as(FT, tmp_path / "ft", "safetensors")
+    script = tmp_path / "ev.py"
+    script.write_text("import os; print(-abs(float(os.environ['SOUP_CANDIDATE'].split('=')[1])))")
+    cmd = f"{sys.executable} {script} {{ckpt}}"
+    out, history = tmp_path / "w.safetensors", tmp_path / "w.history.jsonl"
+    args = ["wise-ft", str(zs), str(ft), "-o", str(out), "--alphas", "0,0.5", "-q"]
+    assert main([*args, "--eval", cmd]) == 0
+    logged = history.read_bytes()
+    assert [json.loads(x)["scorer"] for x in logged.splitlines()] == [{"eval": cmd}] * 2
+    capsys.readouterr()
+    again = [*args, "--resume", "--overwrite"]
+    assert main([*again, "--eval", f"{cmd} --other"]) == 1
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and "was scored by" in lines[0], lines
+    assert history.read_bytes() == logged
+    assert main([*again, "--eval", cmd]) == 0  # the same scorer: nothing re-evaluated
+    assert history.read_bytes() == logged
+
+
 class _Recorder:
     """An evaluator that keeps each candidate's tensors exactly as read (copies), and scores
     the candidate by how close its fc.weight is to α = 0.4."""

@@ -64,6 +64,7 @@ if TYPE_CHECKING:
 __all__ = [
     "AdapterEvaluator",
     "AdapterSpace",
+    "MergedEvaluator",
     "SpreadAdapter",
     "adapter_ingredients",
     "adapter_space",
@@ -237,6 +238,25 @@ class AdapterEvaluator:
 
     def evaluate(self, candidate: Checkpoint, *, name: str) -> Score:
         return self.inner.evaluate(as_adapter(candidate, self.config), name=name)
+
+
+@dataclass
+class MergedEvaluator:
+    """Scores adapter candidates (an `AdapterEvaluator` hands them on) as full models: each
+    is merged into `base` tensor by tensor (`lora_merge.merged_candidate`) before `inner`
+    reads it, e.g. an eval command that loads models, not adapters (`--merge-into`)."""
+
+    inner: Evaluator
+    base: Path
+
+    def evaluate(self, candidate: Checkpoint, *, name: str) -> Score:
+        from .recipes.lora_merge import merged_candidate
+
+        merged = merged_candidate(candidate, self.base)
+        try:
+            return self.inner.evaluate(merged, name=name)
+        finally:
+            merged.close()
 
 
 def adapter_space(

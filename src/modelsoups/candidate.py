@@ -27,6 +27,7 @@ from .dtypes import to_numpy
 from .errors import IncompatibleError
 from .io import HFFolder
 from .io.base import Checkpoint, TensorInfo
+from .io.scratch import ScratchFile, Sink
 from .io.writer import (
     Entry,
     OutputPlan,
@@ -53,6 +54,7 @@ __all__ = [
     "model_files_source",
     "open_candidate",
     "write_candidate",
+    "write_parts",
 ]
 
 
@@ -73,11 +75,12 @@ class LazyCheckpoint(Checkpoint):
         on_close: Callable[[], None] | None = None,
         compute_array: Callable[[str], np.ndarray] | None = None,
         adapter_config: dict[str, Any] | None = None,
+        compute_parts: Callable[[str, Sink], None] | None = None,
     ) -> None:
         super().__init__(Path(label), "memory", dict(infos))
         self._compute, self.model_files_from = compute, model_files_from
         self.adapter_config = adapter_config  # a PEFT LoRA adapter's config (see module doc)
-        self._compute_array = compute_array
+        self._compute_array, self._compute_parts = compute_array, compute_parts
         self._on_close = on_close
         self.extra: dict[str, Any] = {}  # what a recipe learns while computing (e.g. ratios)
 
@@ -88,7 +91,7 @@ class LazyCheckpoint(Checkpoint):
         """Release what computing it holds (buffers, open inputs); reading it then fails."""
         if self._on_close is not None:
             self._on_close()
-        self._on_close = self._compute_array = None
+        self._on_close = self._compute_array = self._compute_parts = None
         self._compute = _closed(self.path)
 
     def array(self, name: str) -> np.ndarray:
@@ -97,6 +100,15 @@ class LazyCheckpoint(Checkpoint):
         if self._compute_array is not None:
             return self._compute_array(name)
         return to_numpy(self.get(name).to(self.infos[name].dtype.to_torch()))
+
+    def write_parts(self, name: str, sink: Sink) -> None:
+        """Tensor `name` in its declared dtype, passed to `sink(first, part)` in flat parts
+        (element `first` onwards), maybe from several threads at once, each part valid only
+        during the call: `compute_parts` if given, else `array` whole."""
+        if self._compute_parts is not None:
+            self._compute_parts(name, sink)
+        else:
+            sink(0, self.array(name).reshape(-1))
 
 
 def _closed(label: Path) -> Callable[[str], torch.Tensor]:
@@ -159,11 +171,14 @@ def write_candidate(
     overwrite: bool = False,
     model_files_from: Path | None = None,
     max_shard_size: int | None = None,
+    scratch: bool = False,
 ) -> None:
     """Stream `candidate` into `out` (a `.safetensors` file, else an HF folder; a PEFT
     adapter folder if the candidate is an adapter), atomically.
 
-    `max_shard_size` (bytes) shards the folder as `save_pretrained` does.
+    `max_shard_size` (bytes) shards the folder as `save_pretrained` does. `scratch`: a
+    candidate an eval command reads once, deleted after; written into the page cache in
+    the parts its computation yields (`write_parts`), never fsynced (`io/scratch.py`).
     """
     from .io.adapter import ADAPTER_CONFIG, ADAPTER_WEIGHTS
     from .io.folder import copy_model_files
@@ -173,23 +188,51 @@ def write_candidate(
     check_sharding(out, max_shard_size)
     entries = [Entry(n, i.dtype, i.shape) for n, i in candidate.infos.items()]
     meta = {"format": "pt", **(metadata or {})}
-    with atomic_path(out, folder=folder, overwrite=overwrite) as tmp:
+    with atomic_path(out, folder=folder, overwrite=overwrite, durable=not scratch) as tmp:
         if config is not None:  # PEFT reads one adapter_model.safetensors
             target = tmp / ADAPTER_WEIGHTS[0]
-            writer = ShardedWriter(target, OutputPlan(target, entries, meta, folder=False))
+            root, plan = target, OutputPlan(target, entries, meta, folder=False)
         else:
-            writer = ShardedWriter(tmp, OutputPlan(out, entries, meta, folder, max_shard_size))
-        try:
-            for name in candidate.infos:
-                writer.write(name, candidate.array(name))
-            writer.close()
-        finally:
-            writer.abort()
+            target = tmp / "model.safetensors" if folder else tmp
+            root, plan = tmp, OutputPlan(out, entries, meta, folder, max_shard_size)
+        if scratch and max_shard_size is None:
+            _write_scratch(candidate, target, entries, meta)
+        else:
+            _write_durable(candidate, ShardedWriter(root, plan))
         if config is not None:
             text = json.dumps(config, indent=2, sort_keys=True) + "\n"
             (tmp / ADAPTER_CONFIG).write_text(text)
         elif folder and model_files_from is not None:
             copy_model_files(model_files_from, tmp)
+
+
+def write_parts(candidate: Checkpoint, name: str, sink: Sink) -> None:
+    """Pass tensor `name` of `candidate`, in its declared dtype, to `sink(first, part)`:
+    in parts as a `LazyCheckpoint` computes them, else whole."""
+    if isinstance(candidate, LazyCheckpoint):
+        candidate.write_parts(name, sink)
+    else:
+        sink(0, candidate.array(name).reshape(-1))
+
+
+def _write_durable(candidate: Checkpoint, writer: ShardedWriter) -> None:
+    try:
+        for name in candidate.infos:
+            writer.write(name, candidate.array(name))
+        writer.close()
+    finally:
+        writer.abort()
+
+
+def _write_scratch(candidate: Checkpoint, target: Path, entries: list[Entry],
+                   meta: dict[str, str]) -> None:  # fmt: skip
+    f = ScratchFile(target, entries, meta)
+    try:
+        for name in candidate.infos:
+            write_parts(candidate, name, f.sink(name))
+        f.close()
+    finally:
+        f.abort()
 
 
 CANDIDATES = ".soup-candidate-"

@@ -327,7 +327,7 @@ class CommandEvaluator:
                 source = getattr(candidate, "model_files_from", None)
                 folder = source or getattr(candidate, "adapter_config", None)
                 path = Path(d) / ("candidate" if folder else "candidate.safetensors")
-                write_candidate(candidate, path, model_files_from=source)
+                write_candidate(candidate, path, model_files_from=source, scratch=True)
                 return self.run(path, name)
             before = stamps(candidate.path)
             try:

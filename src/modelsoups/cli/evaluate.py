@@ -32,6 +32,7 @@ from .options import (
 )
 
 if TYPE_CHECKING:
+    from ..adapter_space import MergedEvaluator
     from ..evaluate import CommandEvaluator
     from ..metrics import MetricEvaluator
     from ..types import Progress
@@ -98,6 +99,18 @@ def command_evaluator(
     from ..evaluate import CommandEvaluator
 
     return CommandEvaluator(command, timeout=timeout, workdir=workdir)
+
+
+def merged_for(
+    command: CommandEvaluator | None, merge_into: Path | None
+) -> CommandEvaluator | MergedEvaluator | None:
+    """With `merge_into` (adapters: `--merge-into BASE`) an eval command gets each adapter
+    candidate merged into that base: the kind of model the output will be."""
+    if command is None or merge_into is None:
+        return command
+    from ..adapter_space import MergedEvaluator
+
+    return MergedEvaluator(command, merge_into)
 
 
 def quiet_transformers() -> None:

@@ -14,7 +14,7 @@ import typer
 
 from ..errors import SoupError
 from .common import STATE, err, say
-from .evaluate import command_evaluator, scoring_evaluators
+from .evaluate import command_evaluator, merged_for, scoring_evaluators
 from .options import (
     AdapterOutput,
     AverageOptions,
@@ -130,9 +130,11 @@ def _run_selection(
     names = ingredient_names(paths)
     held_out, test_metric = metric_evaluators
     timeout = search.scoring.eval_timeout
-    evaluator = held_out or command_evaluator(search.scoring.eval_command, timeout, work)
+    merge = adapters.merge_into
+    command = command_evaluator(search.scoring.eval_command, timeout, work)
+    evaluator = held_out or merged_for(command, merge)
     assert evaluator is not None  # checked by the caller: --eval or --metric was given
-    tester = test_metric or command_evaluator(test.test_eval, timeout, work)
+    tester = test_metric or merged_for(command_evaluator(test.test_eval, timeout, work), merge)
     return greedy_soup(
         paths,
         GuardedEvaluator(evaluator, guard),

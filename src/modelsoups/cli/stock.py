@@ -11,6 +11,7 @@ import typer
 
 from .common import STATE, progress_bar, say
 from .evaluate import command_evaluator, scoring_evaluators
+from .greedy import scorer
 from .options import (
     Accumulate,
     Base,
@@ -56,7 +57,7 @@ def stock(
     ratios = _write_stock(paths, output, read, write, accumulate)
     say(f"wrote {output} (model stock of {len(paths) - 1} over {paths[0]}, mean t = "
         f"{sum(t for _, t in ratios.values()) / max(len(ratios), 1):.3f})")  # fmt: skip
-    held_out = None
+    held_out, spec = None, scorer(metric, scoring.eval_command)
     evaluator = metric or command_evaluator(scoring.eval_command, scoring.eval_timeout,
                                             output.parent)  # fmt: skip
     if evaluator is not None:
@@ -64,10 +65,12 @@ def stock(
         held_out = score.score
         with History(sidecar(output, ".history.jsonl", records.history), resume=True,
                      dataset=dataset) as log:  # fmt: skip
-            log.append(record("final", "model_stock", dataset, score.score, score.metrics))
+            log.append(record("final", "model_stock", dataset, score.score, score.metrics,
+                              scorer=spec))  # fmt: skip
     write_report(sidecar(output, ".report.json", records.report), {
         "recipe": "model-stock", "output": str(output), "base": str(paths[0]),
         "ingredients": [str(p) for p in paths[1:]], "held_out": held_out, "dataset": dataset,
+        "scorer": spec,
         "ratios": {k: {"cos": c, "t": t} for k, (c, t) in ratios.items()},
         "seconds": {"total": time.perf_counter() - started},
     })  # fmt: skip

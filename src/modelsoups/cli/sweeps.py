@@ -19,7 +19,8 @@ import typer
 
 from ..errors import SoupError
 from .common import STATE, say
-from .evaluate import command_evaluator, scoring_evaluators
+from .evaluate import command_evaluator, merged_for, scoring_evaluators
+from .greedy import scorer
 from .options import (
     Alpha,
     Alphas,
@@ -146,7 +147,8 @@ def _sweep(
     executor = search.parallel.executor()
     guard = InputGuard([*mix.paths, *filter(None, [options.adapters.merge_into])])
     with candidate_folder(output) as work:
-        evaluator = metric or command_evaluator(scoring.eval_command, scoring.eval_timeout, work)
+        command = command_evaluator(scoring.eval_command, scoring.eval_timeout, work)
+        evaluator = metric or merged_for(command, options.adapters.merge_into)
         assert evaluator is not None  # checked by the caller: --eval or --metric was given
         guarded = GuardedEvaluator(evaluator, guard)
         result = sweep(
@@ -155,6 +157,7 @@ def _sweep(
             history=sidecar(output, ".history.jsonl", records.history), resume=search.resume,
             executor=executor, keep_best=False, key=read.key, unsafe_pickle=read.unsafe_pickle,
             allow_different_base=options.adapters.allow_different_base,
+            scorer=scorer(metric, scoring.eval_command),
         )  # fmt: skip
     guard.check("before the final write")
     return result.best, result.records

@@ -32,6 +32,7 @@ __all__ = [
     "LoraModule",
     "adapter_base",
     "adapter_folder",
+    "adapter_of",
     "open_adapter",
 ]
 
@@ -152,7 +153,8 @@ def _read_config(folder: Path) -> dict[str, Any]:
     kind = str(config.get("peft_type", "")).upper()
     if kind != "LORA":
         raise CheckpointError(
-            f"{path}: a {kind or 'untyped'} adapter; only plain LoRA adapters can be souped"
+            f"{path}: {'an' if kind[:1] in tuple('AEIOU') else 'a'} {kind or 'untyped'} adapter; "
+            "only plain LoRA adapters can be souped"
         )
     for key, what in _VARIANTS.items():
         if config.get(key):
@@ -200,6 +202,14 @@ def open_adapter(path: str | os.PathLike[str], *, unsafe_pickle: bool = False) -
     if not adapter.modules:
         weights.close()
         raise CheckpointError(f"{file}: no lora_A/lora_B tensors in the adapter")
+    return adapter
+
+
+def adapter_of(weights: Checkpoint, config: dict[str, Any]) -> LoraAdapter:
+    """`weights` (tensors with PEFT adapter keys, e.g. a soup candidate) under `config`,
+    indexed into modules as `open_adapter` does."""
+    adapter = LoraAdapter(weights.path, config, weights)
+    _index_tensors(adapter)
     return adapter
 
 

@@ -39,6 +39,7 @@ __all__ = [
     "check_output",
     "check_sharding",
     "remove_stale_partials",
+    "safetensors_header",
     "temporary_name",
     "write_json",
 ]
@@ -64,23 +65,28 @@ class _Writable(Protocol):
     def write(self, data: bytes | memoryview, /) -> object: ...
 
 
+def safetensors_header(entries: Sequence[Entry], metadata: dict[str, str]) -> bytes:
+    """The start of a safetensors file holding `entries` in order, up to its data: the
+    header's length (8 bytes, little-endian) and the JSON header, padded to 8 bytes."""
+    header: dict[str, object] = {"__metadata__": metadata} if metadata else {}
+    offset = 0
+    for e in entries:
+        header[e.name] = {
+            "dtype": e.dtype.name,
+            "shape": list(e.shape),
+            "data_offsets": [offset, offset + e.nbytes],
+        }
+        offset += e.nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # align the data section to 8 bytes
+    return len(raw).to_bytes(8, "little") + raw
+
+
 class _FileWriter:
     """Writes one safetensors file whose entries are known up front, in order."""
 
     def __init__(self, f: _Writable, entries: list[Entry], metadata: dict[str, str]) -> None:
-        header: dict[str, object] = {"__metadata__": metadata} if metadata else {}
-        offset = 0
-        for e in entries:
-            header[e.name] = {
-                "dtype": e.dtype.name,
-                "shape": list(e.shape),
-                "data_offsets": [offset, offset + e.nbytes],
-            }
-            offset += e.nbytes
-        raw = json.dumps(header, separators=(",", ":")).encode()
-        raw += b" " * (-len(raw) % 8)  # align the data section to 8 bytes
-        f.write(len(raw).to_bytes(8, "little"))
-        f.write(raw)
+        f.write(safetensors_header(entries, metadata))
         self._f, self._pending = f, list(reversed(entries))
 
     def write(self, name: str, array: np.ndarray) -> None:
@@ -292,8 +298,11 @@ def check_destination(dest: Path, *, overwrite: bool = False) -> None:
 
 
 @contextlib.contextmanager
-def atomic_path(dest: Path, *, folder: bool, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temporary path next to `dest`; rename it to `dest` only if the block succeeds."""
+def atomic_path(
+    dest: Path, *, folder: bool, overwrite: bool = False, durable: bool = True
+) -> Iterator[Path]:
+    """Yield a temporary path next to `dest`; rename it to `dest` only if the block succeeds
+    (and fsync the folders: `durable=False` skips that, for scratch files read once)."""
     check_destination(dest, overwrite=overwrite)
     remove_stale_partials(dest)
     tmp = temporary_name(dest)
@@ -306,7 +315,7 @@ def atomic_path(dest: Path, *, folder: bool, overwrite: bool = False) -> Iterato
         raise OutputError(f"{dest}: cannot write in {dest.parent} ({e.strerror})") from None
     try:
         yield tmp
-        _fsync_dir(tmp) if folder else None
+        _fsync_dir(tmp) if folder and durable else None
         if dest.exists() and not overwrite:  # another run finished first: never replace it
             raise OutputError(
                 f"{dest}: appeared while the soup was being written (another run?); it was "
@@ -321,7 +330,7 @@ def atomic_path(dest: Path, *, folder: bool, overwrite: bool = False) -> Iterato
             shutil.rmtree(old) if old.is_dir() else old.unlink()
         else:
             os.replace(tmp, dest)
-        _fsync_dir(dest.parent)
+        _fsync_dir(dest.parent) if durable else None
     except OSError as e:
         _remove(tmp)
         if e.errno == errno.ENOSPC:

@@ -34,8 +34,9 @@ import torch
 
 from ..average import CHUNK, check_finite, widen, widen_buffer
 from ..candidate import LazyCheckpoint
-from ..dtypes import DType, to_numpy
+from ..dtypes import BF16, F32, DType, to_numpy
 from ..io.base import Checkpoint, TensorInfo
+from ..io.scratch import Sink
 
 __all__ = [
     "DEFAULT_MEMORY",
@@ -118,16 +119,17 @@ class SoupStore:
         terms: list[Term],
         *,
         start: np.ndarray | None = None,
-        mean: np.ndarray | torch.Tensor | None = None,
+        mean: np.ndarray | None = None,
+        sink: Sink | None = None,
         n: int = 1,
         members: Sequence[Checkpoint] = (),
     ) -> None:
         """`out = start + Σ terms` in float32, left to right (without `start`: the first
-        term widened, then the others); with `mean`, `mean = out / n` (`mean` may be `out`,
-        or a tensor of the declared dtype, rounded into as torch's `.to` does; `out` may
-        then be None: a slice of scratch per thread), checked: a NaN, Inf or float16
-        overflow raises `NonFiniteError` naming the input among `members` that holds one.
-        Slice by slice, split across the threads."""
+        term widened, then the others); then `out / n` into `mean` (which may be `out`), or
+        rounded to the declared dtype as torch's `.to` does and passed to `sink(first,
+        part)` a slice at a time (`out` may then be None: a slice of scratch per thread),
+        checked: a NaN, Inf or float16 overflow raises `NonFiniteError` naming the input
+        among `members` that holds one. Slice by slice, split across the threads."""
         dtype, size = self.infos[k].dtype, self.infos[k].numel
         flat_out = None if out is None else out.reshape(-1)
         flat_mean = None if mean is None else mean.reshape(-1)
@@ -136,14 +138,20 @@ class SoupStore:
         finite = [True]
 
         def part(lo: int, hi: int) -> None:
-            wide = widen_buffer()
-            scratch = np.empty(min(CHUNK, hi - lo), np.float32) if flat_out is None else None
+            wide, m = widen_buffer(), min(CHUNK, hi - lo)
+            scratch = np.empty(m, np.float32) if flat_out is None else None
+            quot = np.empty(m, np.float32) if sink and flat_out is not None else None
+            narrow = torch.empty(m, dtype=dtype.to_torch()) if sink and dtype != F32 else None
             for a in range(lo, hi, CHUNK):
                 b = min(a + CHUNK, hi)
                 acc = scratch[: b - a] if scratch is not None else flat_out[a:b]  # type: ignore[index]
                 rest, prev = flats, None
-                if flat_start is None:
-                    np.copyto(acc, widen(flats[0][0][a:b], flats[0][1], wide), casting="unsafe")
+                if flat_start is None:  # bf16 is widened into `acc` itself (no copy)
+                    x, d = flats[0][0][a:b], flats[0][1]
+                    if d != BF16:
+                        np.copyto(acc, widen(x, d, wide), casting="unsafe")
+                    else:
+                        widen(x, d, acc)
                     rest = flats[1:]
                 else:
                     prev = flat_start[a:b]
@@ -151,13 +159,18 @@ class SoupStore:
                     np.add(acc if prev is None else prev, widen(x[a:b], d, wide), out=acc,
                            dtype=np.float32)  # fmt: skip
                     prev = None
-                if isinstance(flat_mean, np.ndarray):
+                if flat_mean is not None:
                     np.divide(acc, n, out=flat_mean[a:b])
                     finite[0] = _finite(flat_mean[a:b], dtype) and finite[0]
-                elif flat_mean is not None:  # a tensor of the declared dtype
-                    np.divide(acc, n, out=acc)
-                    finite[0] = _finite(acc, dtype) and finite[0]
-                    flat_mean[a:b].copy_(torch.from_numpy(acc))
+                elif sink is not None:  # the mean in scratch (`out` keeps the sum), rounded
+                    q = acc if quot is None else quot[: b - a]
+                    np.divide(acc, n, out=q)
+                    finite[0] = _finite(q, dtype) and finite[0]
+                    if narrow is None:
+                        sink(a, q)
+                    else:
+                        narrow[: b - a].copy_(torch.from_numpy(q))
+                        sink(a, to_numpy(narrow[: b - a]))
 
         _in_slices(self.pool, self.threads, size, part)
         if self.check and not finite[0]:
@@ -190,19 +203,29 @@ class InMemorySum(SoupStore):
         n, members = self.size + 1, [*self.members, extra]
         self.computed = (extra, set())
 
-        def compute(k: str) -> torch.Tensor:
-            if not self.infos[k].is_float:
-                return self.fixed[k]
+        def step(k: str, **into: Any) -> None:  # next_sums[k], and the mean `into`
             if self.computed is None or self.computed[0] is not extra:
                 raise RuntimeError(f"{label}: read after the next candidate was computed")
             nxt = self.next_sums.setdefault(k, np.empty_like(self.sums[k]))
-            mean = self.means.setdefault(k, np.empty_like(self.sums[k]))
             self._sum(k, nxt, [(extra.array(k), extra.infos[k].dtype)], start=self.sums[k],
-                      mean=mean, n=n, members=members)  # fmt: skip
+                      n=n, members=members, **into)  # fmt: skip
             self.computed[1].add(k)
+
+        def compute(k: str) -> torch.Tensor:
+            if not self.infos[k].is_float:
+                return self.fixed[k]
+            mean = self.means.setdefault(k, np.empty_like(self.sums[k]))
+            step(k, mean=mean)
             return torch.from_numpy(mean)
 
-        return LazyCheckpoint(label, self.infos, compute, model_files_from=self.folder)
+        def compute_parts(k: str, sink: Sink) -> None:  # rounded slice by slice: no `means`
+            if not self.infos[k].is_float:
+                sink(0, to_numpy(self.fixed[k]).reshape(-1))
+            else:
+                step(k, sink=sink)
+
+        return LazyCheckpoint(label, self.infos, compute, model_files_from=self.folder,
+                              compute_parts=compute_parts)  # fmt: skip
 
     def add(self, ckpt: Checkpoint) -> None:
         """Add `ckpt` (free if the last candidate was computed whole with it)."""
@@ -261,16 +284,26 @@ class StreamedSum(SoupStore):
             self._sum(k, out, terms(k), mean=out, n=len(members), members=members)
             return torch.from_numpy(out)
 
+        def compute_parts(k: str, sink: Sink) -> None:  # the declared dtype, slice by slice
+            if not self.infos[k].is_float:
+                sink(0, members[0].array(k).reshape(-1))
+            else:
+                self._sum(k, None, terms(k), sink=sink, n=len(members), members=members)
+
         def compute_array(k: str) -> np.ndarray:  # the declared dtype, no float32 copy
             info = self.infos[k]
             if not info.is_float:
                 return members[0].array(k).copy()
-            out = torch.empty(info.shape, dtype=info.dtype.to_torch())
-            self._sum(k, None, terms(k), mean=out, n=len(members), members=members)
-            return to_numpy(out)
+            out = np.empty(info.numel, info.dtype.numpy)
+
+            def put(first: int, part: np.ndarray) -> None:
+                out[first : first + part.size] = part
+
+            compute_parts(k, put)
+            return out.reshape(info.shape)
 
         return LazyCheckpoint(label, self.infos, compute, model_files_from=self.folder,
-                              compute_array=compute_array)  # fmt: skip
+                              compute_array=compute_array, compute_parts=compute_parts)  # fmt: skip
 
 
 def _in_slices(pool: ThreadPoolExecutor | None, threads: int, size: int,

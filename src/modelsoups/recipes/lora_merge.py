@@ -27,10 +27,11 @@ from ..types import Progress, SoupResult
 if TYPE_CHECKING:
     import numpy as np
 
+    from ..candidate import LazyCheckpoint
     from ..io.base import Checkpoint
     from ..lora_plan import LoraPlan
 
-__all__ = ["write_merged"]
+__all__ = ["merged_candidate", "write_merged"]
 
 
 def _targets(plan: LoraPlan, base: Checkpoint) -> dict[str, str]:
@@ -132,3 +133,40 @@ def write_merged(
     if copied:
         result.notes.append(f"copied {len(copied)} model files from {base_path}")
     return result
+
+
+def merged_candidate(candidate: Checkpoint, base_path: Path) -> LazyCheckpoint:
+    """An adapter candidate (`candidate.as_adapter`: PEFT keys and an `adapter_config`)
+    merged into the base, computed tensor by tensor when read: W₀ + s·B·A for each adapted
+    weight, its `modules_to_save` tensors, the base's other tensors as they are, and the
+    base's config and tokenizer files (a base folder). `close()` closes the base."""
+    from ..candidate import LazyCheckpoint, adapter_config
+    from ..dtypes import to_torch
+    from ..io.adapter import adapter_of
+    from ..lora_plan import LoraPlan
+
+    config = adapter_config(candidate)
+    if config is None:
+        raise SoupError(f"{candidate.path}: not an adapter candidate; nothing to merge")
+    adapter = adapter_of(candidate, config)
+    plan, base = LoraPlan([adapter], [1.0]), open_checkpoint(base_path)
+    try:
+        targets = _targets(plan, base)
+    except BaseException:
+        base.close()
+        raise
+
+    def compute_array(key: str) -> np.ndarray:
+        dtype = base.infos[key].dtype
+        if key in targets:
+            return _merged(plan, base, key, targets[key], plan.accumulate, dtype)
+        if key in adapter.extras:  # modules_to_save: the candidate's own
+            return plan.saved_tensor(adapter.extras[key], dtype)
+        return base.array(key)
+
+    return LazyCheckpoint(
+        f"<{candidate.path} merged into {base_path}>", base.infos,
+        lambda key: to_torch(compute_array(key), base.infos[key].dtype),
+        compute_array=compute_array, on_close=base.close,
+        model_files_from=base.path if isinstance(base, HFFolder) else None,
+    )  # fmt: skip

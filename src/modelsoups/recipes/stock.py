@@ -41,7 +41,7 @@ from ..average import (
     widen_buffer,
 )
 from ..check import check_compatible, check_non_float
-from ..dtypes import F32, F64, DType, to_torch
+from ..dtypes import BF16, F32, F64, DType, to_torch
 from ..errors import SoupError
 from ..ingredients import Ingredient, close_all, open_ingredients
 from ..io.base import Checkpoint
@@ -199,7 +199,9 @@ def delta_gram(
     """
     k, numel = len(finetuned), base.size
     step = min(SLICE[accumulate], max(numel, 1))
-    acc = accumulate.numpy
+    acc, f32 = accumulate.numpy, accumulate == F32
+    pairs = f32 and numel % 2 == 0 and all(d == BF16 for d in (base_dtype, *dtypes))
+    pairs = pairs and all(a.ctypes.data % 4 == 0 for a in (base, *finetuned))
     flat_base, flats = base.reshape(-1), [a.reshape(-1) for a in finetuned]
     wide, wide_base = widen_buffer(), np.empty(step, acc)
     deltas, gram = np.empty((k, step), acc), np.zeros((k, k), np.float64)
@@ -207,17 +209,30 @@ def delta_gram(
         for start in range(0, numel, step):
             stop = min(start + step, numel)
             m = stop - start
-            b = widen(flat_base[start:stop], base_dtype, wide if acc != np.float32 else wide_base)
-            if acc != np.float32 or b.dtype != np.float32:
+            b = _load(flat_base[start:stop], base_dtype, wide_base if f32 else wide, pairs)
+            if b.dtype != acc:  # float64, or fp16 into float32: the base once, not k times
                 np.copyto(wide_base[:m], b, casting="unsafe")
                 b = wide_base[:m]
             for i, (a, d) in enumerate(zip(flats, dtypes, strict=True)):
                 row = deltas[i, :m]  # bf16: widened into the row itself, then the difference
-                x = widen(a[start:stop], d, row if acc == np.float32 else wide)
-                np.subtract(x, b, out=row, dtype=acc)
+                np.subtract(_load(a[start:stop], d, row if f32 else wide, pairs), b, out=row,
+                            dtype=acc)  # fmt: skip
             rows = deltas[:, :m]
             gram += rows @ rows.T
     return gram
+
+
+def _load(x: np.ndarray, dtype: DType, buffer: np.ndarray, pairs: bool) -> np.ndarray:
+    """The 1-d slice `x` as floats: `widen(x, dtype, buffer)`, or with `pairs` (bf16, even
+    length, 4-byte aligned), read two elements at a time as uint32 into `buffer`: the odd
+    elements first, then the even ones, an order the Gram does not see, without widening
+    each uint16 to uint32 first (a third less work)."""
+    if not pairs:
+        return widen(x, dtype, buffer)
+    u, out, half = x.view(np.uint32), buffer[: x.size], x.size // 2
+    np.bitwise_and(u, 0xFFFF0000, out=out[:half].view(np.uint32))
+    np.left_shift(u, 16, out=out[half:].view(np.uint32))
+    return out
 
 
 def stock_ratio(deltas: torch.Tensor) -> tuple[float, float]:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import functools
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
@@ -26,7 +26,7 @@ from ..check import check_compatible, check_non_float
 from ..dtypes import F64, DType, to_torch
 from ..errors import EvaluationError, SoupError
 from ..evaluate import Evaluator, Score, as_evaluator
-from ..history import History, check_dataset, record
+from ..history import History, check_dataset, check_scorer, record
 from ..ingredients import Ingredient, close_all, ingredient_sources, open_ingredients
 from ..io.base import Checkpoint
 
@@ -74,6 +74,7 @@ def sweep(
     key: str | None = None,
     unsafe_pickle: bool = False,
     allow_different_base: bool = False,
+    scorer: Mapping[str, Any] | None = None,
 ) -> SweepResult:
     """Score the mix `Σ weights_of(v)[i]·ingredients[i]` for every v; keep the best.
 
@@ -91,6 +92,8 @@ def sweep(
         executor: runs the evaluations (an int is that many local worker processes).
         keep_best: also return the best mix as a state dict (one full copy, made once).
         allow_different_base: adapter ingredients whose `base_model_name_or_path` differ.
+        scorer: what `evaluator` is (JSON), logged on each record; `resume` refuses a
+            history logged by another scorer (default: `evaluator.spec()` if it has one).
 
     Example:
         >>> r = sweep([zs, ft], lambda a: [1 - a, a], val_acc, [0.3, 0.5])  # doctest: +SKIP
@@ -98,6 +101,8 @@ def sweep(
     if not values:
         raise SoupError(f"give at least one {name}")
     out_dtype, ev = output_dtype(dtype), as_evaluator(evaluator)
+    spec = getattr(evaluator, "spec", None)
+    scorer = spec() if scorer is None and callable(spec) else scorer
     space = adapter_space(ingredients, allow_different_base=allow_different_base,
                           unsafe_pickle=unsafe_pickle)  # fmt: skip
     if space is not None:  # adapter folders: exact adapter soups, scored as adapters
@@ -110,6 +115,7 @@ def sweep(
         close_all(ckpts)
     named = {f"{recipe}_{name}={v:g}": v for v in values}
     with History(history, resume=resume, dataset=check_dataset(dataset)) as log:
+        tag = check_scorer(log, scorer)  # {"scorer": ...} on each record it scores
         done = {r["model_name"] for r in log.records if r.get("kind") == "sweep"}
         todo = [(n, list(weights_of(v))) for n, v in named.items() if n not in done]
         sources = [
@@ -122,7 +128,8 @@ def sweep(
         results = get_executor(executor).map(score, todo)
         for (n, _), s in zip(todo, results, strict=True):
             if isinstance(s, Score):
-                log.append(record("sweep", n, dataset, s.score, s.metrics, **{name: named[n]}))
+                log.append(record("sweep", n, dataset, s.score, s.metrics, **{name: named[n]},
+                                  **tag))  # fmt: skip
         if errors := [s for s in results if isinstance(s, EvaluationError)]:
             raise errors[0]  # the others' scores are logged: resume does not redo them
     by_name = {r["model_name"]: r for r in log.records if r.get("kind") == "sweep"}
