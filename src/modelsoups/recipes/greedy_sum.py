@@ -34,7 +34,7 @@ import torch
 
 from ..average import CHUNK, check_finite, widen, widen_buffer
 from ..candidate import LazyCheckpoint
-from ..dtypes import F32, DType, to_numpy
+from ..dtypes import BF16, F32, DType, to_numpy
 from ..io.base import Checkpoint, TensorInfo
 from ..io.scratch import Sink
 
@@ -146,8 +146,12 @@ class SoupStore:
                 b = min(a + CHUNK, hi)
                 acc = scratch[: b - a] if scratch is not None else flat_out[a:b]  # type: ignore[index]
                 rest, prev = flats, None
-                if flat_start is None:
-                    np.copyto(acc, widen(flats[0][0][a:b], flats[0][1], wide), casting="unsafe")
+                if flat_start is None:  # bf16 is widened into `acc` itself (no copy)
+                    x, d = flats[0][0][a:b], flats[0][1]
+                    if d != BF16:
+                        np.copyto(acc, widen(x, d, wide), casting="unsafe")
+                    else:
+                        widen(x, d, acc)
                     rest = flats[1:]
                 else:
                     prev = flat_start[a:b]
