@@ -111,6 +111,29 @@ def workers_zero(c: Ctx) -> Setup:
     return Setup(greedy(c, "--workers", "0"), ["workers must be at least 1"])
 
 
+def output_empty(c: Ctx) -> Setup:
+    """`-o ''` is the current folder: no name to put the report and history beside."""
+    return Setup(greedy(c, out=Path("")), ["-o '.'", "name the soup"])
+
+
+def max_length_beyond_any_tokenizer(c: Ctx) -> Setup:
+    (a,) = c.make(1, "hf-folder")
+    argv = ["eval", str(a), "--metric", "lm-loss", "--data", str(c.tmp / "val.jsonl")]
+    return Setup([*argv, "--max-length", str(10**30)], ["max_length", "2**31-1"])
+
+
+def batch_size_zero(c: Ctx) -> Setup:
+    (a,) = c.make(1, "hf-folder")
+    argv = ["eval", str(a), "--metric", "lm-loss", "--data", str(c.tmp / "val.jsonl")]
+    return Setup([*argv, "--batch-size", "0"], ["batch_size", "from 1"])
+
+
+def epochs_without_end(c: Ctx) -> Setup:
+    a, b = c.make(2)
+    argv = ["learned", str(a), str(b), "-o", str(c.out), "--metric", "lm-loss", "--data"]
+    return Setup([*argv, str(c.tmp / "val.jsonl"), "--epochs", str(10**30)], ["--epochs"])
+
+
 # ---------------------------------------------------------------------------------------
 # A resumed history that cannot be trusted (written by hand, damaged, another tool's).
 
@@ -168,6 +191,36 @@ def history_not_objects(c: Ctx) -> Setup:
     return history_case(c, b"[1, 2, 3]\n", "line 1", "not a JSON object")
 
 
+def history_score_of_400_digits(c: Ctx) -> Setup:
+    rec = b'{"kind": "ingredient", "model_name": "run0", "held_out": ' + b"9" * 400 + b"}\n"
+    return history_case(c, rec, "line 1", "not a finite number")
+
+
+def history_score_of_5000_digits(c: Ctx) -> Setup:
+    """Past Python's 4300-digit limit, json raises a ValueError that is not a JSON error."""
+    rec = b'{"kind": "ingredient", "model_name": "run0", "held_out": ' + b"7" * 5000 + b"}\n"
+    return history_case(c, rec, "line 1", "not JSON")
+
+
+def history_nested_too_deep(c: Ctx) -> Setup:
+    rec = b'{"kind": "ingredient", "x": ' + b"[" * 100_000 + b"]" * 100_000 + b"}\n"
+    return history_case(c, rec, "line 1", "not JSON")
+
+
+def history_last_line_whole_but_damaged(c: Ctx) -> Setup:
+    """A last line that ends with its newline was written whole: damaged, not torn by a
+    crash, so it is refused instead of dropped."""
+    good = line(kind="ingredient", model_name="run0", held_out=1.0)
+    return history_case(c, good + b"{garbage\n", "line 2", "not JSON")
+
+
+def history_sparse_gigabyte(c: Ctx) -> Setup:
+    hist = c.tmp / "soup.history.jsonl"
+    with hist.open("wb") as f:
+        f.truncate(1 << 30)  # sparse: no disk used; read whole it took 33 s and 2.4 GB
+    return Setup(greedy(c, "--resume"), [str(hist), "not a history"])
+
+
 def history_is_a_checkpoint(c: Ctx) -> Setup:
     """`--history` naming a safetensors file (here not an input): refused, not truncated."""
     other = save_as(tiny_state_dict(5), c.tmp / "other", "safetensors")
@@ -203,6 +256,32 @@ def report_recipe_not_text(c: Ctx) -> Setup:
 def report_nested_too_deep(c: Ctx) -> Setup:
     path = report_file(c, b"[" * 200_000 + b"]" * 200_000)
     return Setup(["report", str(path)], [str(path), "not"])
+
+
+def report_integer_of_5000_digits(c: Ctx) -> Setup:
+    path = report_file(c, b'{"recipe": "greedy", "held_out": ' + b"7" * 5000 + b"}")
+    return Setup(["report", str(path)], [str(path), "not a JSON report"])
+
+
+def report_is_a_fifo(c: Ctx) -> Setup:
+    """Was: waits forever for a writer."""
+    path = c.tmp / "soup.report.json"
+    os.mkfifo(path)
+    return Setup(["report", str(path)], [str(path), "not a regular file"])
+
+
+def report_is_dev_zero(c: Ctx) -> Setup:
+    """Was: read until MemoryError (5 GB, 47 s)."""
+    path = c.tmp / "soup.report.json"
+    path.symlink_to("/dev/zero")
+    return Setup(["report", str(path)], [str(path), "not a regular file"])
+
+
+def report_sparse_gigabyte(c: Ctx) -> Setup:
+    path = c.tmp / "soup.report.json"
+    with path.open("wb") as f:
+        f.truncate(1 << 30)
+    return Setup(["report", str(path)], [str(path), "at most"])
 
 
 def report_output_folder_missing(c: Ctx) -> Setup:
@@ -401,6 +480,10 @@ CASES: list[tuple[str, Callable[[Ctx], Setup]]] = [
     ("--max-shard-size of 400 digits", shard_size_overflows),
     ("--dataset named like a history field", dataset_named_like_a_field),
     ("--workers 0", workers_zero),
+    ("-o '' (no name)", output_empty),
+    ("--max-length 10**30", max_length_beyond_any_tokenizer),
+    ("--batch-size 0", batch_size_zero),
+    ("learned --epochs 10**30", epochs_without_end),
     ("resumed history: null score", history_score_null),
     ("resumed history: text score", history_score_text),
     ("resumed history: NaN score", history_score_nan),
@@ -410,11 +493,20 @@ CASES: list[tuple[str, Callable[[Ctx], Setup]]] = [
     ("resumed history: binary", history_binary),
     ("resumed history: damaged middle line", history_damaged_middle_line),
     ("resumed history: not objects", history_not_objects),
+    ("resumed history: score of 400 digits", history_score_of_400_digits),
+    ("resumed history: score of 5000 digits", history_score_of_5000_digits),
+    ("resumed history: nested 100000 deep", history_nested_too_deep),
+    ("resumed history: whole last line damaged", history_last_line_whole_but_damaged),
+    ("resumed history: sparse 1 GB", history_sparse_gigabyte),
     ("--history names a checkpoint", history_is_a_checkpoint),
     ("soup report: binary", report_binary),
     ("soup report: ingredients of the wrong type", report_ingredients_wrong_type),
     ("soup report: recipe not text", report_recipe_not_text),
     ("soup report: JSON nested 200000 deep", report_nested_too_deep),
+    ("soup report: integer of 5000 digits", report_integer_of_5000_digits),
+    ("soup report: a FIFO", report_is_a_fifo),
+    ("soup report: /dev/zero", report_is_dev_zero),
+    ("soup report: sparse 1 GB", report_sparse_gigabyte),
     ("soup report -o in a missing folder", report_output_folder_missing),
     ("soup report -o in a read-only folder", report_output_read_only),
     ("greedy -o in a read-only folder", greedy_output_read_only),
@@ -452,7 +544,7 @@ def test_bad_cli_input(
 
 
 def test_cli_battery_is_large_enough() -> None:
-    assert len(CASES) >= 55
+    assert len(CASES) >= 68
     assert len({i for i, _ in CASES}) == len(CASES)
 
 
@@ -474,10 +566,14 @@ def test_extreme_but_valid_weights_are_normalised(
         torch.testing.assert_close(soup[k], want[0] * sa[k] + want[1] * sb[k])
 
 
-def test_infinite_eval_timeout_means_no_limit(tmp_path: Path, make_ingredients: Maker) -> None:
+@pytest.mark.parametrize("timeout", ["inf", "1e308", str(10**30)])
+def test_infinite_eval_timeout_means_no_limit(
+    timeout: str, tmp_path: Path, make_ingredients: Maker
+) -> None:
+    """inf, and timeouts too long for Python's waits (was: OverflowError), mean no limit."""
     a, b = make_ingredients(2)
     out = tmp_path / "soup.safetensors"
-    argv = ["greedy", str(a), str(b), "-o", str(out), "--eval", OK, "--eval-timeout", "inf"]
+    argv = ["greedy", str(a), str(b), "-o", str(out), "--eval", OK, "--eval-timeout", timeout]
     assert main(argv) == 0
     assert out.is_file()
 
@@ -542,3 +638,28 @@ def test_error_lines_are_short_and_single(
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and len(err.strip()) <= MAX_LINE
     assert "x\\ny" in err
+
+
+def test_report_with_absurd_numbers_and_sizes_still_shows(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Scores of 400 digits, ±1e308, NaN and ±inf are shown blank (were: OverflowError, and
+    matplotlib's singular-matrix error); 20000 ingredients print 200 rows at once (were: rich
+    took minutes); a 10⁵-character recipe or metric name is cut (was: matplotlib stalled)."""
+    monkeypatch.setenv("COLUMNS", "200")
+    metric = "d" * 300
+    ingredients: list[dict[str, object]] = [
+        {"name": f"r{i}", metric: i / 20000} for i in range(20000)
+    ]
+    ingredients[:2] = [{"name": "big", metric: 10**400}, {"name": "far", metric: -1e308}]
+    report = {"recipe": "r" * 100_000, "dataset": metric, "ingredients": ingredients,
+              "weights": [1e308, float("nan")], "held_out": 1e308, "test": {"score": 10**400},
+              "sweep": [{"alpha": float("inf"), metric: 1.0}], "alpha": 0.5}  # fmt: skip
+    path = tmp_path / "soup.report.json"
+    path.write_text(json.dumps(report))
+    capsys.readouterr()
+    for out in ("r.png", "r.html"):
+        assert main(["report", str(path), "-o", str(tmp_path / out)]) == 0
+    shown = capsys.readouterr().out
+    assert " r198 " in shown and " r199 " not in shown and "19,801 more ingredients" in shown
+    assert "<td>r19999</td>" in (tmp_path / "r.html").read_text()

@@ -64,6 +64,9 @@ __all__ = [
     "to_score",
 ]
 
+# Seconds (~31.7 years) from which a timeout means none (Python's waits overflow at ~9e9).
+NO_LIMIT = 1e9
+
 
 @dataclass(frozen=True)
 class Score:
@@ -302,7 +305,8 @@ class CommandEvaluator:
     path, spelled with shell-safe characters only whichever way `{ckpt}` is quoted (see
     `sandbox.py`). An input changed while the command ran stops the run. The command also
     gets `SOUP_CKPT` and `SOUP_CANDIDATE` in its environment. `timeout` is in seconds
-    (None or inf: no limit); the whole process group is killed when it expires.
+    (None, inf or anything from `NO_LIMIT` up: no limit); the whole process group is
+    killed when it expires.
     """
 
     command: str
@@ -316,7 +320,7 @@ class CommandEvaluator:
             t = float(self.timeout)
             if math.isnan(t) or t <= 0:
                 raise SoupError(f"eval timeout must be a positive number of seconds, got {t}")
-            self.timeout = None if math.isinf(t) else t
+            self.timeout = None if t >= NO_LIMIT else t
 
     def evaluate(self, candidate: Checkpoint, *, name: str) -> Score:
         from .io.files import stamps

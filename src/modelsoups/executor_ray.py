@@ -34,8 +34,10 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import shutil
+import signal
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -167,7 +169,9 @@ class RayExecutor:
             if self.address is None:
                 init_local_ray(self.num_cpus)
             else:
-                self.ray.init(address=self.address, include_dashboard=False, log_to_driver=False)
+                with _signal_handlers_kept():
+                    self.ray.init(address=self.address, include_dashboard=False,
+                                  log_to_driver=False, logging_level=logging.ERROR)  # fmt: skip
         except (ConnectionError, RuntimeError, ValueError) as e:
             where = self.address or "a local runtime"
             raise SoupError(f"cannot start Ray on {where}: {str(e).splitlines()[0]}") from None
@@ -196,23 +200,32 @@ class RayExecutor:
         fn_ref = self.ray.put(fn)  # one copy of fn (and what it closes over) for all tasks
         futures = [task.remote(fn_ref, x, os.getcwd()) for x in sent]
         results: list[R] = []
-        for future in futures:
-            try:
+        try:
+            for future in futures:
                 results.append(self.ray.get(future))
-            except self.ray.exceptions.RayError as e:  # a task raised, or its worker died
-                self._cancel_pending(futures)
-                cause = getattr(e, "cause", None)
-                if isinstance(cause, Exception):
-                    raise cause from None
-                raise SoupError(f"a Ray task failed: {str(e).strip().splitlines()[0]}") from None
+        except self.ray.exceptions.RayError as e:  # a task raised, or its worker died
+            self._cancel_pending(futures)
+            cause = getattr(e, "cause", None)
+            if isinstance(cause, Exception):
+                raise cause from None
+            raise SoupError(f"a Ray task failed: {str(e).strip().splitlines()[0]}") from None
+        except BaseException:  # Ctrl-C or SIGTERM: stop the tasks, and the runtime we started
+            self._cancel_pending(futures)
+            self.shutdown()
+            raise
         return results
 
-    def _cancel_pending(self, futures: list[Any]) -> None:
-        """Stop the tasks that have not finished (finished ones are left alone)."""
+    def _cancel_pending(self, futures: list[Any], wait: float = 0.0) -> None:
+        """Stop the tasks that have not finished (finished ones are left alone): each gets
+        a KeyboardInterrupt, so the eval command it runs is killed (evaluate.py); `wait`
+        seconds at most for them to end."""
         _, pending = self.ray.wait(futures, num_returns=len(futures), timeout=0)
         for f in pending:
             with contextlib.suppress(Exception):
                 self.ray.cancel(f)
+        if pending and wait > 0:
+            with contextlib.suppress(Exception):
+                self.ray.wait(pending, num_returns=len(pending), timeout=wait)
 
     def shutdown(self) -> None:
         """Stop the local runtime if this executor started it (a cluster keeps running)."""
@@ -263,9 +276,28 @@ def init_local_ray(num_cpus: int | None = None) -> None:
     Nothing outside this machine can join or reach it: it is for `--ray` on one machine.
     """
     ray = import_ray()
-    with _loopback_only():
+    with _loopback_only(), _signal_handlers_kept():
         ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False,
-                 _node_ip_address="127.0.0.1")  # fmt: skip
+                 logging_level=logging.ERROR, _node_ip_address="127.0.0.1")  # fmt: skip
+
+
+@contextlib.contextmanager
+def _signal_handlers_kept() -> Iterator[None]:
+    """Put back this process's SIGTERM and SIGINT handlers after `ray.init`.
+
+    Ray's core worker installs a C-level SIGTERM handler in the driver that prints a stack
+    dump and aborts: `soup` would die of SIGABRT, with a page of Ray's log, instead of
+    stopping its tasks, removing its temporaries and exiting 130 with one line."""
+    import threading
+
+    kept = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        if threading.current_thread() is threading.main_thread():
+            for s, handler in kept.items():
+                if handler is not None:  # None: set from C, cannot be put back
+                    signal.signal(s, handler)
 
 
 def make_executor(

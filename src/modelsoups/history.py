@@ -31,6 +31,7 @@ RESERVED = frozenset(
     {"kind", "model_name", "accepted", "soup_size", "given", "alpha", "scale", "scorer"}
 )
 _SCORED = ("ingredient", "greedy", "sweep", "final")
+MAX_BYTES = 256 << 20  # the largest history read back
 
 
 def check_dataset(dataset: str) -> str:
@@ -136,6 +137,10 @@ class History:
 
     def _load(self, path: Path) -> None:
         assert self._file is not None
+        size = os.fstat(self._file.fileno()).st_size
+        if size > MAX_BYTES:  # ~10⁶ evaluations; more is another file (or a sparse one)
+            raise SoupError(f"{path}: {size:,} bytes is not a history (at most {MAX_BYTES:,}); "
+                            "give another --history")  # fmt: skip
         raw = self._file.read()
         try:
             text = raw.decode("utf-8")
@@ -145,13 +150,17 @@ class History:
         lines = text.splitlines()
         good: list[str] = []
         for n, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue  # a blank line (an edit by hand) carries nothing
             try:
                 rec = json.loads(line)
-            except json.JSONDecodeError:
-                if n < len(lines) and any(ln.strip() for ln in lines[n:]):
+            except (ValueError, RecursionError):  # not JSON, 4300+ digits, nested too deep
+                # a crash tears the last line before its newline: that line is redone
+                torn = not raw.endswith(b"\n") and not any(ln.strip() for ln in lines[n:])
+                if not torn:
                     raise SoupError(f"{path}: line {n} is not JSON; the history is damaged "
                                     "(fix or remove that line)") from None  # fmt: skip
-                break  # a last line torn by a crash: redone
+                break
             self.records.append(self._check(rec, path, n))
             good.append(line)
         kept = "".join(f"{ln}\n" for ln in good).encode()
@@ -242,7 +251,12 @@ def _lock(f: IO[bytes], path: Path) -> None:
 
 
 def _finite(x: object) -> bool:
-    return isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x)
+    if not isinstance(x, int | float) or isinstance(x, bool):
+        return False
+    try:
+        return math.isfinite(x)
+    except OverflowError:  # an integer beyond any float
+        return False
 
 
 def _integer(x: object) -> bool:

@@ -14,6 +14,8 @@ import base64
 import html
 import io
 import json
+import os
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -48,15 +50,36 @@ class ReportView:
     @property
     def metric(self) -> str:
         """Column and axis label: `held-out`, or `held-out (val_acc)` for a named metric."""
-        return "held-out" if self.dataset == "held_out" else f"held-out ({self.dataset})"
+        return "held-out" if self.dataset == "held_out" else f"held-out ({_label(self.dataset)})"
 
     @property
     def title(self) -> str:
-        return f"{self.recipe} soup — {self.path.name}"
+        return f"{self.recipe} soup — {_label(self.path.name)}"
+
+
+# What a report may hold and still be shown: its size, the rows printed in the terminal,
+# the characters of a label (a label of 10⁵ characters stalls matplotlib for minutes).
+MAX_BYTES = 256 << 20
+MAX_ROWS = 200
+MAX_LABEL = 80
+# Scores beyond this are not scores (and no plot can scale them): shown blank, like text.
+MAX_SCORE = 1e100
 
 
 def _num(x: object) -> float | None:
-    return float(x) if isinstance(x, int | float) and not isinstance(x, bool) else None
+    """`x` as a score, or None for what is not one: text, bools, NaN, ±inf, huge values."""
+    if not isinstance(x, int | float) or isinstance(x, bool):
+        return None
+    try:
+        value = float(x)
+    except OverflowError:  # an integer of hundreds of digits
+        return None
+    return value if abs(value) <= MAX_SCORE else None  # NaN fails the test too
+
+
+def _label(x: object) -> str:
+    text = str(x)
+    return text if len(text) <= MAX_LABEL else text[: MAX_LABEL - 3] + "..."
 
 
 def _test(report: dict[str, Any]) -> float | None:
@@ -72,8 +95,12 @@ def _history(report: dict[str, Any], base: Path) -> list[dict[str, Any]]:
         return []
     for p in (Path(name), base / name, base / Path(name).name):
         if p.is_file():
+            try:
+                data = _bytes(p)
+            except (OSError, SoupError):  # unreadable or too large: the report alone is shown
+                return []
             records = []
-            for ln in p.read_bytes().decode("utf-8", errors="replace").splitlines():
+            for ln in data.decode("utf-8", errors="replace").splitlines():
                 try:
                     r = json.loads(ln)
                 except ValueError:
@@ -84,16 +111,31 @@ def _history(report: dict[str, Any], base: Path) -> list[dict[str, Any]]:
     return []
 
 
+def _bytes(p: Path) -> bytes:
+    """The bytes of regular file `p` (a FIFO would block, /dev/zero never end), at most
+    `MAX_BYTES` of them."""
+    fd = os.open(p, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))  # a FIFO: no wait for a writer
+    with os.fdopen(fd, "rb") as f:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise SoupError(f"{p}: not a regular file")
+        if st.st_size > MAX_BYTES:
+            raise SoupError(f"{p}: {st.st_size:,} bytes; a report is at most {MAX_BYTES:,}")
+        return f.read(MAX_BYTES + 1)
+
+
 def _read(p: Path) -> dict[str, Any]:
     """The report's JSON object, or a one-line error."""
     try:
-        report = json.loads(p.read_bytes().decode("utf-8"))
+        report = json.loads(_bytes(p).decode("utf-8"))
     except OSError as e:
         raise SoupError(f"{p}: cannot read report ({e.strerror})") from None
     except UnicodeDecodeError:
         raise SoupError(f"{p}: not a JSON report (binary content)") from None
     except json.JSONDecodeError as e:
         raise SoupError(f"{p}: not a JSON report (line {e.lineno}: {e.msg})") from None
+    except ValueError as e:  # an integer of more than 4300 digits
+        raise SoupError(f"{p}: not a JSON report ({str(e)[:80]})") from None
     except RecursionError:
         raise SoupError(f"{p}: not a soup report (nested too deeply)") from None
     if not isinstance(report, dict) or not isinstance(report.get("recipe"), str):
@@ -116,7 +158,7 @@ def load_report(path: PathLike) -> ReportView:
     """Read `SOUP.report.json` (any recipe's) into a `ReportView`."""
     p = Path(path)
     report = _read(p)
-    recipe, dataset = report["recipe"], report.get("dataset", "held_out")
+    recipe, dataset = _label(report["recipe"]), report.get("dataset", "held_out")
     dataset = dataset if isinstance(dataset, str) else "held_out"
     weights = report.get("weights") or []
     rows = [_row(ing, dataset, _num(weights[i]) if i < len(weights) else None)

@@ -48,6 +48,7 @@ if TYPE_CHECKING:
     from ..recipes.learned import LearnedSoupResult
 
 LEARNABLE = ("lm-loss", "accuracy", "image-accuracy")
+MAX_EPOCHS = 100_000  # passes over the data: more is a typo, and would never end
 
 
 @expand_bundles
@@ -75,8 +76,9 @@ def learned(
     if metric not in LEARNABLE:
         raise SoupError(f"soup learned learns from the loss of {', '.join(LEARNABLE)}; "
                         f"got --metric {metric!r}")  # fmt: skip
-    if not (epochs >= 0 and 0 < lr < float("inf")):
-        raise SoupError(f"--epochs must be >= 0 and --lr a positive number, got {epochs}, {lr}")
+    if not (0 <= epochs <= MAX_EPOCHS and 0 < lr < float("inf")):
+        raise SoupError(f"--epochs must be from 0 to {MAX_EPOCHS} and --lr a positive number, "
+                        f"got {str(epochs)[:40]}, {lr}")  # fmt: skip
     coefs_path = sidecar(output, ".coefficients.json", coefficients)
     check_outputs(output, paths, WriteOptions(overwrite=overwrite), RecordOptions(report=report),
                   [data, run.model], sidecars=[coefs_path])  # fmt: skip

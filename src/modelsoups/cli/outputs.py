@@ -34,6 +34,8 @@ if TYPE_CHECKING:
 
 def sidecar(out: Path, suffix: str, given: Path | None) -> Path:
     """`given`, else `out` with its `.safetensors` suffix replaced by `suffix`."""
+    if out.name in ("", ".", ".."):  # `-o ''`, `-o .`, `-o /`: no name to put beside
+        raise OutputError(f"-o {str(out)!r}: name the soup to write, e.g. -o soup.safetensors")
     return (
         given
         if given is not None

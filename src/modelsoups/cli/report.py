@@ -23,7 +23,7 @@ def report(
     from rich.table import Table
 
     from ..io.writer import atomic_path, check_output
-    from ..report import load_report, plot_report, report_html, table_rows
+    from ..report import MAX_ROWS, load_report, plot_report, report_html, table_rows
 
     if output is not None:
         if output.suffix.lower() not in (".png", ".html", ".htm"):
@@ -33,9 +33,13 @@ def report(
         check_output(output, [path])
     view = load_report(path)
     table = Table("", view.metric, "test", "weight", title=view.title)
-    rows = table_rows(view)
+    rows, n = table_rows(view), len(view.ingredients)
+    if n > MAX_ROWS:  # a table of 10⁴ rows takes rich minutes; the HTML page has them all
+        more = f"... {n - MAX_ROWS + 1:,} more ingredients (all in -o report.html)"
+        rows = [*rows[: MAX_ROWS - 1], (more, "", "", ""), *rows[n:]]
+        n = MAX_ROWS
     for i, row in enumerate(rows):
-        table.add_row(*row, style="bold" if i >= len(view.ingredients) else None)
+        table.add_row(*row, style="bold" if i >= n else None)
     console = Console()
     console.print(table)
     if view.recipe_file:

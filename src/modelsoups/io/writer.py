@@ -359,6 +359,8 @@ def _fsync_dir(d: Path) -> None:
 def write_json(path: Path, obj: Any, *, indent: int | None = 2) -> None:
     """`obj` as JSON at `path` through `atomic_path`, replacing an older file (reports,
     coefficients, histories' summaries): a crash never leaves half a file."""
+    if path.is_dir() and not path.is_symlink():  # replaced, it would take its files along
+        raise OutputError(f"{path}: is a folder; name a .json file to write")
     text = json.dumps(obj, indent=indent) + "\n"
     with atomic_path(path, folder=False, overwrite=True) as tmp:
         tmp.write_text(text)

@@ -38,8 +38,9 @@ class Settings:
     def __post_init__(self) -> None:
         for name in ("batch_size", "max_length"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise SoupError(f"{name} must be a positive integer, got {value!r}")
+            if isinstance(value, bool) or not isinstance(value, int) or not 0 < value < 2**31:
+                raise SoupError(f"{name} must be an integer from 1 to 2**31-1, got "
+                                f"{str(value)[:40]}")  # fmt: skip
         if not isinstance(self.dtype, str) or self.dtype not in DTYPES:
             raise SoupError(f"metric dtype {str(self.dtype)[:40]!r} is not one of float32 "
                             "(fp32), bfloat16 (bf16), float16 (fp16)")  # fmt: skip
