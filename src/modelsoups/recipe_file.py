@@ -58,20 +58,20 @@ METHOD_FIELDS: dict[str, set[str]] = {
     | _PARALLEL
     | _METRIC
     | {"scores", "accept", "tolerance", "memory", "workdir", "allow_nonfinite"}
-    | {"test_metric", "test_data", "merge_into"},
+    | {"test_metric", "test_data", "merge_into", "allow_different_base"},
     "wise-ft": _COMMON
     | _WRITE
     | _SCORED
     | _PARALLEL
     | _METRIC
-    | {"base", "alpha", "alphas", "merge_into"},
+    | {"base", "alpha", "alphas", "merge_into", "allow_different_base"},
     "stock": _COMMON | _WRITE | (_SCORED - {"resume"}) | _METRIC | {"base", "accumulate"},
     "task-arithmetic": _COMMON
     | _WRITE
     | _SCORED
     | _PARALLEL
     | _METRIC
-    | {"base", "scale", "scales", "merge_into"},
+    | {"base", "scale", "scales", "merge_into", "allow_different_base"},
 }
 
 
