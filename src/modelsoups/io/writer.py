@@ -319,18 +319,14 @@ def check_replaceable(dest: Path) -> None:
     if not _refuse_special(dest):
         return
     with os.scandir(dest) as entries:
-        foreign = [e.name for e in entries if not _model_file(e)]
+        foreign = [e.name for e in entries if not (_model_file(e.name) and e.is_file())]
     if foreign:
-        raise OutputError(
-            f"{dest}: holds {foreign[0]!r}, which is not a model file; soup replaces only a "
-            "folder of model files: choose another output"
-        )
+        raise OutputError(f"{dest}: holds {foreign[0]!r}, which is not a model file; soup "
+                          "replaces only a folder of model files")  # fmt: skip
 
 
-def _model_file(entry: os.DirEntry[str]) -> bool:
-    name = entry.name
-    known = name.endswith((".safetensors", ".json")) or name in MODEL_FILES
-    return known and entry.is_file(follow_symlinks=False)
+def _model_file(name: str) -> bool:
+    return name.endswith((".safetensors", ".json")) or name in MODEL_FILES
 
 
 @contextlib.contextmanager
