@@ -129,6 +129,8 @@ def test_bin_adapters_read_from_private_copies_removed_with_the_space(tmp_path: 
     assert held_bytes(got) == 0
     for a, b in zip(want.ingredients, got.ingredients, strict=True):
         assert all(torch.equal(a.get(k), b.get(k)) for k in a.infos)
+    (sd_want, config_want), (sd_got, config_got) = (s.adapter([0.25, 0.75]) for s in (want, got))
+    assert config_got == config_want and all(torch.equal(sd_got[k], v) for k, v in sd_want.items())
     (private,) = {p.parent for p in got.ingredients[0].layout.files.paths[1:]}
     assert private.is_dir() and private not in (r.parent for r in bins)
     del got, b

@@ -45,7 +45,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .adapter_spread import SpreadAdapter, spread_adapters
-from .adapters import open_adapters, soup_config, split_adapter_inputs
+from .adapters import soup_config, split_adapter_inputs
 from .candidate import as_adapter
 from .errors import SoupError
 from .io.adapter import ADAPTER_CONFIG, ADAPTER_WEIGHTS
@@ -93,13 +93,13 @@ class AdapterSpace:
         if not adapters:
             raise SoupError("no ingredients: give at least one adapter")
         self.base = None if base is None else Path(base)
-        self.unsafe_pickle = unsafe_pickle
         opened, self.spread, self.zero = spread_adapters(
             [Path(a) for a in adapters], self.base,
             allow_different_base=allow_different_base, unsafe_pickle=unsafe_pickle,
         )  # fmt: skip
         first = opened[0]
         self.paths = [a.path for a in opened]
+        self._configs = [a.config for a in opened]
         self.config = soup_config(first.config, {m: sum(a.modules[m].rank for a in opened)
                                                    for m in first.modules})  # fmt: skip
 
@@ -136,6 +136,7 @@ class AdapterSpace:
         from .candidate import materialize
         from .dtypes import F64
         from .io import open_checkpoint
+        from .io.adapter import adapter_of
         from .lora_plan import LoraPlan, soup_checkpoint
 
         w = [float(x) for x in weights]
@@ -146,18 +147,21 @@ class AdapterSpace:
             raise SoupError(f"the weights of a mix of adapters sum to 1, got {sum(w):g}")
         w = w[1:] if self.zero is not None else w  # Z's weight is 1 − Σ wᵢ: LoraPlan's base
         keep = [i for i, x in enumerate(w) if x != 0.0] or [0]
-        adapters = open_adapters([self.paths[i] for i in keep], unsafe_pickle=self.unsafe_pickle)
-        plan = LoraPlan(adapters, [w[i] for i in keep], accumulate=F64, dtype=output_dtype(dtype))
+        plan = LoraPlan([], [w[i] for i in keep], accumulate=F64, dtype=output_dtype(dtype))
+        files = self.spread[0].layout.files  # the files the space read (and stamped)
         try:
-            if self.base is not None and adapters[0].extras:
+            for i in keep:
+                files.check(i)
+                plan.adapters.append(adapter_of(open_checkpoint(files.paths[i]), self._configs[i]))
+            if self.base is not None and plan.adapters[0].extras:
                 plan.base = open_checkpoint(self.base)
             state_dict = materialize(soup_checkpoint(plan))
         finally:
-            for a in adapters:
+            for a in plan.adapters:
                 a.close()
             if plan.base is not None:
                 plan.base.close()
-        first = adapters[0]
+        first = plan.adapters[0]
         return state_dict, soup_config(first.config, {m: plan.out_rank(m) for m in first.modules})
 
     def evaluator(self, inner: Evaluator | None) -> AdapterEvaluator | None:

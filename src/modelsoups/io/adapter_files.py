@@ -85,11 +85,12 @@ class ReopenedFiles:
         from . import open_checkpoint
 
         path = self.paths[i]
-        self._check(i)
+        self.check(i)
         ensure_descriptors(len(self._open) + 1)
         return open_checkpoint(path)
 
-    def _check(self, i: int) -> None:
+    def check(self, i: int) -> None:
+        """Raise `InputChangedError` if file i is not as it was stamped."""
         path = self.paths[i]
         try:
             now = stamp(path)
@@ -105,7 +106,7 @@ class ReopenedFiles:
         """Raise `InputChangedError` if any file read so far changed since it was stamped."""
         for i, ckpt in self._open.items():
             ckpt.check_unchanged()
-            self._check(i)
+            self.check(i)
 
     def close(self) -> None:
         """Unmap every open file (the next read opens it again)."""
