@@ -187,6 +187,16 @@ def recipe_workdir_inside_an_ingredient(c: Ctx) -> Setup:
     return Setup(["run", str(recipe)], [a, "input"])
 
 
+def recipe_split_name_is_shell_code(c: Ctx) -> Setup:
+    """`{split}` goes into the evaluator command as it is: its name must be plain."""
+    a, b = c.make(2)
+    recipe = c.tmp / "recipe.yaml"
+    recipe.write_text(f"method: greedy\ningredients: [{a}, {b}]\noutput: {c.out}\n"
+                      "evaluator: {command: 'echo 1; : {ckpt} {split}'}\n"
+                      "splits: {held_out: '$(touch PWNED)'}\n")  # fmt: skip
+    return Setup(["run", str(recipe)], ["splits.held_out", "$(touch PWNED)"])
+
+
 CASES: list[tuple[str, Callable[[Ctx], Setup]]] = [
     ("greedy --workdir inside an input folder", greedy_workdir_inside_an_input_folder),
     ("greedy --workdir a link into an input folder", greedy_workdir_links_into_an_input_folder),
@@ -208,6 +218,7 @@ CASES: list[tuple[str, Callable[[Ctx], Setup]]] = [
     ("-o a hard link to a file in an input folder", output_hard_link_to_a_file_in_an_input_folder),
     ("--history a hard link into an input folder", history_hard_link_to_a_file_in_an_input_folder),
     ("recipe workdir: inside an ingredient", recipe_workdir_inside_an_ingredient),
+    ("recipe splits: a name that is shell code", recipe_split_name_is_shell_code),
 ]
 
 
@@ -219,5 +230,5 @@ def test_bad_path(
 
 
 def test_paths_battery_is_large_enough() -> None:
-    assert len(CASES) >= 20
+    assert len(CASES) >= 21
     assert len({i for i, _ in CASES}) == len(CASES)

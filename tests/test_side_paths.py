@@ -74,6 +74,35 @@ def test_no_file_name_runs_code_whatever_the_quoting(
     assert out.is_file()
 
 
+@pytest.mark.parametrize("quoting", list(QUOTING), ids=list(QUOTING))
+def test_no_folder_name_runs_code_and_notes_stay_on_one_line(
+    quoting: str,
+    tmp_path: Path,
+    make_ingredients: Maker,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """HF folders with hostile names (a newline too): nothing runs, the evaluator finds the
+    folder's files, and every note or warning naming the folder stays one line."""
+    from modelsoups.cli.common import STATE
+
+    monkeypatch.chdir(tmp_path)  # where `touch PWNED` would land
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    made = make_ingredients(2, "hf-folder")
+    folders = [p.rename(runs / f"{HOSTILE[5 - i]}{i}") for i, p in enumerate(made)]
+    out = tmp_path / "soup"
+    command = f"test -f {QUOTING[quoting]}/config.json && echo 1"
+    STATE["quiet"] = False
+    capsys.readouterr()
+    assert main(["greedy", *map(str, folders), "-o", str(out), "--eval", command]) == 0
+    err = capsys.readouterr().err
+    assert all(line.startswith("soup: ") for line in err.splitlines()), err
+    assert "copied" in err  # the note naming the folder, its newline escaped
+    assert not list(tmp_path.rglob("PWNED"))
+    assert (out / "config.json").is_file()
+
+
 def test_soup_ckpt_environment_names_the_same_file(tmp_path: Path, make_ingredients: Maker) -> None:
     a, b = make_ingredients(2)
     log = tmp_path / "env.txt"
@@ -144,7 +173,8 @@ def test_input_changed_while_the_evaluator_ran_stops_the_run(
     command = f"printf x >> {b}; echo 1; : {{ckpt}}"
     capsys.readouterr()
     assert main(["greedy", str(a), str(b), "-o", str(out), "--eval", command]) == 1
-    one_error_line(capsys.readouterr().err, str(b), "changed while the eval command ran")
+    line = one_error_line(capsys.readouterr().err, str(b), "input changed during the run")
+    assert "its size went from" in line and "seen after scoring 'run0'" in line
     assert not out.exists() and not list(tmp_path.glob(".*soup-candidate-*"))
 
 
@@ -188,6 +218,60 @@ def test_ingredient_copy_is_read_only_and_plainly_named(
     assert main(["greedy", str(a), str(b), "-o", str(out), "--eval", command]) == 0
     lines = log.read_text().split()
     assert lines[:4] == ["444", "ingredient.safetensors", "444", "ingredient.safetensors"]
+
+
+# ---------------------------------------------------------------------------------------
+# Inputs rewritten while candidates of them are scored: the run stops before the final write.
+
+# Flip the last byte of a file in place: same size, new mtime.
+FLIP = ("python3 -c \"import sys; f = open(sys.argv[1], 'r+b'); f.seek(-1, 2); "
+        "b = f.read(1); f.seek(-1, 2); f.write(bytes([b[0] ^ 1]))\" {path}")  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("command", "when", "seen"),
+    [
+        (["wise-ft", "--alphas", "0.25,0.75"], "wise-ft_alpha=0.25", "after scoring"),
+        (["wise-ft", "--alphas", "0.25,0.75", "--workers", "2"], "wise-ft_alpha=0.25",
+         "before the final write"),
+        (["greedy"], "greedy soup of 1 + run1", "after scoring"),
+        (["greedy", "--workers", "2"], "run0", "after scoring 'greedy soup of 1 + run1'"),
+    ],
+    ids=["sweep candidate", "sweep candidate in a worker", "greedy step", "ingredient in a worker"],
+)  # fmt: skip
+def test_input_rewritten_at_the_same_size_while_a_candidate_is_scored_stops_the_run(
+    command: list[str],
+    when: str,
+    seen: str,
+    tmp_path: Path,
+    make_ingredients: Maker,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Was: the soup was written from the rewritten input, exit 0, and no score described
+    it. Every file of every input is stamped when the run starts and checked after each
+    evaluation in the soup's process, and before the final write."""
+    a, b = make_ingredients(2)
+    out = tmp_path / "soup.safetensors"
+    flip = FLIP.format(path=b)
+    evaluator = f'[ "$SOUP_CANDIDATE" = "{when}" ] && {flip}; echo 1; : {{ckpt}}'
+    capsys.readouterr()
+    name, *options = command
+    assert main([name, str(a), str(b), "-o", str(out), "--eval", evaluator, *options]) == 1
+    line = one_error_line(capsys.readouterr().err, str(b), "it was rewritten", seen)
+    assert "input changed during the run" in line
+    assert not out.exists() and not list(tmp_path.glob(".*soup-*"))
+
+
+def test_file_added_to_an_input_folder_mid_run_stops_the_run(
+    tmp_path: Path, make_ingredients: Maker, capsys: pytest.CaptureFixture[str]
+) -> None:
+    a, b = make_ingredients(2, "hf-sharded")
+    out = tmp_path / "soup.safetensors"
+    evaluator = f"touch {b}/model-00003-of-00003.safetensors; echo 1; : {{ckpt}}"
+    capsys.readouterr()
+    assert main(["greedy", str(a), str(b), "-o", str(out), "--eval", evaluator]) == 1
+    one_error_line(capsys.readouterr().err, "model-00003-of-00003.safetensors", "it appeared")
+    assert not out.exists()
 
 
 # ---------------------------------------------------------------------------------------

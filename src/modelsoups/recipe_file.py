@@ -92,11 +92,15 @@ class EvaluatorSpec(_Strict):
         return self
 
 
+_SPLIT = r"^[A-Za-z0-9_.:,@%+=/-]+$"  # the characters that mean the same in any quoting
+
+
 class Splits(_Strict):
     """Names of the data splits, substituted for `{split}` in the evaluator command."""
 
-    held_out: str = Field("held_out", description="selects: greedy steps, sweeps")
-    test: str | None = Field(None, description="reported only, never used to choose")
+    # Substituted into a shell command: plain characters only, so no name runs code.
+    held_out: str = Field("held_out", pattern=_SPLIT, description="selects: greedy steps, sweeps")
+    test: str | None = Field(None, pattern=_SPLIT, description="reported only, never chosen on")
 
 
 class MlflowSource(_Strict):

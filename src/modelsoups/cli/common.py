@@ -16,14 +16,20 @@ if TYPE_CHECKING:
 STATE: dict[str, bool] = {"quiet": False, "debug": False}
 
 
+def printable(message: str) -> str:
+    """`message` on one line: newlines and control characters (in a file name, say) shown
+    escaped, as in error lines."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in message)
+
+
 def err(message: str) -> None:
     """A line on stderr (warnings, notes); errors are printed by `main`."""
-    print(message, file=sys.stderr)
+    print(printable(message), file=sys.stderr)
 
 
 def say(message: str) -> None:
     if not STATE["quiet"]:
-        print(message)
+        print(printable(message))
 
 
 @contextlib.contextmanager

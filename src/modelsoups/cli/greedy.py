@@ -32,6 +32,7 @@ from .options import (
 from .outputs import check_outputs, scoring_reads, sidecar, work_name, write_mean, write_report
 
 if TYPE_CHECKING:
+    from ..guard import InputGuard
     from ..metrics import MetricEvaluator
     from ..recipes.greedy import GreedyResult
     from ..types import SoupResult
@@ -52,6 +53,7 @@ def greedy(
 ) -> None:
     """Greedy soup (paper's Recipe 1): add ingredients, best first, while held-out score holds."""
     from ..candidate import candidate_folder
+    from ..guard import InputGuard
     from ..io import expand_inputs
 
     STATE["quiet"] = STATE["quiet"] or quiet
@@ -65,9 +67,11 @@ def greedy(
     metric_evaluators = scoring_evaluators(scoring, paths[0], test)
     hist = sidecar(output, ".history.jsonl", records.history)
     memory = parse_memory(select.memory)
+    guard = InputGuard([*paths, *filter(None, [adapters.merge_into])])
     with candidate_folder(work_name(output, select.workdir)) as work:
-        r = _run_selection(paths, work, hist, metric_evaluators, memory, search=search,
+        r = _run_selection(paths, work, hist, metric_evaluators, memory, guard, search=search,
                            test=test, select=select, read=read, adapters=adapters)  # fmt: skip
+    guard.check("before the final write")
     r.soup.close()  # frees the running sum (or the inputs it reads) before the final write
     for w in r.warnings:
         err(f"soup: warning: {w}")
@@ -108,6 +112,7 @@ def _run_selection(
     hist: Path,
     metric_evaluators: tuple[MetricEvaluator | None, MetricEvaluator | None],
     memory: int,
+    guard: InputGuard,
     *,
     search: SearchOptions,
     test: TestOptions,
@@ -117,6 +122,7 @@ def _run_selection(
 ) -> GreedyResult:
     """Run `greedy_soup` on the files with `soup greedy`'s options (candidates are written
     under `work`); returns its result."""
+    from ..guard import GuardedEvaluator
     from ..ingredients import ingredient_names
     from ..recipes.greedy import greedy_soup
     from ..scores import load_scores
@@ -128,9 +134,10 @@ def _run_selection(
     command = command_evaluator(search.scoring.eval_command, timeout, work)
     evaluator = held_out or merged_for(command, merge)
     assert evaluator is not None  # checked by the caller: --eval or --metric was given
+    tester = test_metric or merged_for(command_evaluator(test.test_eval, timeout, work), merge)
     return greedy_soup(
         paths,
-        evaluator,
+        GuardedEvaluator(evaluator, guard),
         names=names,
         scores=load_scores(select.scores, names) if select.scores is not None else None,
         accept=select.accept,
@@ -139,8 +146,7 @@ def _run_selection(
         history=str(hist),
         resume=search.resume,
         executor=search.parallel.executor(),
-        test_evaluator=test_metric
-        or merged_for(command_evaluator(test.test_eval, timeout, work), merge),
+        test_evaluator=GuardedEvaluator(tester, guard) if tester is not None else None,
         memory=memory,
         allow_nonfinite=select.allow_nonfinite,
         key=read.key,

@@ -136,25 +136,30 @@ def _sweep(
     metric: MetricEvaluator | None,
     options: SweepOptions,
 ) -> tuple[float, list[dict[str, Any]]]:
-    """Score each mixing value on held-out data (resumably); return the best and the log."""
+    """Score each mixing value on held-out data (resumably); return the best and the log.
+    The inputs (and a --merge-into base) must stay as they were until the soup is written."""
     from ..candidate import candidate_folder
+    from ..guard import GuardedEvaluator, InputGuard
     from ..recipes.sweep import sweep
 
     search, read, write = options.search, options.read, options.write
     scoring, records = search.scoring, search.records
     executor = search.parallel.executor()
+    guard = InputGuard([*mix.paths, *filter(None, [options.adapters.merge_into])])
     with candidate_folder(output) as work:
         command = command_evaluator(scoring.eval_command, scoring.eval_timeout, work)
         evaluator = metric or merged_for(command, options.adapters.merge_into)
         assert evaluator is not None  # checked by the caller: --eval or --metric was given
+        guarded = GuardedEvaluator(evaluator, guard)
         result = sweep(
-            mix.paths, mix.weights_of, evaluator, values, name=mix.coefficient,
+            mix.paths, mix.weights_of, guarded, values, name=mix.coefficient,
             recipe=mix.recipe, dtype=write.output_dtype(), dataset=records.dataset,
             history=sidecar(output, ".history.jsonl", records.history), resume=search.resume,
             executor=executor, keep_best=False, key=read.key, unsafe_pickle=read.unsafe_pickle,
             allow_different_base=options.adapters.allow_different_base,
             scorer=scorer(metric, scoring.eval_command),
         )  # fmt: skip
+    guard.check("before the final write")
     return result.best, result.records
 
 
