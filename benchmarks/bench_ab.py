@@ -5,7 +5,8 @@
 
 Each variant is `LABEL=REF[,VAR=VALUE...]`: REF is a git ref whose `src/` is extracted once
 (`.` = the live work tree), the VARs are set in its environment (`SOUP_UNSUPERVISED=1`),
-except `recipe=NAME`, which overrides `--recipe` for that variant. The recipe is `uniform`
+except `recipe=NAME`, which overrides `--recipe` for that variant, and `args=...`, options
+appended to its command (`args=--accumulate float64`). The recipe is `uniform`
 (of the last N of m00..mN that exist), `stock` (fine-tunes m01..mN, base m00) or `help`
 (`soup --help`). Every round
 runs each variant once, in an order rotated from round to round, so that a change of load
@@ -79,6 +80,7 @@ def main() -> None:
         subprocess.run(["cat", *map(str, d.glob("*.safetensors"))], stdout=subprocess.DEVNULL)
     variants = [variant(v) for v in args.variant]
     recipes = {lab: extra.pop("recipe", args.recipe) for lab, _, extra in variants}
+    options = {lab: extra.pop("args", "").split() for lab, _, extra in variants}
     envs = {lab: {**os.environ, **extra, "PYTHONPATH": str(source(ref))}
             for lab, ref, extra in variants}  # fmt: skip
     out = HERE / ".cache" / "out" / f"ab-{os.getpid()}.safetensors"
@@ -88,8 +90,8 @@ def main() -> None:
     for rep in range(args.reps):
         k = rep % len(labels)
         for label in labels[k:] + labels[:k]:
-            runs.append(measure_one(label, rep, command(recipes[label], dirs, args.n, out),
-                                    envs[label], out))  # fmt: skip
+            cmd = [*command(recipes[label], dirs, args.n, out), *options[label]]
+            runs.append(measure_one(label, rep, cmd, envs[label], out))
     print(table(runs, labels, args))
     if args.out:
         meta = {"when": time.strftime("%Y-%m-%dT%H:%MZ", time.gmtime()), "recipe": args.recipe,

@@ -136,3 +136,26 @@ def test_init_warning_names_the_outlier_among_many() -> None:
     warning = init_warning(ckpts)
     assert warning is not None and "<state dict 150>" in warning
     assert init_warning(ckpts[:150] + ckpts[151:]) is None
+
+
+class _Counting(MemoryCheckpoint):
+    """A checkpoint that counts the tensors read from it."""
+
+    def __init__(self, sd: dict[str, torch.Tensor], label: str) -> None:
+        super().__init__(sd, label)
+        self.reads = 0
+
+    def array(self, name: str):  # type: ignore[no-untyped-def]
+        self.reads += 1
+        return super().array(name)
+
+
+def test_the_pairwise_matrix_reads_each_ingredient_once() -> None:
+    """`soup inspect`'s N×N matrix compares samples: each ingredient (and the base) has
+    each floating tensor read once, whatever N, not once per pair."""
+    base = _Counting(tiny_state_dict(0, noise=0.0), "<base>")
+    ckpts = [_Counting(tiny_state_dict(i), f"<ft {i}>") for i in range(12)]
+    floats = sum(1 for i in base.infos.values() if i.is_float and i.numel)
+    r = similarity_report(ckpts, base=base)
+    assert len(r.cosine) == 12 and r.delta_cosine is not None and len(r.delta_cosine) == 12
+    assert [c.reads for c in [base, *ckpts]] == [floats] * 13
