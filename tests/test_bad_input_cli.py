@@ -108,7 +108,27 @@ def dataset_named_like_a_field(c: Ctx) -> Setup:
 
 
 def workers_zero(c: Ctx) -> Setup:
-    return Setup(greedy(c, "--workers", "0"), ["workers must be at least 1"])
+    return Setup(greedy(c, "--workers", "0"), ["workers must be from 1 to 1024"])
+
+
+def workers_without_end(c: Ctx) -> Setup:
+    """Was: a pool of 10**30 processes, started until the run was killed."""
+    return Setup(greedy(c, "--workers", str(10**30)), ["workers must be from 1 to 1024"])
+
+
+def demo_seeds_without_end(c: Ctx) -> Setup:
+    """Was: a list of 10¹² seeds, built before anything else."""
+    argv = ["demo", "--seeds", "0-1000000000000", "--out", str(c.tmp / "demo")]
+    return Setup(argv, ["at most 1000 seeds"])
+
+
+def demo_workers_without_end(c: Ctx) -> Setup:
+    argv = ["demo", "--workers", str(10**30), "--out", str(c.tmp / "demo")]
+    return Setup(argv, ["--workers must be from 1 to 1024"])
+
+
+def ray_cpus_without_end(c: Ctx) -> Setup:
+    return Setup(greedy(c, "--ray", "--workers", str(10**9)), ["workers must be from 1"])
 
 
 def output_empty(c: Ctx) -> Setup:
@@ -480,6 +500,10 @@ CASES: list[tuple[str, Callable[[Ctx], Setup]]] = [
     ("--max-shard-size of 400 digits", shard_size_overflows),
     ("--dataset named like a history field", dataset_named_like_a_field),
     ("--workers 0", workers_zero),
+    ("--workers 10**30", workers_without_end),
+    ("--ray --workers 10**9", ray_cpus_without_end),
+    ("demo --seeds 0-10**12", demo_seeds_without_end),
+    ("demo --workers 10**30", demo_workers_without_end),
     ("-o '' (no name)", output_empty),
     ("--max-length 10**30", max_length_beyond_any_tokenizer),
     ("--batch-size 0", batch_size_zero),
@@ -544,7 +568,7 @@ def test_bad_cli_input(
 
 
 def test_cli_battery_is_large_enough() -> None:
-    assert len(CASES) >= 68
+    assert len(CASES) >= 72
     assert len({i for i, _ in CASES}) == len(CASES)
 
 

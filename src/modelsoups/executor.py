@@ -34,6 +34,8 @@ __all__ = ["Executor", "LocalExecutor", "get_executor"]
 T = TypeVar("T")
 R = TypeVar("R")
 
+MAX_WORKERS = 1024  # parallel evaluations; 10**30 would try to start that many processes
+
 
 class Executor(Protocol):
     """Runs `fn` on every item, possibly in parallel, and returns results in item order."""
@@ -53,8 +55,8 @@ class LocalExecutor:
     """
 
     def __init__(self, workers: int = 1) -> None:
-        if workers < 1:
-            raise SoupError(f"workers must be at least 1, got {workers}")
+        if not 1 <= workers <= MAX_WORKERS:  # each is a process importing torch
+            raise SoupError(f"workers must be from 1 to {MAX_WORKERS}, got {str(workers)[:40]}")
         self.workers = workers
         self._pool: ProcessPoolExecutor | None = None
 

@@ -308,8 +308,10 @@ def make_executor(
     `--ray` starts a local Ray runtime with `workers` CPUs (all CPUs when `workers` is 1);
     `--ray-address` connects to an existing cluster (and implies `--ray`).
     """
-    from .executor import LocalExecutor
+    from .executor import MAX_WORKERS, LocalExecutor
 
+    if not 1 <= workers <= MAX_WORKERS:
+        LocalExecutor(workers)  # the one-line error, for Ray's CPUs as for processes
     if ray or ray_address is not None:
         return RayExecutor(ray_address, num_cpus=workers if workers > 1 else None)
     return LocalExecutor(workers)

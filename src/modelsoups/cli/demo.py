@@ -12,8 +12,11 @@ from typing import Annotated
 import typer
 
 from ..errors import SoupError
+from ..executor import MAX_WORKERS
 
 __all__ = ["demo", "parse_seeds", "register"]
+
+MAX_SEEDS = 1000  # each seed is a whole hyperparameter search
 
 
 def parse_seeds(text: str) -> list[int]:
@@ -24,6 +27,8 @@ def parse_seeds(text: str) -> list[int]:
             part = part.strip()
             if "-" in part[1:]:
                 lo, hi = part.split("-", 1) if part[0] != "-" else (part, part)
+                if int(hi) - int(lo) >= MAX_SEEDS:  # was: a list of 10¹² seeds, built
+                    raise SoupError(f"--seeds: at most {MAX_SEEDS} seeds, got {part[:40]!r}")
                 seeds.extend(range(int(lo), int(hi) + 1))
             elif part:
                 seeds.append(int(part))
@@ -67,10 +72,10 @@ def demo(
 ) -> None:
     """Fine-tune all-MiniLM-L6-v2 on movie reviews into N ingredients, soup them, and
     compare soups with the best individual model on held-out, test and shifted data."""
-    if ingredients < 2:
-        raise SoupError(f"--ingredients must be at least 2, got {ingredients}")
-    if workers < 1:
-        raise SoupError(f"--workers must be at least 1, got {workers}")
+    if not 2 <= ingredients <= MAX_SEEDS:
+        raise SoupError(f"--ingredients must be from 2 to {MAX_SEEDS}, got {str(ingredients)[:40]}")
+    if not 1 <= workers <= MAX_WORKERS:
+        raise SoupError(f"--workers must be from 1 to {MAX_WORKERS}, got {str(workers)[:40]}")
     from ..demo.run import DemoConfig, run_demo
 
     config = DemoConfig(
