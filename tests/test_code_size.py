@@ -34,8 +34,8 @@ def test_no_function_is_over_60_lines_without_a_reason_at_its_top() -> None:
     missing = []
     for path, top, name, length in long_functions(ROOT):
         lines, i, comment = path.read_text().splitlines(), top - 2, []
-        while i >= 0 and lines[i].startswith("#"):  # the comment block right above
-            comment.insert(0, lines[i])
+        while i >= 0 and lines[i].lstrip().startswith("#"):  # the comment block right above
+            comment.insert(0, lines[i].lstrip())
             i -= 1
         if not (comment and comment[0].startswith(REASON)):
             missing.append(f"{path.relative_to(ROOT)}:{top} {name} ({length} lines)")

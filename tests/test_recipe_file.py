@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 import textwrap
 from collections.abc import Callable
@@ -230,6 +231,17 @@ def test_bad_recipes_fail_in_one_line_naming_the_field(
     assert err.count("\n") == 1 and err.startswith("soup: error: ")
     assert message in err, err
     assert not (tmp_path / "s.safetensors").exists()
+
+
+@pytest.mark.parametrize("dry_run", [[], ["--dry-run"]])
+def test_a_recipe_that_is_a_fifo_is_refused_without_waiting(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], dry_run: list[str]
+) -> None:
+    fifo = tmp_path / "recipe.yaml"
+    os.mkfifo(fifo)  # reading it would wait for a writer forever
+    assert main(["run", *dry_run, str(fifo)]) == 1
+    err = capsys.readouterr().err
+    assert err == f"soup: error: {fifo}: not a regular file; a recipe is a YAML file\n"
 
 
 def test_schema_and_python_api(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -27,6 +27,7 @@ import difflib
 import glob as globlib
 import hashlib
 import json
+import stat
 from pathlib import Path
 from typing import Any, Literal
 
@@ -284,6 +285,8 @@ def load_recipe(path: PathLike) -> tuple[Recipe, dict[str, Any]]:
 
     p = Path(path)
     try:
+        if not stat.S_ISREG(p.stat().st_mode):  # a FIFO would block, a device never end
+            raise SoupError(f"{p}: not a regular file; a recipe is a YAML file")
         raw = p.read_bytes()
     except OSError as e:
         raise SoupError(f"{p}: cannot read recipe ({e.strerror})") from None

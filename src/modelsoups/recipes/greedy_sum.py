@@ -112,6 +112,8 @@ class SoupStore:
             self.pool.shutdown()
         self.pool = None
 
+    # Over 60 lines: one slice loop serves the three destinations (the running sum, the
+    # mean, a candidate's scratch file) so that each input slice is read exactly once.
     def _sum(
         self,
         k: str,
