@@ -189,6 +189,15 @@ def header_metadata_twice(c: Ctx) -> Setup:
     return Setup(uniform(a, b, out=c.out), [str(b), "'__metadata__' twice"])
 
 
+def bytes_after_the_last_tensor(c: Ctx) -> Setup:
+    """What the safetensors library refuses ("file not fully covered"): an append, a
+    download that was resumed twice."""
+    a, b = c.make(2)
+    with b.open("ab") as f:
+        f.write(b"\0" * 16)
+    return Setup(uniform(a, b, out=c.out), [str(b), "16 bytes after the last tensor"])
+
+
 def header_metadata_key_twice(c: Ctx) -> Setup:
     a, b = c.make(2)
     header, data = read_st(b)
@@ -355,6 +364,7 @@ CASES: list[tuple[str, Callable[[Ctx], Setup]]] = [
     ("header names a tensor twice, other bytes", header_tensor_twice_other_data),
     ("header names __metadata__ twice", header_metadata_twice),
     ("header metadata names a key twice", header_metadata_key_twice),
+    ("bytes after the last tensor", bytes_after_the_last_tensor),
     ("FIFO input", fifo_input),
     ("FIFO input without a suffix", fifo_without_suffix),
     ("FIFO named .pt", fifo_pickle),

@@ -131,6 +131,10 @@ class SafetensorsFile(Checkpoint):
         for (_, end_a, a), (begin_b, end_b, b) in itertools.pairwise(spans):
             if begin_b < end_a and end_b > begin_b:
                 raise CheckpointError(f"{self.path}: tensors {a!r} and {b!r} overlap in the file")
+        extra = size - self._data_start - max((end for _, end, _ in spans), default=0)
+        if extra > 0:  # what the safetensors library refuses ("not fully covered")
+            raise CheckpointError(f"{self.path}: {extra} bytes after the last tensor; the file "
+                                  "was damaged or appended to")  # fmt: skip
         self._names, self.notes = normalise_keys(list(raw), self.path)
         self._offsets: dict[str, int] = {}
         for name, raw_name in self._names.items():
