@@ -50,9 +50,8 @@ from ..types import PathLike, Progress, SoupResult, StateDict
 if TYPE_CHECKING:
     import torch
 
-    from ..candidate import LazyCheckpoint
 
-__all__ = ["model_stock", "stock_checkpoint", "stock_ratio", "write_model_stock"]
+__all__ = ["model_stock", "stock_ratio", "write_model_stock"]
 
 Ratios = dict[str, tuple[float, float]]  # tensor name -> (cos θ, t), rounded to 6 digits
 
@@ -239,27 +238,6 @@ def stock_ratio(deltas: torch.Tensor) -> tuple[float, float]:
     """(cos θ, t) for `deltas` of shape (k, n): the fine-tuned minus the base, one row each."""
     d = deltas.detach().to("cpu").double().reshape(deltas.shape[0], -1).numpy()
     return ratio_from_gram(d @ d.T)
-
-
-def stock_checkpoint(
-    base: Checkpoint, finetuned: Sequence[Checkpoint], *, accumulate: str = "float32"
-) -> LazyCheckpoint:
-    """Model Stock as a lazy checkpoint: each tensor is computed when read.
-
-    The per-layer (cos θ, t) are recorded in `.extra["ratios"]` as they are computed.
-    """
-    from ..candidate import LazyCheckpoint
-
-    _check([base, *finetuned])
-    acc, ratios = accumulate_dtype(accumulate), Ratios()
-
-    def compute(name: str) -> torch.Tensor:
-        array = stock_tensor(name, base, finetuned, ratios, accumulate=acc)
-        return to_torch(array.copy(), base.infos[name].dtype)
-
-    out = LazyCheckpoint("<model stock>", base.infos, compute)
-    out.extra["ratios"] = ratios
-    return out
 
 
 def _check(ckpts: Sequence[Checkpoint]) -> None:
