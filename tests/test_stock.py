@@ -314,7 +314,7 @@ def _storage(x: np.ndarray, dtype: DType, offset: int) -> np.ndarray:
     k=st.integers(2, 5),
     numel=st.sampled_from([1, 2, 7, 65_536, 65_537, 200_001, 200_002]),
     offset=st.sampled_from([0, 1]),
-    dtype=st.sampled_from([BF16, F16, F32]),
+    dtype=st.sampled_from([BF16, F16, F32, F64]),
     out_dtype=st.sampled_from([None, BF16, F16, F32, F64]),
     seed=st.integers(0, 1000),
 )
