@@ -173,7 +173,7 @@ def weighted_sum_arrays(
                     np.multiply(widen(a[start:stop], d, s.wide), w, out=tmp, dtype=acc_np)
                     np.add(acc, tmp, out=acc, dtype=acc_np)
             if acc_buf is not None:
-                _narrow(acc, flat_out[start:stop], out_dtype, s)
+                narrow(acc, flat_out[start:stop], out_dtype, s)
             finite = finite and _chunk_finite(flat_out[start:stop], out_dtype, s)
     return out, finite
 
@@ -195,13 +195,10 @@ def widen(x: np.ndarray, dtype: DType, buffer: np.ndarray) -> np.ndarray:
     return wide
 
 
-def narrow(acc: np.ndarray, out: np.ndarray, dtype: DType) -> None:
-    """Round the accumulated slice `acc` (at most `CHUNK` elements) into `out`, of `dtype`."""
-    _narrow(acc, out, dtype, _scratch())
-
-
-def _narrow(acc: np.ndarray, out: np.ndarray, dtype: DType, s: _Scratch) -> None:
-    """Round the accumulated slice `acc` into `out`, of `dtype`, as torch's `.to` does."""
+def narrow(acc: np.ndarray, out: np.ndarray, dtype: DType, s: _Scratch | None = None) -> None:
+    """Round the accumulated slice `acc` (at most `CHUNK` elements) into `out`, of `dtype`,
+    as torch's `.to` does."""
+    s = s or _scratch()
     if dtype.itemsize >= 4:
         np.copyto(out, acc, casting="unsafe")  # round to nearest even; overflow gives inf
         return
