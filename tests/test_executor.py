@@ -4,6 +4,7 @@ when their parent dies; greedy scored in workers equals greedy scored inline."""
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 import signal
 import subprocess
@@ -11,6 +12,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import ClassVar
 
 import pytest
 from distance_eval import distance_ingredients
@@ -100,3 +102,64 @@ def test_ingredients_scored_in_worker_processes_match_inline(tmp_path: Path) -> 
 def test_unpicklable_work_is_a_clear_error() -> None:
     with pytest.raises(SoupError, match="module-level functions"):
         LocalExecutor(2).map(lambda x: x, [1, 2])
+
+
+def test_results_come_back_in_item_order_when_jobs_finish_out_of_order() -> None:
+    items = [(i * 7) % 5 / 50 for i in range(12)]  # 12 jobs, a window of 4, uneven lengths
+    assert LocalExecutor(2).map(_slept, items) == items
+
+
+def _slept(seconds: float) -> float:
+    time.sleep(seconds)
+    return seconds
+
+
+def test_unpicklable_item_after_workers_started_is_one_error_and_stops_the_pool(
+    capfd: pytest.CaptureFixture[str],
+) -> None:
+    items: list[object] = [-1, -2, -3, -4, -5, -6, lambda: 0, -8]  # pickled once 5 are done
+    with LocalExecutor(2) as ex:
+        with pytest.raises(SoupError, match="module-level functions"):
+            ex.map(abs, items)
+        assert ex.map(abs, [-1, -2]) == [1, 2]  # a fresh pool, the stopped one left behind
+    deadline = time.monotonic() + 30
+    while _manager_threads() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not _manager_threads(), "a pool's manager thread never ended"
+    err = capfd.readouterr().err
+    assert "Exception in thread" not in err and "Traceback" not in err, err
+
+
+def _manager_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if type(t).__name__ == "_ExecutorManagerThread"]
+
+
+class _Counted:
+    """An item that, when the executor pickles it, counts the pickled jobs alive then."""
+
+    live_jobs: ClassVar[list[int]] = []
+
+    def __init__(self, value: int) -> None:
+        self.value = value
+
+    def __reduce__(self) -> tuple[type, tuple[int]]:
+        from modelsoups.executor import _Job
+
+        self.live_jobs.append(sum(type(o) is _Job for o in gc.get_objects()))
+        return int, (self.value,)
+
+
+def test_jobs_are_pickled_as_workers_free_up_not_all_up_front() -> None:
+    """An in-memory ingredient pickles to a copy of its tensors: with N of them, the copies
+    held at once are bounded by the window of 2 × workers jobs in flight, not by N."""
+    _Counted.live_jobs.clear()
+    items = [_Counted(i) for i in range(24)]
+    assert LocalExecutor(2).map(_slow_square, items) == [i * i for i in range(24)]
+    assert len(_Counted.live_jobs) == 24  # each item pickled once, in this process
+    # the window of 4 jobs, plus the last one each of the pool's two threads still names
+    assert max(_Counted.live_jobs) <= 6, _Counted.live_jobs  # eagerly: 0, 1, ..., 23
+
+
+def _slow_square(x: int) -> int:
+    time.sleep(0.1)  # slower than pickling the next item, so that jobs would pile up
+    return x * x

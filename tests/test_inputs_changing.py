@@ -345,3 +345,56 @@ def test_2000_inputs_under_a_hard_limit_of_1024_is_one_line(tmp_path: Path) -> N
     assert not out.exists() and partials(tmp_path) == []
     after = hashlib.sha256(json.dumps(sorted(digests(paths).values())).encode()).hexdigest()
     assert after == before
+
+
+@pytest.mark.parametrize(
+    ("change", "words"),
+    [
+        ("rewritten", "(it was rewritten)"),
+        ("extended", "(its size went from 6 to 7 bytes)"),
+        ("deleted", "(it was deleted)"),
+        ("replaced", "(it was replaced)"),
+        ("added", "(it appeared)"),
+    ],
+)
+def test_the_run_checks_and_the_adapter_files_describe_a_change_in_the_same_words(
+    tmp_path: Path, change: str, words: str
+) -> None:
+    """One notion of "not as it was" (`io.files.stamps`), one wording of the difference:
+    the run's guard, the check after an eval command and the adapters' reopened files each
+    give one line that names the very file of the folder and says how it changed."""
+    from modelsoups.errors import SoupError
+    from modelsoups.guard import InputGuard
+    from modelsoups.io.adapter_files import ReopenedFiles
+    from modelsoups.io.files import stamps
+    from modelsoups.sandbox import check_unchanged
+
+    folder = tmp_path / "run"
+    folder.mkdir()
+    file = folder / ("new.json" if change == "added" else "config.json")
+    if change != "added":
+        file.write_bytes(b"abcdef")
+    before, guard, files = stamps(folder), InputGuard([folder]), ReopenedFiles([folder])
+    if change == "rewritten":
+        file.write_bytes(b"ABCDEF")
+        os.utime(file, ns=(1, 1))  # another mtime, even on a coarse clock
+    elif change == "extended":
+        file.write_bytes(b"abcdefg")
+    elif change == "deleted":
+        file.unlink()
+    elif change == "replaced":
+        (folder / "tmp").write_bytes(b"abcdef")
+        os.replace(folder / "tmp", file)
+    else:
+        file.write_bytes(b"{}")
+    errors = []
+    for check in (
+        lambda: guard.check("now"),
+        lambda: check_unchanged(folder, before, "c0"),
+        lambda: files.check(0),
+    ):
+        with pytest.raises(SoupError) as e:
+            check()
+        errors.append(str(e.value))
+    for line in errors:
+        assert line.startswith(f"{file}: ") and words in line and "\n" not in line

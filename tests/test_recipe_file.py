@@ -226,11 +226,13 @@ def test_bad_recipes_fail_in_one_line_naming_the_field(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], text: str, message: str
 ) -> None:
     recipe = _write(tmp_path, text)
+    cwd = os.getcwd()
     assert main(["run", str(recipe)]) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("soup: error: ")
     assert message in err, err
     assert not (tmp_path / "s.safetensors").exists()
+    assert os.getcwd() == cwd != str(tmp_path)  # run in the recipe's folder, then back
 
 
 @pytest.mark.parametrize("dry_run", [[], ["--dry-run"]])

@@ -179,32 +179,35 @@ def test_input_changed_while_the_evaluator_ran_stops_the_run(
 
 
 @pytest.mark.parametrize(
-    ("fmt", "action", "what"),
+    ("fmt", "action", "file", "what"),
     [
-        ("safetensors", "rm {b}", "deleted"),
-        ("safetensors", "cp {a} {b}.new && mv {b}.new {b}", "changed"),  # replaced by a rename
-        ("hf-folder", "rm {b}/model.safetensors", "deleted"),
-        ("hf-folder", "printf x >> {b}/config.json", "changed"),
+        ("safetensors", "rm {b}", "", "(it was deleted)"),
+        ("safetensors", "cp {a} {b}.new && mv {b}.new {b}", "", "(it was replaced)"),
+        ("hf-folder", "rm {b}/model.safetensors", "model.safetensors", "(it was deleted)"),
+        ("hf-folder", "printf x >> {b}/config.json", "config.json", "(its size went from"),
     ],
     ids=["file deleted", "file replaced", "shard deleted", "folder file rewritten"],
 )
 def test_input_deleted_or_replaced_while_the_evaluator_ran_stops_the_run(
     fmt: str,
     action: str,
+    file: str,
     what: str,
     tmp_path: Path,
     make_ingredients: Maker,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     """Stricter than the readers' check (a rename or deletion leaves the open file intact):
-    an ingredient's files must be the very same after its evaluation."""
+    an ingredient's files must be the very same after its evaluation. The line names the
+    very file of a folder that changed, and how, in the words of the run's other checks."""
     a, b = make_ingredients(2, fmt)
     out = tmp_path / "soup.safetensors"
     act = action.format(a=a if fmt == "safetensors" else a / "model.safetensors", b=b)
     command = f'[ "$SOUP_CANDIDATE" = run1 ] && {{ {act}; }}; echo 1; : {{ckpt}}'
     capsys.readouterr()
     assert main(["greedy", str(a), str(b), "-o", str(out), "--eval", command]) == 1
-    one_error_line(capsys.readouterr().err, "'run1'", str(b), f"was {what} while the eval")
+    line = one_error_line(capsys.readouterr().err, "'run1'", f"{b / file if file else b}: ")
+    assert f"input changed during the run {what}" in line and "after the eval command" in line
     assert not out.exists() and not list(tmp_path.glob(".*soup-candidate-*"))
 
 

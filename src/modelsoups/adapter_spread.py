@@ -24,8 +24,9 @@ from .adapters import check_adapters
 from .dtypes import as_dtype
 from .errors import IncompatibleError, InputChangedError, NonFiniteError
 from .io.adapter import LoraAdapter, open_adapter
-from .io.adapter_files import ReopenedFiles, Stamp, private_copy, stamp
+from .io.adapter_files import ReopenedFiles, private_copy
 from .io.base import Checkpoint, TensorInfo
+from .io.files import Stamps, first_change, stamps
 from .io.safetensors_file import SafetensorsFile
 
 if TYPE_CHECKING:
@@ -125,13 +126,13 @@ def spread_adapters(
     files: list[Path] = []
     owned: list[Path | None] = [None]  # the private folder of converted .bin adapters
     try:
-        stamps = [_read_one(p, unsafe_pickle, adapters, files, owned) for p in inputs]
+        stamped = [_read_one(p, unsafe_pickle, adapters, files, owned) for p in inputs]
         check_adapters(adapters, allow_different_base=allow_different_base)
         if base is not None:
             _check_base(adapters[0], base)
             files.append(base)
-            stamps.append(stamp(base))
-        reopened = ReopenedFiles(files, stamps=stamps, owned=owned[0])
+            stamped.append(stamps(base))
+        reopened = ReopenedFiles(files, stamps=stamped, owned=owned[0])
     except BaseException:
         if owned[0] is not None:
             shutil.rmtree(owned[0], ignore_errors=True)
@@ -150,7 +151,7 @@ def _read_one(
     adapters: list[LoraAdapter],
     files: list[Path],
     owned: list[Path | None],
-) -> Stamp:
+) -> Stamps:
     """Open one adapter, check that every tensor is finite, note its safetensors file (a
     private copy of a `.bin`), close it: one adapter's tensors in memory at a time. Returns
     the file's stamp, refusing a file that changed while it was read."""
@@ -160,16 +161,17 @@ def _read_one(
     try:
         weights = adapter.weights
         if isinstance(weights, SafetensorsFile):
-            file, before = weights.path, stamp(weights.path)
+            file, before = weights.path, stamps(weights.path)
         else:
             file, owned[0] = private_copy(weights, owned[0], str(len(files)))
-            before = stamp(file)
+            before = stamps(file)
         with one_thread():  # small tensors (see lora_plan)
             _check_finite(weights)
     finally:
         adapter.close()
-    if stamp(file) != before:
-        raise InputChangedError(f"{file}: changed while it was read; run it again")
+    found = first_change(before, stamps(file))
+    if found is not None:
+        raise InputChangedError(f"{found[0]}: changed while it was read ({found[1]}); run it again")
     adapters.append(adapter)  # closed: its config, modules and tensor headers remain
     files.append(file)
     return before

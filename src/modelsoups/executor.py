@@ -10,8 +10,10 @@ torch/OpenMP state, same behaviour on Linux, macOS and Windows); `workers=1` run
 in this process, which is also what the tests use. A Ray implementation (issue 7) has the same
 shape. With more than one worker, `fn` and every item are pickled to the workers: `fn` must
 be a module-level function (or a `functools.partial` of one) and items should be small —
-pass checkpoint *paths* rather than tensors when you can. Exceptions raised by `fn` are
-re-raised in the caller (the first one, in item order).
+pass checkpoint *paths* rather than tensors when you can. Items are pickled one by one as
+workers free up (at most 2 × workers jobs waiting or running), so N in-memory ingredients
+are never all copied at once. Exceptions raised by `fn` are re-raised in the caller (the
+first one, in item order).
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from typing import Any, Protocol, TypeVar
 
 from .errors import SoupError
@@ -64,16 +66,12 @@ class LocalExecutor:
         items = list(items)
         if self.workers == 1 or len(items) <= 1:
             return [fn(x) for x in items]
-        jobs = _pickled(fn, items)
+        fn_bytes = _pickle(fn)  # work that cannot travel is refused before workers start
+        first = _Job(fn_bytes, _pickle(items[0]))
         pool = self._pool or _pool(min(self.workers, len(items)))
         try:
             with _signals_deferred() as caught:
-                futures = [pool.submit(_run_pickled, job) for job in jobs]
-                pending = set(futures)
-                while pending and not caught:  # until all done, one failed, or a signal
-                    done, pending = wait(pending, 0.1, FIRST_EXCEPTION)
-                    if any(f.exception() is not None for f in done):
-                        break
+                futures = _submit_windowed(pool, fn_bytes, first, items, 2 * self.workers, caught)
             if caught:  # the handler in force before `map` decides: KeyboardInterrupt, ...
                 signal.raise_signal(caught[0])
             return [f.result() for f in futures]  # the first error in item order is raised
@@ -104,13 +102,50 @@ class LocalExecutor:
         return f"LocalExecutor(workers={self.workers})"
 
 
-def _pickled(fn: Callable[[T], R], items: Sequence[T]) -> list[bytes]:
-    """Each job pickled here, once, so that work which cannot be sent to a worker is refused
-    before any worker starts: failing inside the pool leaves its bookkeeping broken in
-    Python 3.11 (a graceful shutdown then waits forever, and a forced one kills its manager
-    thread with InvalidStateError)."""
+def _submit_windowed(
+    pool: ProcessPoolExecutor,
+    fn_bytes: bytes,
+    first: _Job,
+    items: Sequence[Any],
+    window: int,
+    caught: list[int],
+) -> list[Future[Any]]:
+    """Submit the jobs in item order, each pickled only when a place in the window of
+    `window` unfinished jobs frees up: the pickled copies held at once (an in-memory
+    ingredient pickles to a copy of its tensors) are bounded by the window, not by N.
+    Returns the futures submitted: all of them, unless one failed or a signal came."""
+    futures: list[Future[Any]] = []
+    pending: set[Future[Any]] = set()
+    job: _Job | None = first
+    while (len(futures) < len(items) or pending) and not caught:
+        while len(futures) < len(items) and len(pending) < window:
+            if job is None:
+                job = _Job(fn_bytes, _pickle(items[len(futures)]))
+            futures.append(pool.submit(_run_pickled, job))
+            pending.add(futures[-1])
+            job = None  # the pool holds it until its result is in, then lets it go
+        done, pending = wait(pending, 0.1, FIRST_COMPLETED)
+        if any(f.exception() is not None for f in done):
+            break
+    return futures
+
+
+class _Job:
+    """One job on its way to a worker: `fn` and one item, each pickled here, in this thread.
+
+    Failing to pickle inside the pool leaves its bookkeeping broken in Python 3.11 (a
+    graceful shutdown then waits forever, and a forced one kills its manager thread with
+    InvalidStateError); failing here is one `SoupError`, and the pool is stopped cleanly."""
+
+    __slots__ = ("fn", "item")
+
+    def __init__(self, fn: bytes, item: bytes) -> None:
+        self.fn, self.item = fn, item
+
+
+def _pickle(x: object) -> bytes:
     try:
-        return [pickle.dumps((fn, x)) for x in items]
+        return pickle.dumps(x)
     except (pickle.PicklingError, AttributeError, TypeError) as e:
         raise SoupError(
             f"cannot send work to worker processes ({e}); with workers > 1, use "
@@ -118,10 +153,9 @@ def _pickled(fn: Callable[[T], R], items: Sequence[T]) -> list[bytes]:
         ) from e
 
 
-def _run_pickled(job: bytes) -> Any:
-    """In a worker: one job of `_pickled` (its result's type is the job's `fn`'s)."""
-    fn, x = pickle.loads(job)
-    return fn(x)
+def _run_pickled(job: _Job) -> Any:
+    """In a worker: one job (its result's type is the job's `fn`'s)."""
+    return pickle.loads(job.fn)(pickle.loads(job.item))
 
 
 def _pool(workers: int) -> ProcessPoolExecutor:

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import InputChangedError
-from .io.files import Stamp, stamps
+from .io.files import Stamps, changed_during_run, stamps
 
 __all__ = ["GuardedEvaluator", "InputGuard"]
 
@@ -27,7 +27,7 @@ class InputGuard:
     """The stamps of every file of `paths` (files or folders), taken when it is built."""
 
     paths: Sequence[Path]
-    before: dict[Path, dict[Path, Stamp | None]] = field(default_factory=dict)
+    before: dict[Path, Stamps] = field(default_factory=dict)
     pid: int = field(default_factory=os.getpid)
 
     def __post_init__(self) -> None:
@@ -37,31 +37,12 @@ class InputGuard:
         """Raise `InputChangedError` naming the first file that is not as it was; `when`
         says at which point of the run it was seen (e.g. "before the final write")."""
         for root, before in self.before.items():
-            after = stamps(root)
-            if after == before:
-                continue
-            for path in sorted(set(before) | set(after)):
-                change = _change(before.get(path), after.get(path))
-                if change is not None:
-                    raise InputChangedError(
-                        f"{path}: input changed during the run ({change}), seen {when}; the "
-                        "scores no longer describe it and nothing was written. Run again once "
-                        "it is final"
-                    )
-
-
-def _change(old: Stamp | None, new: Stamp | None) -> str | None:
-    if old == new:
-        return None
-    if old is None:
-        return "it appeared" if new is not None else None
-    if new is None:
-        return "it was deleted"
-    if (new.dev, new.ino) != (old.dev, old.ino):
-        return "it was replaced"
-    if new.size != old.size:
-        return f"its size went from {old.size} to {new.size} bytes"
-    return "it was rewritten"
+            line = changed_during_run(before, stamps(root), when)
+            if line is not None:
+                raise InputChangedError(
+                    f"{line}; the scores no longer describe it and nothing was written. Run "
+                    "again once it is final"
+                )
 
 
 @dataclass

@@ -26,7 +26,7 @@ from pathlib import Path
 from .errors import EvaluationError
 from .io import HFFolder
 from .io.base import Checkpoint
-from .io.files import Stamp, stamps
+from .io.files import Stamps, changed_during_run, stamps
 
 __all__ = ["check_unchanged", "private_copy", "shell_safe"]
 
@@ -66,17 +66,14 @@ def _copy(src: Path, dst: Path) -> None:
     os.chmod(dst, 0o444)
 
 
-def check_unchanged(path: Path, before: dict[Path, Stamp | None], name: str) -> None:
+def check_unchanged(path: Path, before: Stamps, name: str) -> None:
     """Raise if the input at `path` is not the file(s) of `before` (`io.files.stamps` taken
     before the eval command ran): stricter than a reader's check, a deleted or replaced
     input counts too, since the soup goes on reading it."""
-    after = stamps(path)
-    if after != before:
-        gone = [p for p, v in before.items() if v is not None and after.get(p) is None]
-        what = "deleted" if gone else "changed"
+    line = changed_during_run(before, stamps(path), f"after the eval command scored {name!r}")
+    if line is not None:
         raise EvaluationError(
-            f"candidate {name!r}: input {gone[0] if gone else path} was {what} while the eval "
-            "command ran (it only got a private copy); check what else writes there"
+            f"{line}; the command only got a private copy: check what else writes there"
         )
 
 

@@ -10,13 +10,14 @@ the output name until selection has finished.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..errors import OutputError
+from ..errors import NonFiniteError, OutputError
 from .common import progress_bar, report_result
 from .options import (
     AdapterOutput,
@@ -99,6 +100,18 @@ def write_report(path: Path, report: dict[str, Any]) -> None:
     write_json(path, {**report, "modelsoups_version": __version__})
 
 
+@contextlib.contextmanager
+def naming_output(out: Path) -> Iterator[None]:
+    """A soup that overflows its dtype (`average.check_finite`, whose message names the
+    tensor: no input is to blame) raised with the output it was made for named first."""
+    try:
+        yield
+    except NonFiniteError as e:
+        if not str(e).startswith("tensor "):  # names an input, or already the output
+            raise
+        raise NonFiniteError(f"{out}: {e}") from None
+
+
 def write_mean(
     paths: list[Path],
     out: Path,
@@ -120,7 +133,7 @@ def write_mean(
     from ..recipes.uniform import soup_files  # models, or LoRA adapters (exact)
 
     dtype, max_shard_size = write.output_dtype(), write.shard_bytes()
-    with progress_bar(f"{recipe} soup") as bar:
+    with progress_bar(f"{recipe} soup") as bar, naming_output(out):
         result = soup_files(
             paths, out, weights=weights, normalize=normalize, allow_negative=allow_negative,
             accumulate=average.accumulate, dtype=dtype, non_float=average.non_float,

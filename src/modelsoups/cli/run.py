@@ -8,16 +8,14 @@ a `recipe_file` entry: the recipe as written, its path and SHA-256, and the comm
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 import shlex
-from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
+from ..cwd import chdir
 from ..errors import SoupError
 from .common import say
 
@@ -76,17 +74,6 @@ def recipe_argv(recipe: Recipe, inputs: list[str]) -> list[str]:
     return argv
 
 
-@contextlib.contextmanager
-def _inside(folder: Path) -> Iterator[None]:
-    """Run in the recipe's folder, so that its relative paths mean what they say."""
-    before = Path.cwd()
-    os.chdir(folder)
-    try:
-        yield
-    finally:
-        os.chdir(before)
-
-
 def _report_path(recipe: Recipe) -> Path:
     if recipe.report is not None:
         return Path(recipe.report)
@@ -141,7 +128,7 @@ def run_recipe(path: Path, *, dry_run: bool = False) -> list[str]:
     from .root import command
 
     recipe, source = load_recipe(path)
-    with _inside(path.resolve().parent):
+    with chdir(path.resolve().parent):  # the recipe's relative paths mean what they say
         inputs = recipe.inputs(Path.cwd())
         if recipe.mlflow is not None:
             inputs += _from_mlflow(recipe, dry_run)

@@ -1,9 +1,9 @@
 """The tensors of a set of files, read when asked, in whichever process asks.
 
 `ReopenedFiles` is what an `AdapterSpace` keeps of its N adapters (and of the base model
-whose `modules_to_save` tensors it needs): for each, a path and the stamp the path had when
-the space was built (device, inode, size, mtime of the file, or of each file of a folder),
-never a tensor. `read(i, key)` opens file i the first time a tensor of it is read in a
+whose `modules_to_save` tensors it needs): for each, a path and the stamps it had when the
+space was built (`io.files.stamps`: device, inode, size, mtime of the file, or of each file
+of a folder), never a tensor. `read(i, key)` opens file i the first time a tensor of it is read in a
 process (a safetensors file is memory-mapped: its pages, not an anonymous copy) and keeps
 it open until `close()`, after which the next read opens it again. A path whose stamp has
 changed is refused (`InputChangedError`): its tensors were checked (finite, shapes) when
@@ -29,25 +29,13 @@ from typing import TYPE_CHECKING, Any
 
 from ..errors import InputChangedError
 from .base import Checkpoint
-from .files import ensure_descriptors
+from .files import Stamps, ensure_descriptors, first_change
+from .files import stamps as stamps_of
 
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["ReopenedFiles", "Stamp", "private_copy", "stamp"]
-
-Stamp = tuple[tuple[str, int, int, int, int], ...]
-
-
-def stamp(path: Path) -> Stamp:
-    """(name, device, inode, size, mtime_ns) of the file `path`, or of each regular file
-    directly in the folder `path`: what changes when any of them is rewritten."""
-    files = sorted(p for p in path.iterdir() if p.is_file()) if path.is_dir() else [path]
-    out = []
-    for f in files:
-        st = os.stat(f)
-        out.append((f.name, st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns))
-    return tuple(out)
+__all__ = ["ReopenedFiles", "private_copy"]
 
 
 class ReopenedFiles:
@@ -64,11 +52,11 @@ class ReopenedFiles:
         self,
         paths: Sequence[Path],
         *,
-        stamps: Sequence[Stamp] | None = None,
+        stamps: Sequence[Stamps] | None = None,
         owned: Path | None = None,
     ) -> None:
         self.paths = list(paths)
-        self.stamps = list(stamps) if stamps is not None else [stamp(p) for p in self.paths]
+        self.stamps = list(stamps) if stamps is not None else [stamps_of(p) for p in self.paths]
         self._open: dict[int, Checkpoint] = {}
         self._cleanup = (
             weakref.finalize(self, shutil.rmtree, owned, ignore_errors=True) if owned else None
@@ -91,15 +79,12 @@ class ReopenedFiles:
 
     def check(self, i: int) -> None:
         """Raise `InputChangedError` if file i is not as it was stamped."""
-        path = self.paths[i]
-        try:
-            now = stamp(path)
-        except OSError as e:
-            raise InputChangedError(f"{path}: cannot read it again ({e.strerror})") from None
-        if now != self.stamps[i]:
+        found = first_change(self.stamps[i], stamps_of(self.paths[i]))
+        if found is not None:
+            path, change = found
             raise InputChangedError(
-                f"{path}: changed since the adapters were opened (size, time or inode); "
-                "a soup must not mix two versions of an input: run it again"
+                f"{path}: changed since the adapters were opened ({change}); a soup must "
+                "not mix two versions of an input: run it again"
             )
 
     def check_unchanged(self) -> None:

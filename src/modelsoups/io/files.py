@@ -31,8 +31,12 @@ from ..errors import CheckpointError, InputChangedError
 
 __all__ = [
     "Stamp",
+    "Stamps",
+    "changed_during_run",
     "check_regular",
+    "difference",
     "ensure_descriptors",
+    "first_change",
     "journal",
     "open_error",
     "stamps",
@@ -140,17 +144,10 @@ class Stamp:
         """
         if size is not None and size != self.size:
             return f"its size went from {self.size} to {size} bytes"
-        try:
-            st = os.stat(self.path)
-        except OSError:
+        now = Stamp.now(self.path)
+        if now is None or (now.dev, now.ino) != (self.dev, self.ino):
             return None
-        if (st.st_dev, st.st_ino) != (self.dev, self.ino):
-            return None
-        if st.st_size != self.size:
-            return f"its size went from {self.size} to {st.st_size} bytes"
-        if st.st_mtime_ns != self.mtime_ns:
-            return "it was rewritten"
-        return None
+        return difference(self, now)
 
     def check(self, size: int | None = None) -> None:
         """Raise `InputChangedError` if the file changed since it was stamped."""
@@ -159,10 +156,42 @@ class Stamp:
             raise InputChangedError(changed_message(self.path, change))
 
 
-def stamps(path: Path) -> dict[Path, Stamp | None]:
+# The stamps of an input: of the file, or of every file in the folder (None: not there).
+Stamps = dict[Path, Stamp | None]
+
+
+def stamps(path: Path) -> Stamps:
     """The stamps of a file, or of every file in a folder (None: gone since listed)."""
     files = [path] if not path.is_dir() else sorted(p for p in path.rglob("*") if p.is_file())
     return {p: Stamp.now(p) for p in files}
+
+
+def difference(old: Stamp | None, new: Stamp | None) -> str | None:
+    """How a file went from stamp `old` to stamp `new` (None: not there), in the words
+    every "input changed" message uses; None if it did not change."""
+    if old == new:
+        return None
+    if old is None:
+        return "it appeared" if new is not None else None
+    if new is None:
+        return "it was deleted"
+    if (new.dev, new.ino) != (old.dev, old.ino):
+        return "it was replaced"
+    if new.size != old.size:
+        return f"its size went from {old.size} to {new.size} bytes"
+    return "it was rewritten"
+
+
+def first_change(before: Stamps, after: Stamps) -> tuple[Path, str] | None:
+    """The first file (in path order) of an input whose stamps went from `before` to
+    `after` (`stamps` of the same path, taken twice) that changed, and how; None if none."""
+    if after == before:
+        return None
+    for path in sorted(set(before) | set(after)):
+        change = difference(before.get(path), after.get(path))
+        if change is not None:
+            return path, change
+    return None
 
 
 def changed_message(path: Path | str, change: str) -> str:
@@ -170,6 +199,18 @@ def changed_message(path: Path | str, change: str) -> str:
         f"{path}: changed while the soup was reading it ({change}); is another process "
         "still writing it?"
     )
+
+
+def changed_during_run(before: Stamps, after: Stamps, when: str) -> str | None:
+    """The line `FILE: input changed during the run (how), seen WHEN` for the first file
+    of an input that is not as it was (`first_change`), or None. The one wording of the
+    run's checks: `guard.InputGuard`'s, and `sandbox.check_unchanged`'s after each eval
+    command."""
+    found = first_change(before, after)
+    if found is None:
+        return None
+    path, change = found
+    return f"{path}: input changed during the run ({change}), seen {when}"
 
 
 # The supervised `soup` child sets this to a descriptor of a file shared with its parent:

@@ -26,13 +26,13 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
-import os
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ..cwd import chdir
 from ..errors import SoupError
 from ..evaluate import Score
 from .base import Progress, Settings, tokenizer
@@ -158,7 +158,7 @@ def _load(manager: Any, spec: str, task: str, root: Path) -> dict[str, Any]:
     """Task `spec` (a name, or a YAML path), loaded with its documents in `root` (relative
     data paths) and offline."""
     try:
-        with _offline(), _chdir(root), _no_bars():
+        with _offline(), _CWD_LOCK, chdir(root), _no_bars():
             loaded: dict[str, Any] = manager.load([spec])
             return loaded
     except ConnectionError as e:  # datasets' OfflineModeIsEnabled, a Hub lookup refused
@@ -204,17 +204,6 @@ def _no_bars() -> Iterator[None]:
         lm_eval.api.task.tqdm = bar
         if was:
             datasets.enable_progress_bars()
-
-
-@contextlib.contextmanager
-def _chdir(folder: Path) -> Iterator[None]:
-    with _CWD_LOCK:
-        before = os.getcwd()
-        os.chdir(folder)
-        try:
-            yield
-        finally:
-            os.chdir(before)
 
 
 def _live_lm(model: nn.Module, tok: Any, settings: Settings) -> Any:
