@@ -278,7 +278,7 @@ def overflow_in_output_dtype(c: Ctx) -> Setup:
     (a,) = c.make(1)
     b = _modify(c, lambda sd: sd["fc.weight"].__setitem__((0, 0), 3e5))
     argv = uniform(a, b, out=c.out, extra=("--dtype", "fp16"))
-    return Setup(argv, ["'fc.weight'", "overflows float16"])
+    return Setup(argv, [f"{c.out}: tensor 'fc.weight'", "overflows float16"])
 
 
 def inf_weight(c: Ctx) -> Setup:

@@ -15,6 +15,7 @@ import json
 import os
 from collections.abc import Callable
 from pathlib import Path
+from unittest import mock
 
 import pytest
 from battery import Case, Ctx, Maker, Setup, run_case
@@ -63,6 +64,39 @@ def greedy_workdir_inside_the_output_folder(c: Ctx) -> Setup:
     argv = ["greedy", str(a), str(b), "-o", str(out), "--overwrite", "--eval", OK,
             "--workdir", str(out / "work")]  # fmt: skip
     return Setup(argv, [str(out), "also writes"], out=out)
+
+
+def greedy_workdir_is_a_fifo(c: Ctx) -> Setup:
+    """A special file made in the test's own folder: the machine's /dev is never used."""
+    a, b = c.make(2)
+    os.mkfifo(c.tmp / "work")
+    argv = ["greedy", str(a), str(b), "-o", str(c.out), "--eval", OK, "--workdir",
+            str(c.tmp / "work")]  # fmt: skip
+    return Setup(argv, [str(c.tmp / "work"), "is a FIFO (named pipe), not a folder"])
+
+
+def fake_dev(c: Ctx) -> Path:
+    """A folder standing for /dev (the one `DEVICE_FOLDERS` names while the case runs)."""
+    from modelsoups.cli import outputs
+
+    dev = c.tmp / "dev"
+    (dev / "disk").mkdir(parents=True)
+    c.stack.enter_context(mock.patch.object(outputs, "DEVICE_FOLDERS", (dev,)))
+    return dev
+
+
+def greedy_workdir_is_the_device_folder(c: Ctx) -> Setup:
+    a, b = c.make(2)
+    dev = fake_dev(c)
+    argv = ["greedy", str(a), str(b), "-o", str(c.out), "--eval", OK, "--workdir", str(dev)]
+    return Setup(argv, [f"{dev}: --workdir is in {dev}, where the system keeps devices"])
+
+
+def greedy_workdir_in_the_device_folder(c: Ctx) -> Setup:
+    a, b = c.make(2)
+    work = fake_dev(c) / "disk"
+    argv = ["greedy", str(a), str(b), "-o", str(c.out), "--eval", OK, "--workdir", str(work)]
+    return Setup(argv, [str(work), "where the system keeps devices", "/dev/shm"])
 
 
 def greedy_output_is_the_data_file(c: Ctx) -> Setup:
@@ -201,6 +235,9 @@ CASES: list[tuple[str, Callable[[Ctx], Setup]]] = [
     ("greedy --workdir inside an input folder", greedy_workdir_inside_an_input_folder),
     ("greedy --workdir a link into an input folder", greedy_workdir_links_into_an_input_folder),
     ("greedy --workdir inside the output folder", greedy_workdir_inside_the_output_folder),
+    ("greedy --workdir a FIFO", greedy_workdir_is_a_fifo),
+    ("greedy --workdir the device folder", greedy_workdir_is_the_device_folder),
+    ("greedy --workdir a folder in the device folder", greedy_workdir_in_the_device_folder),
     ("greedy -o is the --data file", greedy_output_is_the_data_file),
     ("greedy --report is the --data file", greedy_report_is_the_data_file),
     ("greedy --report a hard link to --data", greedy_report_hard_link_to_the_data_file),
@@ -230,5 +267,24 @@ def test_bad_path(
 
 
 def test_paths_battery_is_large_enough() -> None:
-    assert len(CASES) >= 21
+    assert len(CASES) >= 24
     assert len({i for i, _ in CASES}) == len(CASES)
+
+
+def test_a_workdir_beside_the_device_folder_is_used_and_left_empty(
+    tmp_path: Path, make_ingredients: Maker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The rule refuses the device folder's own filesystem below it, not its neighbours."""
+    from modelsoups.cli import main, outputs
+
+    (tmp_path / "dev").mkdir()
+    monkeypatch.setattr(outputs, "DEVICE_FOLDERS", (tmp_path / "dev",))
+    a, b = make_ingredients(2)
+    work, seen = tmp_path / "device-work", tmp_path / "seen.txt"
+    work.mkdir()
+    evaluator = f"echo {{ckpt}} >> {seen}; echo 1"
+    argv = ["greedy", str(a), str(b), "-o", str(tmp_path / "s.safetensors"), "--eval", evaluator,
+            "--workdir", str(work), "--memory", "0", "-q"]  # fmt: skip
+    assert main(argv) == 0
+    assert any(line.startswith(f"{work}/") for line in seen.read_text().splitlines())
+    assert not list(work.iterdir())

@@ -17,12 +17,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from modelsoups import model_stock
+from modelsoups.average import weighted_sum_arrays
 from modelsoups.cli import main
 from modelsoups.cli.common import STATE
-from modelsoups.dtypes import BF16, F64
+from modelsoups.dtypes import BF16, DTYPES, F32, F64, DType
 from modelsoups.errors import NonFiniteError, SoupError
 from modelsoups.io import open_checkpoint
-from modelsoups.recipes.stock import delta_gram, stock_ratio
+from modelsoups.recipes.stock import delta_gram, ratio_from_gram, stock_ratio, write_model_stock
+from modelsoups.recipes.stock_slices import mix, paired
 
 BASE = tiny_state_dict(0, noise=0.0)
 
@@ -292,6 +294,74 @@ def test_float32_gram_of_bf16_slices_is_the_float64_gram(offset: int, numel: int
     np.testing.assert_allclose(gram, (exact @ exact.T).numpy(), rtol=1e-5)
     exact64 = delta_gram(base_bits, BF16, bits, [BF16] * 3, accumulate=F64)
     np.testing.assert_allclose(exact64, (exact @ exact.T).numpy(), rtol=1e-12)
+
+
+F16 = DTYPES["F16"]
+
+
+def _storage(x: np.ndarray, dtype: DType, offset: int) -> np.ndarray:
+    """float32 `x` as `dtype`'s storage array, starting `offset` elements into a buffer
+    (1: not 4-byte aligned for 16-bit types)."""
+    bf16 = (x.view(np.uint32) >> 16).astype(np.uint16)  # truncated: still finite
+    data = bf16 if dtype == BF16 else x.astype(dtype.numpy)
+    room = np.empty(x.size + offset, data.dtype)
+    room[offset:] = data
+    return room[offset:]
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    k=st.integers(2, 5),
+    numel=st.sampled_from([1, 2, 7, 65_536, 65_537, 200_001, 200_002]),
+    offset=st.sampled_from([0, 1]),
+    dtype=st.sampled_from([BF16, F16, F32, F64]),
+    out_dtype=st.sampled_from([None, BF16, F16, F32, F64]),
+    seed=st.integers(0, 1000),
+)
+def test_mean_from_one_read_of_each_finetune_is_the_mean_of_all_inputs_bit_for_bit(
+    k: int, numel: int, offset: int, dtype: DType, out_dtype: DType | None, seed: int
+) -> None:
+    """The default second pass reads θ₀ and the float32 Σθᵢ the first pass kept (bf16 read
+    two at a time when aligned, in another order): bit for bit the weighted mean of θ₀ and
+    every θᵢ that `soup_tensor` computes by reading them all again, for every input and
+    output dtype, slice count and alignment."""
+    rng = np.random.default_rng(seed)
+    base32 = rng.standard_normal(numel, dtype=np.float32)
+    base = _storage(base32, dtype, offset)
+    fts = [_storage(base32 + np.float32(0.01) * rng.standard_normal(numel, dtype=np.float32),
+                    dtype, offset) for _ in range(k)]  # fmt: skip
+    pairs = paired([base, *fts], [dtype] * (k + 1))
+    assert pairs == (dtype == BF16 and offset == 0 and numel % 2 == 0)
+    sums = np.empty(numel, np.float32)
+    _, t = ratio_from_gram(delta_gram(base, dtype, fts, [dtype] * k, sums=sums, pairs=pairs))
+    weights = [1.0 - t] + [t / k] * k
+    target = out_dtype or dtype
+    out = np.empty(numel, target.numpy)
+    assert mix(base, dtype, sums, (weights[0], weights[1]), out, target, pairs=pairs)
+    expected, finite = weighted_sum_arrays([base, *fts], [dtype] * (k + 1), weights,
+                                           out_dtype=target)  # fmt: skip
+    assert finite and out.tobytes() == expected.tobytes()
+
+
+@pytest.mark.parametrize("out_dtype", [None, "fp16", "fp32", "fp64"])
+def test_streamed_soup_equals_the_in_memory_soup_bit_for_bit(
+    tmp_path: Path, out_dtype: str | None
+) -> None:
+    """Streamed, the float32 Σθᵢ lives in the writer's buffer and the output overwrites it
+    slice by slice (a float64 output gets its own room): the same bits as in memory, on
+    tensors of several slices, even and odd, bf16 and float32."""
+    g = torch.Generator().manual_seed(5)
+    base = {"a": torch.randn(200_002, generator=g).bfloat16(),
+            "b": torch.randn(3, 66_667, generator=g), "c": torch.randn(7, generator=g)}  # fmt: skip
+    fts = [{n: (v.float() + 0.01 * torch.randn(v.shape, generator=g)).to(v.dtype)
+            for n, v in base.items()} for _ in range(3)]  # fmt: skip
+    paths = [save_as(sd, tmp_path / f"m{i}", "safetensors") for i, sd in enumerate([base, *fts])]
+    out = tmp_path / "stock.safetensors"
+    write_model_stock(paths[0], paths[1:], out, dtype=out_dtype)
+    expected, _ = model_stock(base, fts, dtype=out_dtype)
+    with open_checkpoint(out) as c:
+        for name, v in expected.items():
+            assert torch.equal(c.get(name), v), name
 
 
 def test_stock_ratio_of_deltas_matches_hand_computation() -> None:

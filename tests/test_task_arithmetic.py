@@ -6,6 +6,7 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from conftest import reference_mean, save_as, tiny_state_dict
 from hypothesis import given, settings
@@ -59,3 +60,25 @@ def test_cli_task_arithmetic_scale_and_sweep(tmp_path: Path) -> None:
                  "--scales", "0:1:0.5", "--eval", cmd, "-q"]) == 0  # fmt: skip
     report = json.loads((tmp_path / "ta2.report.json").read_text())
     assert report["scale"] == 0.5 and [r["scale"] for r in report["sweep"]] == [0, 0.5, 1]
+
+
+@pytest.mark.parametrize("sweep", [[], ["--scales", "1,30", "--eval", "echo 1; : {ckpt}"]])
+def test_an_fp16_overflow_names_the_output_and_the_tensor(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], sweep: list[str]
+) -> None:
+    """Each task vector is small, the scaled sum beyond float16's 65504: one line naming
+    the soup being made and the tensor, exit 1, nothing written, the folder as it was."""
+    base = save_as(BASE, tmp_path / "base", "safetensors")
+    big = {k: v.clone() for k, v in FTS[0].items()}
+    big["fc.weight"][0, 0] += 3000.0
+    ft = save_as(big, tmp_path / "ft", "safetensors")
+    out = tmp_path / "ta.safetensors"
+    before = sorted(p.name for p in tmp_path.iterdir())
+    argv = ["task-arithmetic", str(ft), "--base", str(base), "-o", str(out), "--scale", "30",
+            "--dtype", "fp16", *sweep]  # fmt: skip
+    capsys.readouterr()
+    assert main(argv) == 1
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"soup: error: {out}: tensor 'fc.weight'")
+    assert "overflows float16" in lines[0]
+    assert sorted(p.name for p in tmp_path.iterdir()) == before

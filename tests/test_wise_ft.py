@@ -165,5 +165,6 @@ def test_cli_sweep_refuses_an_overflow_of_the_output_dtype(
     capsys.readouterr()
     assert main(argv) == 1
     lines = capsys.readouterr().err.strip().splitlines()
-    assert len(lines) == 1 and "'fc.weight'" in lines[0] and "overflows float16" in lines[0]
+    assert len(lines) == 1 and "overflows float16" in lines[0]
+    assert f"{tmp_path / 'w.safetensors'}: tensor 'fc.weight'" in lines[0]
     assert sorted(p.name for p in tmp_path.iterdir()) == before

@@ -34,7 +34,9 @@ __all__ = [
     "accumulate_dtype",
     "check_finite",
     "load_soup",
+    "narrow",
     "output_dtype",
+    "result_array",
     "soup_tensor",
     "uniform_state_dict",
     "weighted_state_dict",
@@ -108,7 +110,7 @@ def widen_buffer() -> np.ndarray:
     return _scratch().wide
 
 
-def _result_array(shape: tuple[int, ...], dtype: DType, buffer: np.ndarray | None) -> np.ndarray:
+def result_array(shape: tuple[int, ...], dtype: DType, buffer: np.ndarray | None) -> np.ndarray:
     """An array of `shape` holding `dtype`: new, or the start of the caller's byte `buffer`."""
     if buffer is None:
         return np.empty(shape, dtype=dtype.numpy)
@@ -134,7 +136,7 @@ def weighted_sum_arrays(
     modified. Extra memory beyond the result is a few slices of `CHUNK`.
     """
     out_dtype = out_dtype or accumulate
-    out = _result_array(arrays[0].shape, out_dtype, buffer)
+    out = result_array(arrays[0].shape, out_dtype, buffer)
     flat_out, flats = out.reshape(-1), [a.reshape(-1) for a in arrays]
     numel = flat_out.size
     s = _scratch()
@@ -171,7 +173,7 @@ def weighted_sum_arrays(
                     np.multiply(widen(a[start:stop], d, s.wide), w, out=tmp, dtype=acc_np)
                     np.add(acc, tmp, out=acc, dtype=acc_np)
             if acc_buf is not None:
-                _narrow(acc, flat_out[start:stop], out_dtype, s)
+                narrow(acc, flat_out[start:stop], out_dtype, s)
             finite = finite and _chunk_finite(flat_out[start:stop], out_dtype, s)
     return out, finite
 
@@ -193,8 +195,10 @@ def widen(x: np.ndarray, dtype: DType, buffer: np.ndarray) -> np.ndarray:
     return wide
 
 
-def _narrow(acc: np.ndarray, out: np.ndarray, dtype: DType, s: _Scratch) -> None:
-    """Round the accumulated slice `acc` into `out`, of `dtype`, as torch's `.to` does."""
+def narrow(acc: np.ndarray, out: np.ndarray, dtype: DType, s: _Scratch | None = None) -> None:
+    """Round the accumulated slice `acc` (at most `CHUNK` elements) into `out`, of `dtype`,
+    as torch's `.to` does."""
+    s = s or _scratch()
     if dtype.itemsize >= 4:
         np.copyto(out, acc, casting="unsafe")  # round to nearest even; overflow gives inf
         return

@@ -71,14 +71,17 @@ def _stream_tensors(
     writer: ShardedWriter,
     progress: Progress | None,
     threads: int = 2,
+    room: int = 0,
 ) -> None:
     """Compute tensor after tensor on `threads` workers; write them in order as they finish.
 
-    Each worker's result goes into one of `threads` buffers of the largest output tensor,
-    reused for the whole run: memory stays that whatever the number of inputs, and no
-    tensor faults in fresh pages.
+    Each worker's result goes into one of `threads` buffers of the largest output tensor
+    (or of `room` bytes per element of the largest tensor, if more), reused for the whole
+    run: memory stays that whatever the number of inputs, and no tensor faults in fresh
+    pages.
     """
-    largest = max((e.nbytes for e in writer.entries), default=0)
+    largest = max((max(e.nbytes, room * e.nbytes // e.dtype.itemsize) for e in writer.entries),
+                  default=0)  # fmt: skip
     free = [np.empty(largest, np.uint8) for _ in range(threads)]
     total, done = sum(c.nbytes for c in ckpts), 0
     pending: deque[tuple[str, np.ndarray, Future[np.ndarray]]] = deque()
@@ -117,11 +120,13 @@ def write_streamed(
     max_shard_size: int | None = None,
     overwrite: bool = False,
     progress: Progress | None = None,
+    room: int = 0,
 ) -> SoupResult:
     """Write `soup_of(name, buffer)` for every tensor of `ckpts[0]` into `out`, atomically:
     floating tensors in `dtype` (default: the first input's), two tensors computed at a
     time, config/tokenizer files copied from the first input that is an HF folder. The
-    inputs are closed (unmapped) while the output is flushed."""
+    inputs are closed (unmapped) while the output is flushed. Each buffer has at least
+    `room` bytes per element of the tensor (Model Stock keeps a float32 sum there)."""
     folder = out.suffix != ".safetensors"
     entries = [
         Entry(n, dtype if (dtype is not None and i.is_float) else i.dtype, i.shape)
@@ -131,7 +136,7 @@ def write_streamed(
     with atomic_path(out, folder=folder, overwrite=overwrite) as tmp:
         writer = ShardedWriter(tmp, plan)
         try:
-            _stream_tensors(ckpts, soup_of, writer, progress)
+            _stream_tensors(ckpts, soup_of, writer, progress, room=room)
             for c in ckpts:  # an input rewritten meanwhile gave a mix of old and new bytes
                 c.check_unchanged()
             # unmapping the inputs (CPU: page tables of every input) overlaps the fsync

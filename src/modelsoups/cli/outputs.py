@@ -10,13 +10,15 @@ the output name until selection has finished.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import stat
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..errors import OutputError
+from ..errors import NonFiniteError, OutputError
 from .common import progress_bar, report_result
 from .options import (
     AdapterOutput,
@@ -75,6 +77,11 @@ def check_outputs(
         os.rmdir(tempfile.mkdtemp(prefix=f".{out.name[:64]}.soup-check-", dir=out.parent))
     except OSError as e:
         raise OutputError(f"{out}: cannot write in {out.parent} ({e.strerror})") from None
+    if workdir is not None:  # the candidate folder goes there instead
+        try:
+            os.rmdir(tempfile.mkdtemp(prefix=f".{out.name[:64]}.soup-check-", dir=workdir))
+        except OSError as e:
+            raise OutputError(f"{workdir}: --workdir: cannot write in it ({e.strerror})") from None
 
 
 def scoring_reads(scoring: EvalOptions, test: TestOptions = TestOptions()) -> list[Path | None]:
@@ -82,13 +89,40 @@ def scoring_reads(scoring: EvalOptions, test: TestOptions = TestOptions()) -> li
     return [scoring.data, scoring.run.model, test.test_data]
 
 
+# Where the kernel shows devices and its own state: no place for candidate files, except
+# other filesystems mounted below them (/dev/shm, a tmpfs, is a fine --workdir).
+DEVICE_FOLDERS = (Path("/dev"), Path("/proc"), Path("/sys"))
+
+
 def work_name(output: Path, workdir: Path | None) -> Path:
     """Candidate files go in a folder named after `output`, beside it or in `workdir`."""
     if workdir is None:
         return output
-    if not workdir.is_dir():
-        raise OutputError(f"{workdir}: --workdir is not an existing folder")
+    check_workdir(workdir)
     return workdir / output.name
+
+
+def check_workdir(workdir: Path) -> None:
+    """Refuse, in one line, a --workdir that is not a folder for candidate files: missing,
+    a special file (FIFO, device, ...), or a folder on the filesystem of one of
+    `DEVICE_FOLDERS` (`/dev` itself). Whether this user can write in it is checked with
+    the other outputs (`check_outputs`), once it is known not to be an input."""
+    from ..io.files import file_kind
+
+    try:
+        st = os.stat(workdir)
+    except (OSError, ValueError):
+        raise OutputError(f"{workdir}: --workdir is not an existing folder") from None
+    if not stat.S_ISDIR(st.st_mode):
+        raise OutputError(f"{workdir}: --workdir is {file_kind(st.st_mode)}, not a folder")
+    real = workdir.resolve()
+    for system in DEVICE_FOLDERS:
+        with contextlib.suppress(OSError):
+            if real.is_relative_to(system.resolve()) and os.stat(system).st_dev == st.st_dev:
+                raise OutputError(
+                    f"{workdir}: --workdir is in {system}, where the system keeps devices, "
+                    "not files; give a folder on a disk (or a tmpfs such as /dev/shm)"
+                )
 
 
 def write_report(path: Path, report: dict[str, Any]) -> None:
@@ -97,6 +131,18 @@ def write_report(path: Path, report: dict[str, Any]) -> None:
     from ..version import __version__
 
     write_json(path, {**report, "modelsoups_version": __version__})
+
+
+@contextlib.contextmanager
+def naming_output(out: Path) -> Iterator[None]:
+    """A soup that overflows its dtype (`average.check_finite`, whose message names the
+    tensor: no input is to blame) raised with the output it was made for named first."""
+    try:
+        yield
+    except NonFiniteError as e:
+        if not str(e).startswith("tensor "):  # names an input, or already the output
+            raise
+        raise NonFiniteError(f"{out}: {e}") from None
 
 
 def write_mean(
@@ -120,7 +166,7 @@ def write_mean(
     from ..recipes.uniform import soup_files  # models, or LoRA adapters (exact)
 
     dtype, max_shard_size = write.output_dtype(), write.shard_bytes()
-    with progress_bar(f"{recipe} soup") as bar:
+    with progress_bar(f"{recipe} soup") as bar, naming_output(out):
         result = soup_files(
             paths, out, weights=weights, normalize=normalize, allow_negative=allow_negative,
             accumulate=average.accumulate, dtype=dtype, non_float=average.non_float,

@@ -36,7 +36,14 @@ from .options import (
     Zeroshot,
     expand_bundles,
 )
-from .outputs import check_outputs, scoring_reads, sidecar, write_mean, write_report
+from .outputs import (
+    check_outputs,
+    naming_output,
+    scoring_reads,
+    sidecar,
+    write_mean,
+    write_report,
+)
 
 if TYPE_CHECKING:
     from ..metrics import MetricEvaluator
@@ -146,7 +153,7 @@ def _sweep(
     scoring, records = search.scoring, search.records
     executor = search.parallel.executor()
     guard = InputGuard([*mix.paths, *filter(None, [options.adapters.merge_into])])
-    with candidate_folder(output) as work:
+    with candidate_folder(output) as work, naming_output(output):
         command = command_evaluator(scoring.eval_command, scoring.eval_timeout, work)
         evaluator = metric or merged_for(command, options.adapters.merge_into)
         assert evaluator is not None  # checked by the caller: --eval or --metric was given

@@ -36,6 +36,7 @@ __all__ = [
     "check_regular",
     "difference",
     "ensure_descriptors",
+    "file_kind",
     "first_change",
     "journal",
     "open_error",
@@ -66,8 +67,16 @@ def check_regular(path: Path, mode: int | None = None) -> None:
         except ValueError:  # from a list file: no file name holds a NUL byte
             raise CheckpointError(f"{path!r}: a file name cannot contain a NUL byte") from None
     if not stat.S_ISREG(mode):
-        kind = _KINDS.get(stat.S_IFMT(mode), "not a regular file")
-        raise CheckpointError(f"{path}: is {kind}, not a checkpoint file; give a file or a folder")
+        raise CheckpointError(
+            f"{path}: is {file_kind(mode)}, not a checkpoint file; give a file or a folder"
+        )
+
+
+def file_kind(mode: int) -> str:
+    """What a file of `mode` (`st_mode`) is, for a message: "a FIFO (named pipe)", ..."""
+    if stat.S_ISREG(mode):
+        return "a regular file"
+    return _KINDS.get(stat.S_IFMT(mode), "not a regular file")
 
 
 def open_error(path: Path, e: OSError) -> CheckpointError:

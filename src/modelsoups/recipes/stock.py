@@ -10,17 +10,20 @@ weights θ₀ (averaged over pairs):
 Few, nearly orthogonal fine-tunes (small cos θ) are pulled towards θ₀; agreeing ones keep
 their average (identical ingredients: cos θ = 1, t = 1).
 
-Each tensor takes two passes over its inputs, in cache-sized slices, and never a copy of a
-whole tensor: the first sums the k×k Gram matrix ⟨θᵢ − θ₀, θⱼ − θ₀⟩ (its diagonal gives
-the norms), the second is the weighted mean of `average.py` with weights (1 − t) on θ₀
-and t/k on each θᵢ, with the same non-finite and overflow checks as every soup.
+Each tensor takes two passes, in cache-sized slices (`stock_slices.py`): the first sums
+the k×k Gram matrix ⟨θᵢ − θ₀, θⱼ − θ₀⟩ (its diagonal gives the norms), the second is the
+weighted mean with weights (1 − t) on θ₀ and t/k on each θᵢ, with the same non-finite and
+overflow checks as every soup. By default the first pass also keeps Σθᵢ in float32 (in
+the buffer the output is then written over: 4 bytes per element of the largest tensor,
+per thread), so the second reads only θ₀ and that sum, and each fine-tune is read once.
 
 Rounding follows the uniform soup's `accumulate` (docs/guarantees.md, "Rounding"). By
-default both passes run in float32 (each slice's Gram by BLAS, the slices summed in
-float64): t is then within ~1e-7 of its float64 value (a float32 dot product's error) and
-the soup within (k + 2)·2⁻²⁴·Σ|wᵢ·xᵢ| of the weighted mean with that t, the bound of a
-uniform soup of k + 1 inputs. `accumulate="float64"` runs both in float64: every element
-is Eq. 6-7 evaluated exactly, rounded once to the output dtype (at 1.6× the compute).
+default both passes run in float32 (each slice's Gram by dot products, the slices summed
+in float64): t is then within ~1e-7 of its float64 value (a float32 dot product's error)
+and the soup within (k + 2)·2⁻²⁴·Σ|wᵢ·xᵢ| of the weighted mean with that t, the bound of
+a uniform soup of k + 1 inputs (Σθᵢ is summed in the order and precision of that soup).
+`accumulate="float64"` runs both in float64, the second pass reading every input again:
+every element is Eq. 6-7 evaluated exactly, rounded once to the output dtype.
 """
 
 from __future__ import annotations
@@ -32,26 +35,20 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from ..average import (
-    accumulate_dtype,
-    check_finite,
-    output_dtype,
-    soup_tensor,
-    widen,
-    widen_buffer,
-)
+from ..average import accumulate_dtype, check_finite, output_dtype, result_array, soup_tensor
 from ..check import check_compatible, check_non_float
-from ..dtypes import BF16, F32, F64, DType, to_torch
+from ..dtypes import F32, DType, to_torch
 from ..errors import SoupError
 from ..ingredients import Ingredient, close_all, open_ingredients
 from ..io.base import Checkpoint
 from ..types import PathLike, Progress, SoupResult, StateDict
+from .stock_slices import delta_gram, mix, paired
 
 if TYPE_CHECKING:
     import torch
 
 
-__all__ = ["model_stock", "stock_ratio", "write_model_stock"]
+__all__ = ["delta_gram", "model_stock", "stock_ratio", "write_model_stock"]
 
 Ratios = dict[str, tuple[float, float]]  # tensor name -> (cos θ, t), rounded to 6 digits
 
@@ -124,7 +121,7 @@ def write_model_stock(
         meta = provenance("model-stock", ckpts, [], accumulate=np.dtype(acc.numpy).name)
         result = write_streamed(ckpts, out, soup_of, out_dtype, meta,
                                 max_shard_size=max_shard_size, overwrite=overwrite,
-                                progress=progress)  # fmt: skip
+                                progress=progress, room=4 if acc == F32 else 0)  # fmt: skip
     finally:
         close_all(ckpts)
     result.seconds = time.perf_counter() - started
@@ -144,21 +141,41 @@ def stock_tensor(
     """One tensor of Model Stock, as an array in its storage type (in `buffer` if given);
     records its `(cos θ, t)` in `ratios`. Integer tensors are the base's.
 
-    Two passes over the inputs, both accumulated in `accumulate`: the Gram matrix of the
-    deltas (`delta_gram`), then the weighted mean with weights (1 − t, t/k, …, t/k)."""
-    if not base.infos[name].is_float:
+    Pass 1 sums the Gram matrix of the deltas (`delta_gram`); pass 2 is the weighted mean
+    with weights (1 − t, t/k, …, t/k). In float32, pass 1 also keeps Σθᵢ (in `buffer`'s
+    first 4 bytes per element when it has them, the output then overwriting it slice by
+    slice) and pass 2 reads only θ₀ and that sum (`mix`); in float64 it reads every input
+    again (`soup_tensor`)."""
+    info = base.infos[name]
+    if not info.is_float:
         return base.array(name)
-    gram = delta_gram(base.array(name), base.infos[name].dtype,
-                      [c.array(name) for c in finetuned],
-                      [c.infos[name].dtype for c in finetuned], accumulate=accumulate)  # fmt: skip
+    out_dtype, k = dtype or info.dtype, len(finetuned)
+    arrays, dtypes = [c.array(name) for c in finetuned], [c.infos[name].dtype for c in finetuned]
+    fused = accumulate == F32
+    pairs = fused and paired([base.array(name), *arrays], [info.dtype, *dtypes])
+    sums = _sums(info.numel, out_dtype, buffer) if fused else None
+    gram = delta_gram(base.array(name), info.dtype, arrays, dtypes, accumulate=accumulate,
+                      sums=sums, pairs=pairs)  # fmt: skip
     if not np.isfinite(gram).all():  # a NaN/Inf in an input: name it
-        check_finite(name, dtype or base.infos[name].dtype, [base, *finetuned], suggest_allow=False)
+        check_finite(name, out_dtype, [base, *finetuned], suggest_allow=False)
     cos, t = ratio_from_gram(gram)
     ratios[name] = (round(cos, 6), round(t, 6))
-    k = len(finetuned)
-    weights = [1.0 - t] + [t / k] * k
-    return soup_tensor(name, [base, *finetuned], weights, accumulate=accumulate, dtype=dtype,
-                       buffer=buffer, suggest_allow=False)  # fmt: skip
+    if sums is None:
+        return soup_tensor(name, [base, *finetuned], [1.0 - t] + [t / k] * k,
+                           accumulate=accumulate, dtype=dtype, buffer=buffer,
+                           suggest_allow=False)  # fmt: skip
+    out = result_array(info.shape, out_dtype, buffer)
+    if not mix(base.array(name), info.dtype, sums, (1.0 - t, t / k), out, out_dtype, pairs=pairs):
+        check_finite(name, out_dtype, [base, *finetuned], suggest_allow=False)
+    return out
+
+
+def _sums(numel: int, out_dtype: DType, buffer: np.ndarray | None) -> np.ndarray:
+    """Float32 room for Σθᵢ: the start of `buffer` when the output, no wider than 4 bytes,
+    overwrites it from there (see `mix`), else a new array."""
+    if buffer is not None and out_dtype.itemsize <= 4 and buffer.nbytes >= 4 * numel:
+        return buffer.reshape(-1).view(np.uint8)[: 4 * numel].view(np.float32)
+    return np.empty(numel, np.float32)
 
 
 def ratio_from_gram(gram: np.ndarray) -> tuple[float, float]:
@@ -172,66 +189,6 @@ def ratio_from_gram(gram: np.ndarray) -> tuple[float, float]:
         cos = float((cosines.sum() - np.trace(cosines)) / (k * (k - 1)))
     cos = max(min(cos, 1.0), 0.0)  # opposed deltas (cos < 0) fall back to the base: t = 0
     return cos, k * cos / (1 + (k - 1) * cos)
-
-
-# Pass 1 puts a slice of each fine-tune's delta into one row of a k×SLICE matrix that BLAS
-# then multiplies by its transpose. Float32 rows: k·256 KiB, in a core's L2 cache for the
-# few fine-tunes Model Stock is used with; float64 rows: k·128 KiB.
-SLICE = {F32: 1 << 16, F64: 1 << 14}
-
-
-def delta_gram(
-    base: np.ndarray,
-    base_dtype: DType,
-    finetuned: Sequence[np.ndarray],
-    dtypes: Sequence[DType],
-    *,
-    accumulate: DType = F32,
-) -> np.ndarray:
-    """G[i, j] = ⟨θᵢ − θ₀, θⱼ − θ₀⟩ over a whole tensor, slice by slice, as float64.
-
-    `accumulate=F32`: each slice's deltas and their products in float32 (the difference of
-    two bf16 or fp16 values is exact there), the slices' Gram matrices summed in float64.
-    `F64`: everything in float64 (exact products; the recipe's `--accumulate float64`).
-    Arrays are in their storage type (`DType.storage`); memory is a few slices, never a
-    whole tensor.
-    """
-    k, numel = len(finetuned), base.size
-    step = min(SLICE[accumulate], max(numel, 1))
-    acc, f32 = accumulate.numpy, accumulate == F32
-    pairs = f32 and numel % 2 == 0 and all(d == BF16 for d in (base_dtype, *dtypes))
-    pairs = pairs and all(a.ctypes.data % 4 == 0 for a in (base, *finetuned))
-    flat_base, flats = base.reshape(-1), [a.reshape(-1) for a in finetuned]
-    wide, wide_base = widen_buffer(), np.empty(step, acc)
-    deltas, gram = np.empty((k, step), acc), np.zeros((k, k), np.float64)
-    with np.errstate(all="ignore"):  # a NaN or overflow shows in the Gram; checked by the caller
-        for start in range(0, numel, step):
-            stop = min(start + step, numel)
-            m = stop - start
-            b = _load(flat_base[start:stop], base_dtype, wide_base if f32 else wide, pairs)
-            if b.dtype != acc:  # float64, or fp16 into float32: the base once, not k times
-                np.copyto(wide_base[:m], b, casting="unsafe")
-                b = wide_base[:m]
-            for i, (a, d) in enumerate(zip(flats, dtypes, strict=True)):
-                row = deltas[i, :m]  # bf16: widened into the row itself, then the difference
-                np.subtract(_load(a[start:stop], d, row if f32 else wide, pairs), b, out=row,
-                            dtype=acc)  # fmt: skip
-            rows = deltas[:, :m]
-            gram += rows @ rows.T
-    return gram
-
-
-def _load(x: np.ndarray, dtype: DType, buffer: np.ndarray, pairs: bool) -> np.ndarray:
-    """The 1-d slice `x` as floats: `widen(x, dtype, buffer)`, or with `pairs` (bf16, even
-    length, 4-byte aligned), read two elements at a time as uint32 into `buffer`: the odd
-    elements first, then the even ones, an order the Gram does not see, without widening
-    each uint16 to uint32 first (a third less work)."""
-    if not pairs:
-        return widen(x, dtype, buffer)
-    u, out, half = x.view(np.uint32), buffer[: x.size], x.size // 2
-    np.bitwise_and(u, 0xFFFF0000, out=out[:half].view(np.uint32))
-    np.left_shift(u, 16, out=out[half:].view(np.uint32))
-    return out
 
 
 def stock_ratio(deltas: torch.Tensor) -> tuple[float, float]:
