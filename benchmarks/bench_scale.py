@@ -3,6 +3,7 @@ parameters, each in a fresh process, peak anonymous memory of the process tree a
 
     python benchmarks/bench_scale.py                      # 250M and 1B, N=4 (+ greedy N=2)
     python benchmarks/bench_scale.py --sizes 250M --skip learned
+    python benchmarks/bench_scale.py --inputs /other/benchmarks/.cache --reps 3
 
 Inputs: `make_inputs.py` copies m00..m03 are the N=4 fine-tunes, m04 the base of wise-ft,
 task-arithmetic and stock. The held-out evaluator is a trivial command that reads one
@@ -22,10 +23,16 @@ Targets, side by side in one run (printed as ratios, ≤ 1 meets the target):
   from the page cache with `posix_fadvise(DONTNEED)`, on these files only), then from the
   page cache (`cat, page cache`). The target is at the disk speed; the ratio at the page
   cache's speed (4-10 GB/s here: memory bandwidth, not a disk) is printed beside it;
-- stock wall ≤ 2 × uniform wall.
+- stock wall ≤ 2 × uniform wall. Uniform and stock run in `--reps` interleaved rounds
+  (default 2: uniform, stock, uniform, stock), right after the two `cat` rows; before each
+  of these runs an untimed `cat` of all five inputs to /dev/null puts them in the page
+  cache, so both recipes start from the same state (every input cached, the last output
+  deleted). The table gives the median walls, their ratio and each round's ratio.
 
-Generated inputs are deleted at the end unless `--keep-inputs`. Results: `--out`
-(default `benchmarks/results/scale.{json,md,png}`).
+Inputs: `--inputs DIR` holds `<size>-bf16/m00..m04` (default `benchmarks/.cache`). Complete
+folders are reused as they are (read only: never rewritten or deleted), so a second run
+does not regenerate ~12 GB; missing ones are generated there and deleted at the end unless
+`--keep-inputs`. Results: `--out` (default `benchmarks/results/scale.{json,md,png}`).
 """
 
 from __future__ import annotations
@@ -35,6 +42,7 @@ import itertools
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -44,8 +52,9 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from make_inputs import CACHE, SIZES, ensure_models, expected_bytes  # noqa: E402
+from make_inputs import CACHE, SIZES, ensure_models, expected_bytes, model_dir  # noqa: E402
 from measure import run  # noqa: E402
+from scale_report import plot, table  # noqa: E402
 
 ROOT = HERE.parent
 MiB = 1 << 20
@@ -145,13 +154,16 @@ def baseline(env: dict[str, str]) -> dict[str, int]:
 
 
 def bench_size(size: str, args: argparse.Namespace, env: dict[str, str]) -> list[dict]:
-    shape = SIZES[size]
-    need = 6 * expected_bytes(size, "bf16") + (10 << 30)
-    free = shutil.disk_usage(CACHE.parent).free
+    root = Path(args.inputs)
+    present = [model_dir(size, "bf16", k, root) for k in range(5)]
+    missing = [d for d in present if not (d / "model.safetensors").exists()]
+    need = (len(missing) + 3) * expected_bytes(size, "bf16") + (2 << 30)  # + outputs
+    CACHE.mkdir(exist_ok=True)  # outputs are written here
+    free = shutil.disk_usage(CACHE).free
     if free < need:
         print(f"{size}: {free / 2**30:.1f} GiB free, need {need / 2**30:.1f}: skipped")
         return []
-    dirs = ensure_models(size, "bf16", 5)
+    dirs = ensure_models(size, "bf16", 5, root=root)
     base, fine = dirs[4], dirs[:4]
     for d in dirs:  # `cat` reads them from the disk
         evict(d / "model.safetensors")
@@ -160,130 +172,75 @@ def bench_size(size: str, args: argparse.Namespace, env: dict[str, str]) -> list
         work = Path(tmp)
         (work / "eval.py").write_text(EVAL)
         evaluator = f"{sys.executable} {work / 'eval.py'} {{ckpt}}"
-        for name, argv in methods(fine, base, work, evaluator).items():
+        argvs = methods(fine, base, work, evaluator)
+        for name, argv in argvs.items():
             big = name.startswith("learned") or "in memory" in name  # 12+ bytes per parameter
             if any(s in name for s in args.skip) or (big and size != "250M"):
                 rows.append({"size": size, "method": name, "skipped": True})
+            elif name in PAIRED:  # after `cat`: measured in interleaved rounds, below
                 continue
-            log = work / "eval.jsonl"
-            log.unlink(missing_ok=True)
-            m = run(argv, env={**env, "BENCH_EVAL_LOG": str(log)}, cwd=work, timeout_s=3600)
-            row = {"size": size, "method": name, "params": shape.n_params(),
-                   "largest": shape.largest_tensor_numel(), "wall_s": m.wall_s,
-                   "peak_anon": m.peak_anon_bytes, "rc": m.returncode,
-                   "input_bytes": sum((d / "model.safetensors").stat().st_size for d in fine),
-                   "steps_s": greedy_steps(log), "stderr": m.stderr_tail[-300:],
-                   "load": os.getloadavg()[0]}  # fmt: skip
-            print(f"  {size:5s} {name:22s} {m.wall_s:7.2f} s {m.peak_anon_bytes / MiB:8.0f} MiB "
-                  f"rc={m.returncode} load {row['load']:.1f} "
-                  f"{' '.join(f'{s:.2f}' for s in row['steps_s'])}",
-                  flush=True)  # fmt: skip
-            rows.append(row)
-            for p in work.iterdir():  # outputs, reports, histories
-                if p.name not in ("eval.py",):
-                    shutil.rmtree(p) if p.is_dir() else p.unlink()
-    if not args.keep_inputs:
-        shutil.rmtree(CACHE / f"{size}-bf16")
+            else:
+                rows.append(measure_one(size, name, argv, work, env, fine))
+            if name == "cat, page cache":
+                names = [n for n in PAIRED if not any(s in n for s in args.skip)]
+                rows += paired(size, {n: argvs[n] for n in names}, args.reps, work, env, dirs)
+    if missing and not args.keep_inputs:  # only what this run generated
+        for d in missing:
+            shutil.rmtree(d)
     return rows
 
 
-def table(rows: list[dict], base: dict[str, int]) -> str:
-    """Markdown: one row per (size, method), then the targets as ratios."""
-    by = {(r["size"], r["method"]): r for r in rows if not r.get("skipped")}
-    lines = [
-        f"Baselines: `python -c pass` {base['python'] / MiB:.0f} MiB, `import torch` "
-        f"{base['torch'] / MiB:.0f} MiB peak RssAnon.", "",
-        "| size | recipe | wall s | peak RssAnon MiB | ÷ budget | notes |",
-        "|---|---|---|---|---|---|",
-    ]  # fmt: skip
-    for r in rows:
-        if r.get("skipped"):
-            lines.append(f"| {r['size']} | {r['method']} | – | – | – | skipped |")
-            continue
-        budget = base["torch"] + 4 * 4 * r["largest"]
-        notes = "" if r["rc"] == 0 else f"exit {r['rc']}: {r['stderr'].strip().splitlines()[-1:]}"
-        if r["steps_s"]:
-            notes += "steps " + ", ".join(f"{s:.2f}" for s in r["steps_s"]) + " s"
-        if "load" in r:
-            notes += f"{'; ' if notes else ''}load {r['load']:.1f} after"
-        ratio = "" if r["method"].startswith("cat") else f"{r['peak_anon'] / budget:.2f}"
-        lines.append(f"| {r['size']} | {r['method']} | {r['wall_s']:.1f} | "
-                     f"{r['peak_anon'] / MiB:.0f} | {ratio} | {notes} |")  # fmt: skip
-    lines += ["", "| target | measured | ratio (≤ 1 meets it) |", "|---|---|---|"]
-    sizes = sorted({r["size"] for r in rows}, key=lambda s: SIZES[s].n_params())
-    for size in sizes:
-        cat, greedy = by.get((size, "cat")), by.get((size, "greedy"))
-        hot = by.get((size, "cat, page cache"))
-        for name in ("greedy", "greedy, sum in memory"):
-            g = by.get((size, name))
-            if cat and g and g["steps_s"]:
-                speed = cat["input_bytes"] / cat["wall_s"]
-                one = cat["input_bytes"] / 4
-                limit = 1.5 * 2 * one / speed
-                worst = max(g["steps_s"])
-                cached = ""
-                if hot:
-                    cache_speed = hot["input_bytes"] / hot["wall_s"]
-                    fast = 1.5 * 2 * one / cache_speed
-                    cached = (f" (at the page cache's {cache_speed / 1e9:.1f} GB/s: "
-                              f"{fast:.2f} s, {worst / fast:.1f})")  # fmt: skip
-                lines.append(f"| {size} {name} step ≤ 1.5 × (read + write {one / 1e9:.2f} GB "
-                             f"each) at cat {speed / 1e9:.2f} GB/s from the disk = "
-                             f"{limit:.2f} s | slowest step {worst:.2f} s | "
-                             f"{worst / limit:.2f}{cached} |")  # fmt: skip
-        uni, stock = by.get((size, "uniform")), by.get((size, "stock"))
-        if uni and stock:
-            lines.append(
-                f"| {size} stock wall ≤ 2 × uniform | {stock['wall_s']:.1f} vs "
-                f"{uni['wall_s']:.1f} s | {stock['wall_s'] / (2 * uni['wall_s']):.2f} |"
-            )
-        g2 = by.get((size, "greedy N=2"))
-        if greedy and g2:
-            d = greedy["peak_anon"] - g2["peak_anon"]
-            lines.append(f"| {size} greedy N=4 peak ≈ N=2 (± 64 MiB) | "
-                         f"{greedy['peak_anon'] / MiB:.0f} vs {g2['peak_anon'] / MiB:.0f} MiB | "
-                         f"{abs(d) / (64 * MiB):.2f} |")  # fmt: skip
-    if len(sizes) == 2:
-        small, big = (by.get((s, "greedy")) for s in sizes)
-        if small and big:
-            growth = 4 * (big["largest"] - small["largest"])  # float32 bytes
-            d = big["peak_anon"] - small["peak_anon"]
-            lines.append(f"| greedy {sizes[0]} → {sizes[1]} peak growth ≤ 4 × largest tensor's "
-                         f"growth ({4 * growth / MiB:.0f} MiB) | {d / MiB:+.0f} MiB | "
-                         f"{max(d, 0) / (4 * growth):.2f} |")  # fmt: skip
-    failed = [r for r in rows if not r.get("skipped") and r["rc"] != 0]
-    for r in failed:
-        lines.append(f"\n{r['size']} {r['method']} failed: `{r['stderr'].strip()[-300:]}`")
-    return "\n".join(lines) + "\n"
+# Measured in `reps` interleaved rounds (uniform, stock, uniform, stock, ...), each run
+# started with all five inputs in the page cache: their ratio is the target.
+PAIRED = ("uniform", "stock")
 
 
-def plot(rows: list[dict], base: dict[str, int], path: Path) -> None:
-    import matplotlib
+def paired(
+    size: str, argvs: dict[str, list[str]], reps: int, work: Path, env: dict[str, str],
+    dirs: list[Path],
+) -> list[dict]:  # fmt: skip
+    """Uniform and stock, `reps` rounds, interleaved; one row each: median wall, max peak,
+    every round's wall in `reps_s`. Before each run a `cat` (not timed) of the five inputs
+    to /dev/null puts them all in the page cache: both recipes start from the same state."""
+    runs: dict[str, list[dict]] = {name: [] for name in argvs}
+    for _ in range(reps):
+        for name in argvs:
+            files = [str(d / "model.safetensors") for d in dirs]
+            subprocess.run(["cat", *files], stdout=subprocess.DEVNULL, check=True)
+            runs[name].append(measure_one(size, name, argvs[name], work, env, dirs[:4]))
+    rows = []
+    for got in runs.values():
+        row = dict(got[len(got) // 2])
+        row["wall_s"] = statistics.median(r["wall_s"] for r in got)
+        row["peak_anon"] = max(r["peak_anon"] for r in got)
+        row["rc"] = max((r["rc"] for r in got), key=abs)
+        row["reps_s"] = [r["wall_s"] for r in got]
+        rows.append(row)
+    return rows
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
-    done = [r for r in rows if not r.get("skipped") and not r["method"].startswith("cat")]
-    sizes = sorted({r["size"] for r in done}, key=lambda s: SIZES[s].n_params())
-    names = list(dict.fromkeys(r["method"] for r in done))
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
-    width = 0.8 / max(len(sizes), 1)
-    for j, size in enumerate(sizes):
-        got = {r["method"]: r for r in done if r["size"] == size}
-        xs = [i + j * width for i in range(len(names))]
-        axes[0].bar(xs, [got[n]["peak_anon"] / MiB if n in got else 0 for n in names], width,
-                    label=size)  # fmt: skip
-        axes[1].bar(xs, [got[n]["wall_s"] if n in got else 0 for n in names], width, label=size)
-        largest = SIZES[size].largest_tensor_numel()
-        axes[0].axhline((base["torch"] + 16 * largest) / MiB, ls="--", color=f"C{j}", lw=1)
-    for ax, title in zip(axes, ["peak RssAnon (MiB); dashed: import torch + 4 × largest fp32",
-                                "wall (s)"], strict=True):  # fmt: skip
-        ax.set_xticks([i + width * (len(sizes) - 1) / 2 for i in range(len(names))])
-        ax.set_xticklabels(names, rotation=30, ha="right", fontsize=8)
-        ax.set_title(title, fontsize=9)
-        ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+def measure_one(
+    size: str, name: str, argv: list[str], work: Path, env: dict[str, str], fine: list[Path]
+) -> dict:
+    """One run in a fresh process; its outputs, reports and histories deleted after."""
+    shape = SIZES[size]
+    log = work / "eval.jsonl"
+    log.unlink(missing_ok=True)
+    m = run(argv, env={**env, "BENCH_EVAL_LOG": str(log)}, cwd=work, timeout_s=3600)
+    row = {"size": size, "method": name, "params": shape.n_params(),
+           "largest": shape.largest_tensor_numel(), "wall_s": m.wall_s,
+           "peak_anon": m.peak_anon_bytes, "rc": m.returncode,
+           "input_bytes": sum((d / "model.safetensors").stat().st_size for d in fine),
+           "steps_s": greedy_steps(log), "stderr": m.stderr_tail[-300:],
+           "load": os.getloadavg()[0]}  # fmt: skip
+    print(f"  {size:5s} {name:22s} {m.wall_s:7.2f} s {m.peak_anon_bytes / MiB:8.0f} MiB "
+          f"rc={m.returncode} load {row['load']:.1f} "
+          f"{' '.join(f'{s:.2f}' for s in row['steps_s'])}",
+          flush=True)  # fmt: skip
+    for p in work.iterdir():  # outputs, reports, histories
+        if p.name not in ("eval.py",):
+            shutil.rmtree(p) if p.is_dir() else p.unlink()
+    return row
 
 
 def snapshot(commit: str) -> Path:
@@ -302,7 +259,16 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--sizes", default="250M,1B")
     p.add_argument("--skip", default="", help="comma list of method name parts to skip")
-    p.add_argument("--keep-inputs", action="store_true")
+    p.add_argument("--inputs", default=str(CACHE),
+                   help="folder of <size>-bf16/m00..m04 input folders: complete ones are "
+                   "reused (read only), missing ones generated there")  # fmt: skip
+    p.add_argument(
+        "--keep-inputs",
+        action="store_true",
+        help="keep the inputs this run generated (found ones are always kept)",
+    )
+    p.add_argument("--reps", type=int, default=2,
+                   help="interleaved rounds of uniform and stock (medians reported)")  # fmt: skip
     p.add_argument("--out", default=str(HERE / "results" / "scale"))
     p.add_argument(
         "--rows",
@@ -312,6 +278,8 @@ def main() -> None:
     p.add_argument("--snapshot", default="HEAD", help="git ref whose src/ runs ('' = work tree)")
     args = p.parse_args()
     args.skip = [s for s in args.skip.split(",") if s]
+    if args.reps < 1:
+        p.error("--reps must be at least 1")
     # SOUP_UNSUPERVISED: `soup` would otherwise fork after its imports and wait for the
     # child; the tree's RssAnon would count the pages they share (torch) twice.
     ref = args.snapshot or "HEAD"

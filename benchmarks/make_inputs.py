@@ -101,12 +101,14 @@ TORCH_DTYPE = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 BYTES_PER = {"fp32": 4, "bf16": 2, "fp16": 2}
 
 
-def model_dir(size: str, dtype: str, index: int) -> Path:
-    return CACHE / f"{size}-{dtype}" / f"m{index:02d}"
+def model_dir(size: str, dtype: str, index: int, root: Path = CACHE) -> Path:
+    return root / f"{size}-{dtype}" / f"m{index:02d}"
 
 
-def ensure_models(size: str, dtype: str, n: int, *, log: bool = True) -> list[Path]:
-    """Return the first ``n`` model folders, generating the missing ones.
+def ensure_models(
+    size: str, dtype: str, n: int, *, log: bool = True, root: Path = CACHE
+) -> list[Path]:
+    """Return the first ``n`` model folders under ``root``, generating the missing ones.
 
     The base is drawn once per (size, dtype) from a fixed seed; copy k is
     ``base + 0.01 * noise_k`` — a fine-tune's typical distance from its base.
@@ -115,7 +117,7 @@ def ensure_models(size: str, dtype: str, n: int, *, log: bool = True) -> list[Pa
     from safetensors.torch import save_file
 
     shape = SIZES[size]
-    dirs = [model_dir(size, dtype, k) for k in range(n)]
+    dirs = [model_dir(size, dtype, k, root) for k in range(n)]
     missing = [k for k, d in enumerate(dirs) if not (d / "model.safetensors").exists()]
     if not missing:
         return dirs
