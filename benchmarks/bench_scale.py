@@ -187,6 +187,8 @@ def bench_size(size: str, args: argparse.Namespace, env: dict[str, str]) -> list
     if missing and not args.keep_inputs:  # only what this run generated
         for d in missing:
             shutil.rmtree(d)
+        if not any(dirs[0].parent.iterdir()):
+            dirs[0].parent.rmdir()
     return rows
 
 
@@ -288,15 +290,16 @@ def main() -> None:
     src = ROOT / "src" if not args.snapshot else snapshot(commit)
     env = {**os.environ, "PYTHONPATH": str(src), "SOUP_UNSUPERVISED": "1"}
     base = baseline(env)
-    started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    started, t0 = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), time.monotonic()
     rows: list[dict] = []
     if args.rows:  # sizes measured by an earlier run of the same snapshot
         earlier = json.loads(Path(args.rows).read_text())
         rows = [r for r in earlier["rows"] if r["size"] not in args.sizes.split(",")]
     for size in args.sizes.split(","):
         rows += bench_size(size, args, env)
-    header = (f"# Model-size axis (issue 13)\n\nCommit {commit}, {started}, load "
-              f"{os.getloadavg()[0]:.1f} at the end; bf16 Llama folders, N=4.\n\n")  # fmt: skip
+    header = (f"# Model-size axis (issue 13)\n\nCommit {commit}, {started}, "
+              f"{(time.monotonic() - t0) / 60:.1f} min, load {os.getloadavg()[0]:.1f} at the "
+              f"end; bf16 Llama folders, N=4; inputs in {args.inputs}.\n\n")  # fmt: skip
     out = Path(args.out)
     out.with_suffix(".json").write_text(json.dumps({"commit": commit, "baseline": base,
                                                     "rows": rows}, indent=1))  # fmt: skip

@@ -28,7 +28,7 @@ def table(rows: list[dict], base: dict[str, int]) -> str:
         if r["steps_s"]:
             notes += "steps " + ", ".join(f"{s:.2f}" for s in r["steps_s"]) + " s"
         if len(r.get("reps_s", [])) > 1:
-            notes += "median of " + ", ".join(f"{s:.1f}" for s in r["reps_s"]) + " s; "
+            notes += "median of " + ", ".join(f"{s:.1f}" for s in r["reps_s"]) + " s"
         if "load" in r:
             notes += f"{'; ' if notes else ''}load {r['load']:.1f} after"
         ratio = "" if r["method"].startswith("cat") else f"{r['peak_anon'] / budget:.2f}"
