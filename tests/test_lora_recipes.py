@@ -94,6 +94,25 @@ def test_greedy_over_adapters_with_a_metric_writes_the_exact_soup_of_the_chosen(
         torch.testing.assert_close(live[key].double(), w, rtol=0, atol=0, msg=name)
 
 
+def test_eval_of_an_adapter_after_its_base_was_rewritten_scores_it_on_the_new_base(
+    made: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The in-process PeftModel is kept for the next candidate only while its base folder
+    is the same and unchanged; one base is held at a time, whatever ran before."""
+    from modelsoups.metrics import peft_model
+
+    base = make_base(tmp_path / "base")
+    run = make_adapter(base, tmp_path / "run", seed=7)
+    first = scores(capsys, run, data=made["data"])
+    assert len(peft_model._BASES) == 1
+    make_base(base, seed=5)  # rewritten in place: same names and shapes, other weights
+    again = scores(capsys, run, data=made["data"])
+    want = scores(capsys, merged_folder(base, run, tmp_path / "merged"), data=made["data"])
+    assert again == pytest.approx(want, abs=1e-5)
+    assert abs(again[0] - first[0]) > 1e-3  # (was: the old base's score, from the cache)
+    assert len(peft_model._BASES) == 1
+
+
 EVAL = """import sys, torch, json
 from peft import PeftModel
 from transformers import LlamaForCausalLM

@@ -27,7 +27,10 @@ if TYPE_CHECKING:
 
 __all__ = ["adapter_model", "lora_config"]
 
-_BASES: dict[tuple[str, str, str, str], Any] = {}  # one PeftModel per process and base spec
+# The process's one PeftModel (at most one entry: a second base replaces the first), keyed by
+# the base's folder, class, device and dtype and the stamps of the folder's files, so that a
+# base rewritten in place is loaded again instead of scored with its old weights.
+_BASES: dict[tuple[object, ...], Any] = {}
 
 
 def adapter_model(ev: Any, candidate: Checkpoint) -> nn.Module:
@@ -59,9 +62,11 @@ def adapter_model(ev: Any, candidate: Checkpoint) -> nn.Module:
 
 
 def _peft_base(ev: Any, candidate: Checkpoint, config: dict[str, Any]) -> Any:
-    """The base model of `ev`, weights loaded, wrapped in a `PeftModel` (built once)."""
+    """The base model of `ev`, weights loaded, wrapped in a `PeftModel` (built once, and
+    again only for another base or this one rewritten)."""
 
     from ..io import open_checkpoint
+    from ..io.files import stamps
 
     try:
         import peft
@@ -72,8 +77,9 @@ def _peft_base(ev: Any, candidate: Checkpoint, config: dict[str, Any]) -> Any:
         ev.check(candidate)
     folder, auto_class = Path(ev.model_dir or ""), ev.metric.auto_class
     device, dtype = resolve_device(ev.device), ev.settings.torch_dtype
-    key = (str(folder.resolve()), auto_class, str(device), str(dtype))
+    key = (str(folder.resolve()), auto_class, str(device), str(dtype), *stamps(folder).items())
     if key not in _BASES:
+        _BASES.clear()  # free the last base before the next is built
         base = getattr(transformers, auto_class).from_config(load_config(folder, auto_class))
         with open_checkpoint(folder) as weights:
             load_into(base, weights, folder)
