@@ -18,7 +18,7 @@ from pathlib import Path
 from unittest import mock
 
 import pytest
-from battery import Case, Ctx, Maker, Setup, run_case
+from battery import Case, Ctx, Maker, Setup, one_error_line, run_case
 
 pytestmark = pytest.mark.usefixtures("quiet_cli")
 
@@ -288,3 +288,28 @@ def test_a_workdir_beside_the_device_folder_is_used_and_left_empty(
     assert main(argv) == 0
     assert any(line.startswith(f"{work}/") for line in seen.read_text().splitlines())
     assert not list(work.iterdir())
+
+
+def test_a_link_planted_at_the_candidate_folder_name_is_refused_not_followed(
+    tmp_path: Path, make_ingredients: Maker, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Someone sharing the --workdir (/tmp, say) plants a link where this run's candidate
+    folder goes (its name is predictable: host and pid): one line, exit 1, nothing written
+    through it, and the link (not ours) left as it was."""
+    import socket
+
+    from modelsoups.cli import main
+
+    a, b = make_ingredients(2)
+    work, victim, out = tmp_path / "work", tmp_path / "victim", tmp_path / "soup.safetensors"
+    work.mkdir()
+    victim.mkdir()
+    link = work / f".{out.name}.soup-candidate-{socket.gethostname()}-{os.getpid()}"
+    link.symlink_to(victim, target_is_directory=True)
+    capsys.readouterr()
+    assert (
+        main(["greedy", str(a), str(b), "-o", str(out), "--eval", OK, "--workdir", str(work)]) == 1
+    )
+    line = one_error_line(capsys.readouterr().err, str(link), "not this run's candidate folder")
+    assert "a symbolic link" in line
+    assert link.is_symlink() and not list(victim.iterdir()) and not out.exists()

@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import shutil
+import stat
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -24,9 +26,10 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .dtypes import to_numpy
-from .errors import IncompatibleError
+from .errors import IncompatibleError, OutputError
 from .io import HFFolder
 from .io.base import Checkpoint, TensorInfo
+from .io.files import file_kind
 from .io.scratch import ScratchFile, Sink
 from .io.writer import (
     Entry,
@@ -242,12 +245,23 @@ CANDIDATES = ".soup-candidate-"
 def candidate_folder(out: Path) -> Iterator[Path]:
     """This run's folder for candidate files next to `out`: `.NAME.soup-candidate-HOST-PID`.
 
-    Removed when the block ends; one left by a killed run is removed by the next run on
-    this host for the same output once its process is gone, as partial outputs are.
+    Private (mode 0700) and this user's: anything else already at that name (a symbolic
+    link planted in a shared --workdir such as /tmp, another user's folder) is refused,
+    never written through. Removed when the block ends; one left by a killed run is
+    removed by the next run on this host for the same output once its process is gone, as
+    partial outputs are.
     """
     remove_stale_partials(out, CANDIDATES)
     folder = temporary_name(out, CANDIDATES)
-    folder.mkdir(exist_ok=True)
+    try:
+        folder.mkdir(mode=0o700)
+    except FileExistsError:  # this process's own (an earlier block), or not ours at all
+        st = os.lstat(folder)
+        if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid():
+            raise OutputError(
+                f"{folder}: is already there and is not this run's candidate folder "
+                f"({file_kind(st.st_mode)}, owner uid {st.st_uid}); remove it"
+            ) from None
     try:
         yield folder
     finally:

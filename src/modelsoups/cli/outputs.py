@@ -120,8 +120,8 @@ def check_workdir(workdir: Path) -> None:
         with contextlib.suppress(OSError):
             if real.is_relative_to(system.resolve()) and os.stat(system).st_dev == st.st_dev:
                 raise OutputError(
-                    f"{workdir}: --workdir is in {system}, where the system keeps devices, "
-                    "not files; give a folder on a disk (or a tmpfs such as /dev/shm)"
+                    f"{workdir}: --workdir is in {system}, where the system keeps devices and its "
+                    "own state, not files; give a folder on a disk (or a tmpfs such as /dev/shm)"
                 )
 
 
