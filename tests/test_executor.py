@@ -156,8 +156,9 @@ def test_jobs_are_pickled_as_workers_free_up_not_all_up_front() -> None:
     items = [_Counted(i) for i in range(24)]
     assert LocalExecutor(2).map(_slow_square, items) == [i * i for i in range(24)]
     assert len(_Counted.live_jobs) == 24  # each item pickled once, in this process
-    # the window of 4 jobs, plus the last one each of the pool's two threads still names
-    assert max(_Counted.live_jobs) <= 6, _Counted.live_jobs  # eagerly: 0, 1, ..., 23
+    # at most 3 unfinished when the next is pickled (measured: 3), + 1 the pool's manager
+    # thread may still name while it hands a result over, + 1 of margin
+    assert max(_Counted.live_jobs) <= 5, _Counted.live_jobs  # eagerly: 0, 1, ..., 23
 
 
 def _slow_square(x: int) -> int:

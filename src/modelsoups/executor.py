@@ -67,7 +67,7 @@ class LocalExecutor:
         if self.workers == 1 or len(items) <= 1:
             return [fn(x) for x in items]
         fn_bytes = _pickle(fn)  # work that cannot travel is refused before workers start
-        first = _Job(fn_bytes, _pickle(items[0]))
+        first = [_Job(fn_bytes, _pickle(items[0]))]  # handed over, not kept here
         pool = self._pool or _pool(min(self.workers, len(items)))
         try:
             with _signals_deferred() as caught:
@@ -105,7 +105,7 @@ class LocalExecutor:
 def _submit_windowed(
     pool: ProcessPoolExecutor,
     fn_bytes: bytes,
-    first: _Job,
+    first: list[_Job],
     items: Sequence[Any],
     window: int,
     caught: list[int],
@@ -116,7 +116,7 @@ def _submit_windowed(
     Returns the futures submitted: all of them, unless one failed or a signal came."""
     futures: list[Future[Any]] = []
     pending: set[Future[Any]] = set()
-    job: _Job | None = first
+    job: _Job | None = first.pop()
     while (len(futures) < len(items) or pending) and not caught:
         while len(futures) < len(items) and len(pending) < window:
             if job is None:
