@@ -6,6 +6,7 @@ to Ray's exit hook), since starting one costs ~10 s on 2 cores.
 
 from __future__ import annotations
 
+import functools
 import json
 import sys
 import textwrap
@@ -129,6 +130,40 @@ def test_map_keeps_order_and_reraises_the_first_error(ray_runtime: Any) -> None:
     assert ex.map(_fail_on_two, []) == []
     with pytest.raises(SoupError, match="two is not allowed"):
         ex.map(_fail_on_two, [1, 2, 3])
+
+
+class _Counted:
+    """An item that, when the driver serializes it for a task, notes how many tasks had
+    finished then (lines in `done`); it arrives in the task as an int."""
+
+    def __init__(self, value: int, done: Path, notes: list[tuple[int, int]]) -> None:
+        self.value, self.done, self.notes = value, done, notes
+
+    def __reduce__(self) -> tuple[type, tuple[int]]:
+        finished = len(self.done.read_text().splitlines()) if self.done.exists() else 0
+        self.notes.append((self.value, finished))
+        return int, (self.value,)
+
+
+def _note_done(done: Path, x: int) -> int:
+    with done.open("a") as f:
+        f.write(f"{x}\n")
+    return x * x
+
+
+def test_tasks_are_submitted_as_earlier_ones_finish_not_all_up_front(
+    ray_runtime: Any, tmp_path: Path
+) -> None:
+    """Ray serializes a task's argument when it is submitted (an in-memory ingredient: a
+    copy of its tensors in the object store): item k is serialized only once at most
+    2 × 2 CPUs tasks are unfinished, not all N at once (was: 24 serialized before any ran)."""
+    done, notes = tmp_path / "done.txt", []
+    items = [_Counted(i, done, notes) for i in range(24)]
+    assert RayExecutor().map(functools.partial(_note_done, done), items) == [
+        i * i for i in range(24)
+    ]
+    assert [k for k, _ in notes] == list(range(24))
+    assert max(k - finished for k, finished in notes) <= 4, notes
 
 
 def test_cli_greedy_with_ray_equals_local(

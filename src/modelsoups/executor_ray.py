@@ -4,7 +4,8 @@
 `map(fn, items) -> [fn(item) for item in items]`, results in item order, the first error
 (in item order) re-raised in the caller as the exception `fn` raised. Each item is one Ray
 task that asks for `num_cpus_per_task` CPUs (default 1), so a cluster runs as many
-evaluations at once as it has CPUs, and Ray's scheduler does the rest.
+evaluations at once as it has CPUs, and Ray's scheduler does the rest. Tasks are submitted
+as earlier ones are collected, at most twice as many as the cluster runs at once.
 
 How checkpoints reach the workers:
 - By path (the default, and what `--ray` / `--ray-address` do). Recipes hand executors
@@ -198,10 +199,15 @@ class RayExecutor:
         refs: dict[Path, _Shipped] = {}
         sent = [self._ship(x, refs) for x in items] if self.ship_files else items
         fn_ref = self.ray.put(fn)  # one copy of fn (and what it closes over) for all tasks
-        futures = [task.remote(fn_ref, x, os.getcwd()) for x in sent]
+        window = self._window()
+        futures: list[Any] = []
         results: list[R] = []
         try:
-            for future in futures:
+            for x in sent:  # submitted (its argument serialized) once a place frees up
+                if len(futures) - len(results) >= window:
+                    results.append(self.ray.get(futures[len(results)]))
+                futures.append(task.remote(fn_ref, x, os.getcwd()))
+            for future in futures[len(results) :]:
                 results.append(self.ray.get(future))
         except self.ray.exceptions.RayError as e:  # a task raised, or its worker died
             self._cancel_pending(futures)
@@ -214,6 +220,14 @@ class RayExecutor:
             self.shutdown()
             raise
         return results
+
+    def _window(self) -> int:
+        """Tasks submitted and not yet collected, at most: twice the tasks the cluster runs at
+        once. Ray serializes a task's argument when it is submitted (an in-memory ingredient:
+        a copy of its tensors in the object store), so N ingredients are never all copied
+        at once."""
+        cpus = float(self.ray.cluster_resources().get("CPU", 1))
+        return max(2, 2 * int(cpus / self.num_cpus_per_task))
 
     def _cancel_pending(self, futures: list[Any], wait: float = 0.0) -> None:
         """Stop the tasks that have not finished (finished ones are left alone): each gets
