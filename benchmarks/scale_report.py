@@ -29,6 +29,8 @@ def table(rows: list[dict], base: dict[str, int]) -> str:
             notes += "steps " + ", ".join(f"{s:.2f}" for s in r["steps_s"]) + " s"
         if len(r.get("reps_s", [])) > 1:
             notes += "median of " + ", ".join(f"{s:.1f}" for s in r["reps_s"]) + " s"
+            warm = ", ".join(f"{s:.1f}" for s in r.get("warm_s", []))
+            notes += f" (each after a `cat` of the 5 inputs taking {warm} s)" if warm else ""
         if "load" in r:
             notes += f"{'; ' if notes else ''}load {r['load']:.1f} after"
         ratio = "" if r["method"].startswith("cat") else f"{r['peak_anon'] / budget:.2f}"
