@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from pathlib import Path
 
 import pytest
@@ -224,6 +225,21 @@ def test_one_model_is_built_and_refilled_for_each_candidate(
     assert s2 == pytest.approx(-reference_lm_loss(folders["lm2"], TEXTS, 512), abs=1e-5)
     assert ev.evaluate(first, name="a").score == pytest.approx(s1, abs=1e-6)
     first.close(), second.close()
+
+
+def test_a_model_folder_whose_config_was_edited_is_built_again(
+    folders: dict[str, Path], tmp_path: Path
+) -> None:
+    """The live model is kept for the next candidate only while config.json is unchanged
+    (was: built once per folder path, so an edited config was scored with the old one)."""
+    folder = shutil.copytree(folders["lm"], tmp_path / "lm")
+    data = write_jsonl(tmp_path / "val.jsonl", [{"text": t} for t in TEXTS])
+    before, _ = score("lm-loss", data, folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "hidden_act": "relu"}))
+    after, _ = score("lm-loss", data, folder)
+    assert after == pytest.approx(-reference_lm_loss(folder, TEXTS, 512), abs=1e-5)
+    assert abs(after - before) > 1e-4  # measured: 7.4e-4, against a tolerance of 1e-5
 
 
 def test_a_streamed_soup_candidate_scores_as_its_saved_average(

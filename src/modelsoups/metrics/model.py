@@ -28,7 +28,9 @@ __all__ = ["build_model", "find_model_dir", "load_config", "load_into", "resolve
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.txt",
                    "vocab.json", "spiece.model")  # fmt: skip
-_MODELS: dict[tuple[str, str, str, str], nn.Module] = {}  # one live model per process and spec
+# The process's one live model (at most one entry: another spec replaces it), keyed by the
+# folder, class, device, dtype and the stamp of config.json: an edited config is built again.
+_MODELS: dict[tuple[object, ...], nn.Module] = {}
 
 
 def resolve_device(device: str) -> torch.device:
@@ -100,11 +102,16 @@ def build_model(
     folder: Path, auto_class: str, device: torch.device, dtype: torch.dtype = torch.float32
 ) -> nn.Module:
     """`auto_class.from_config(folder's config)` in eval mode on `device` in `dtype`, built
-    once per process (the same folder, class, device and dtype give the same live module)."""
+    once per process (the same folder, class, device, dtype and unchanged config.json give
+    the same live module; another one frees it first)."""
     import transformers
 
-    key = (str(folder.resolve()), auto_class, str(device), str(dtype))
+    from ..io.files import Stamp
+
+    config_stamp = Stamp.now(folder / "config.json")
+    key = (str(folder.resolve()), auto_class, str(device), str(dtype), config_stamp)
     if key not in _MODELS:
+        _MODELS.clear()
         config = load_config(folder, auto_class)
         model = getattr(transformers, auto_class).from_config(config)
         _MODELS[key] = model.to(device=device, dtype=dtype).eval()
