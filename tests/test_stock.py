@@ -24,6 +24,7 @@ from modelsoups.dtypes import BF16, DTYPES, F32, F64, DType
 from modelsoups.errors import NonFiniteError, SoupError
 from modelsoups.io import open_checkpoint
 from modelsoups.recipes.stock import delta_gram, ratio_from_gram, stock_ratio, write_model_stock
+from modelsoups.recipes.stock_slices import SLICE as SLICES
 from modelsoups.recipes.stock_slices import mix, paired
 
 BASE = tiny_state_dict(0, noise=0.0)
@@ -297,6 +298,7 @@ def test_float32_gram_of_bf16_slices_is_the_float64_gram(offset: int, numel: int
 
 
 F16 = DTYPES["F16"]
+SLICE = SLICES[F32]  # elements per slice of the float32 passes
 
 
 def _storage(x: np.ndarray, dtype: DType, offset: int) -> np.ndarray:
@@ -312,7 +314,7 @@ def _storage(x: np.ndarray, dtype: DType, offset: int) -> np.ndarray:
 @settings(max_examples=40, deadline=None)
 @given(
     k=st.integers(2, 5),
-    numel=st.sampled_from([1, 2, 7, 65_536, 65_537, 200_001, 200_002]),
+    numel=st.sampled_from([1, 2, 7, SLICE - 1, SLICE + 1, 2 * SLICE + 2, 2 * SLICE + 3]),
     offset=st.sampled_from([0, 1]),
     dtype=st.sampled_from([BF16, F16, F32, F64]),
     out_dtype=st.sampled_from([None, BF16, F16, F32, F64]),
@@ -351,8 +353,9 @@ def test_streamed_soup_equals_the_in_memory_soup_bit_for_bit(
     slice by slice (a float64 output gets its own room): the same bits as in memory, on
     tensors of several slices, even and odd, bf16 and float32."""
     g = torch.Generator().manual_seed(5)
-    base = {"a": torch.randn(200_002, generator=g).bfloat16(),
-            "b": torch.randn(3, 66_667, generator=g), "c": torch.randn(7, generator=g)}  # fmt: skip
+    base = {"a": torch.randn(2 * SLICE + 2, generator=g).bfloat16(),
+            "b": torch.randn(3, SLICE - 1, generator=g),
+            "c": torch.randn(7, generator=g)}  # fmt: skip
     fts = [{n: (v.float() + 0.01 * torch.randn(v.shape, generator=g)).to(v.dtype)
             for n, v in base.items()} for _ in range(3)]  # fmt: skip
     paths = [save_as(sd, tmp_path / f"m{i}", "safetensors") for i, sd in enumerate([base, *fts])]
