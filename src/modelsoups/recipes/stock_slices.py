@@ -145,7 +145,7 @@ def mix(
                         dtype=np.float32)  # fmt: skip
             np.add(a, t, out=a)
             o = flat_out[start:stop]
-            if by_pairs:
+            if by_pairs:  # θ₀'s term is added: its buffer takes the rounding's bits
                 _narrow_pairs(a, o, tmp.view(np.uint32)[:m])
             else:
                 if pairs:  # back to the elements' order
