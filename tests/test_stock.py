@@ -200,20 +200,26 @@ def _cast(sd: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Te
     return {n: v.to(dtype) if v.is_floating_point() else v for n, v in sd.items()}
 
 
-@settings(max_examples=12, deadline=None)
-@given(
-    k=st.integers(2, 4),
-    seed=st.integers(0, 1000),
-    dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16]),
-)
-def test_soup_is_within_the_stated_bound_of_the_float64_formula(
-    k: int, seed: int, dtype: torch.dtype
-) -> None:
-    """The default: float32 Gram slices and a float32 mean, as close to Eq. 6-7 evaluated
-    on whole float64 tensors as docs/guarantees.md says; t within T_TOL of float64's."""
+Models = tuple[dict[str, torch.Tensor], list[dict[str, torch.Tensor]], torch.dtype]
+
+
+@st.composite
+def finetunes(draw: st.DrawFn) -> Models:
+    """A TinyNet base and 2-4 fine-tunes of it, all in one float dtype, and that dtype."""
+    k, seed = draw(st.integers(2, 4)), draw(st.integers(0, 1000))
+    dtype = draw(st.sampled_from([torch.float32, torch.bfloat16, torch.float16]))
     base = _cast(tiny_state_dict(seed, noise=0.0), dtype)
     fts = [_cast(tiny_state_dict(seed + 1 + i, base_seed=seed, noise=0.05), dtype)
            for i in range(k)]  # fmt: skip
+    return base, fts, dtype
+
+
+@settings(max_examples=12, deadline=None)
+@given(models=finetunes())
+def test_soup_is_within_the_stated_bound_of_the_float64_formula(models: Models) -> None:
+    """The default: float32 Gram slices and a float32 mean, as close to Eq. 6-7 evaluated
+    on whole float64 tensors as docs/guarantees.md says; t within T_TOL of float64's."""
+    base, fts, _ = models
     out, ratios = model_stock(base, fts)
     assert all(out[n].dtype == v.dtype for n, v in base.items())
     assert beyond_stated_bound(out, base, fts) == []
@@ -238,19 +244,11 @@ def test_the_bound_catches_a_t_off_by_1e_5(monkeypatch: pytest.MonkeyPatch) -> N
 
 
 @settings(max_examples=12, deadline=None)
-@given(
-    k=st.integers(2, 4),
-    seed=st.integers(0, 1000),
-    dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16]),
-)
-def test_float64_soup_is_the_float64_formula_within_one_ulp(
-    k: int, seed: int, dtype: torch.dtype
-) -> None:
+@given(models=finetunes())
+def test_float64_soup_is_the_float64_formula_within_one_ulp(models: Models) -> None:
     """accumulate="float64": sliced Gram + weighted mean in float64, rounded once: at most
     one ulp of the output dtype from Eq. 6-7 evaluated on whole float64 tensors."""
-    base = _cast(tiny_state_dict(seed, noise=0.0), dtype)
-    fts = [_cast(tiny_state_dict(seed + 1 + i, base_seed=seed, noise=0.05), dtype)
-           for i in range(k)]  # fmt: skip
+    base, fts, dtype = models
     out, _ = model_stock(base, fts, accumulate="float64")
     for name, ref in reference_stock(base, fts)[0].items():
         assert out[name].dtype == base[name].dtype
