@@ -29,8 +29,9 @@ __all__ = ["SLICE", "delta_gram", "mix", "paired"]
 # Float32 slices of 2¹⁸ elements (rows of k MiB, in the L3 cache). Slices of 2¹⁶ fit in L2
 # and are as fast on one thread, but two threads on 2 cores then took 1.8-3× as long for
 # twice the work as one thread for once: they hand the GIL over at 4× as many numpy calls
-# (measured on 11M-element tensors; 2¹⁸: 1.2-1.5×). Float64 rows: k·128 KiB.
-SLICE = {F32: 1 << 18, F64: 1 << 14}
+# (measured on 11M-element tensors; 2¹⁸: 1.2-1.5×). Float64 slices of 2¹⁶ (rows of
+# k·512 KiB): the first pass at 2¹⁴ took 3.2× as long on two threads, at 2¹⁶ 1.8×.
+SLICE = {F32: 1 << 18, F64: 1 << 16}
 
 
 _LOCAL = threading.local()
